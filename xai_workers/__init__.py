@@ -1,0 +1,16 @@
+"""xai-workers: dataset-wide saliency, Integrated Gradients and Grad-CAM.
+
+The library is plain PyTorch (and pyarrow for output); it never imports Ray.
+"""
+
+from xai_workers.engine import attribute, make_baseline, prepare_model
+
+__all__ = ["attribute", "load_model", "make_baseline", "prepare_model"]
+
+
+def __getattr__(name):
+    if name == "load_model":
+        from xai_workers.models import load_model
+
+        return load_model
+    raise AttributeError(name)
