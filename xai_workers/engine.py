@@ -1,0 +1,528 @@
+"""The fused attribution sweep: saliency, Integrated Gradients, Grad-CAM and CAM in one pass.
+
+Integrated Gradients runs the model forward and backward at n points on the straight path from the
+baseline x' to the image x. Saliency is the input gradient at x itself, Grad-CAM needs the target
+layer's activations and gradients at x itself, and the prediction is the forward pass at x. So one
+forward + backward at x (with the Grad-CAM layer observed) followed by one batched sweep over the
+path points of all images serves every method; the point a = 1 of a rule that contains it is the
+pass at x, and the point a = 0 gives F(x') for free. Definitions: CONVENTIONS.md.
+
+Speed comes from the form of the model (``prepare_model``: a frozen copy, eval-mode BatchNorm
+folded into the preceding convolution, channels_last), from gradients taken with respect to the
+input only (parameters never get gradients), and from batching path points of several images up
+to a memory budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import weakref
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xai_workers.hooks import capture_activation, default_gradcam_layer, hooks_removed_after
+from xai_workers.quadrature import path_points
+
+METHODS = ("saliency", "integrated_gradients", "gradcam", "cam")
+DEFAULT_METHODS = ("saliency", "integrated_gradients", "gradcam")
+BASELINES = ("black", "gray", "zeros", "blur", "uniform")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TOPK_REPORTED = 5
+# Relative IG completeness error above which a row computed in bf16 is recomputed in fp32.
+BF16_MAX_REL_DELTA = 0.05
+
+_PREPARED: weakref.WeakSet = weakref.WeakSet()
+
+
+# --------------------------------------------------------------------------------------------
+# The fastest exact form of a model
+# --------------------------------------------------------------------------------------------
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` into that conv.
+
+    Works in place on ``model`` (pass a copy); the BatchNorm module is replaced by ``nn.Identity``
+    under the same name, so dotted layer names stay valid. A pair is folded only when torch.fx
+    shows the convolution's output feeds nothing but the BatchNorm and both modules run exactly
+    once; a model that torch.fx cannot trace is left as it is. Returns the number of folds.
+    """
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - untraceable models simply keep their BatchNorms
+        return 0
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    folded = 0
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+            continue
+        prev = node.args[0] if node.args else None
+        if not isinstance(prev, torch.fx.Node) or prev.op != "call_module":
+            continue
+        conv, bn = modules.get(prev.target), modules[node.target]
+        if (
+            not isinstance(conv, nn.Conv2d)
+            or len(prev.users) != 1
+            or calls[prev.target] != 1
+            or calls[node.target] != 1
+            or bn.running_mean is None
+            or bn.training
+            or conv.training
+        ):
+            continue
+        w, b = torch.nn.utils.fusion.fuse_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        )
+        conv.weight, conv.bias = w, b
+        parent_name, _, child = node.target.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
+        folded += 1
+    return folded
+
+
+def prepare_model(
+    model: nn.Module,
+    device: torch.device | str | None = None,
+    *,
+    fold_bn: bool = True,
+    channels_last: bool = True,
+) -> nn.Module:
+    """A frozen copy of ``model`` in its fastest exact form, for ``attribute``.
+
+    The copy is in eval mode, its parameters have ``requires_grad=False``, eval-mode BatchNorm is
+    folded into the preceding convolutions (``fold_batchnorm``) and its 4-D weights are
+    channels_last; it lives on ``device`` (default: where ``model`` is). The caller's model is not
+    touched. A model that is already prepared is returned as it is (moved to ``device``).
+    """
+    if model in _PREPARED:
+        return model if device is None else model.to(device)
+    net = copy.deepcopy(model)
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    if fold_bn:
+        fold_batchnorm(net)
+    if device is not None:
+        net.to(device)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    _PREPARED.add(net)
+    return net
+
+
+# --------------------------------------------------------------------------------------------
+# Baselines
+# --------------------------------------------------------------------------------------------
+
+
+def make_baseline(
+    x: torch.Tensor,
+    kind: str = "black",
+    preprocessing=None,
+    *,
+    seed: int = 0,
+    blur_sigma: float | None = None,
+) -> torch.Tensor:
+    """The IG baseline x' for a batch ``x`` (N, C, H, W) in input space.
+
+    Baselines are built in pixel space and normalized like the image with ``preprocessing.mean``
+    and ``.std`` (ImageNet's when ``preprocessing`` is None): ``black`` (pixels 0), ``gray``
+    (0.5), ``uniform`` (pixels uniform in [0, 1] from ``seed``, the same noise for every image so a
+    row's baseline does not depend on its batch), ``blur`` (Gaussian blur of each image, sigma
+    ``blur_sigma`` pixels, default H / 16; blurring commutes with the per-channel normalization),
+    and ``zeros`` (0 in input space, Captum's default). Returns (1, C, H, W) for the image-free
+    kinds and (N, C, H, W) for ``blur``, float32, on x's device.
+    """
+    mean = torch.tensor(getattr(preprocessing, "mean", IMAGENET_MEAN), dtype=x.dtype)
+    std = torch.tensor(getattr(preprocessing, "std", IMAGENET_STD), dtype=x.dtype)
+    mean, std = mean.view(1, -1, 1, 1).to(x.device), std.view(1, -1, 1, 1).to(x.device)
+    shape = (1, *x.shape[1:])
+    if kind == "zeros":
+        return torch.zeros(shape, dtype=x.dtype, device=x.device)
+    if kind in ("black", "gray"):
+        pixels = torch.full(shape, 0.0 if kind == "black" else 0.5, dtype=x.dtype, device=x.device)
+        return (pixels - mean) / std
+    if kind == "uniform":
+        gen = torch.Generator().manual_seed(seed)
+        pixels = torch.rand(shape, generator=gen, dtype=x.dtype).to(x.device)
+        return (pixels - mean) / std
+    if kind == "blur":
+        from torchvision.transforms.v2.functional import gaussian_blur
+
+        sigma = blur_sigma if blur_sigma is not None else x.shape[-2] / 16
+        size = 2 * math.ceil(3 * sigma) + 1
+        size = min(size, 2 * ((min(x.shape[-2:]) - 1) // 2) + 1)
+        return gaussian_blur(x, kernel_size=[size, size], sigma=[sigma, sigma])
+    raise ValueError(f"unknown baseline {kind!r}; choose one of {', '.join(BASELINES)}")
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_target(target, n: int, device) -> tuple[str, object]:
+    """Normalize ``target`` to ("predicted", None) | ("given", LongTensor (N, 1)) | ("topk", K)."""
+    if target is None or (isinstance(target, str) and target == "predicted"):
+        return "predicted", None
+    if isinstance(target, str):
+        if target.startswith("topk:"):
+            k = int(target.split(":", 1)[1])
+            if k < 1:
+                raise ValueError(f"topk target needs K >= 1, got {target!r}")
+            return "topk", k
+        raise ValueError(f"unknown target {target!r}; use None, an int, a tensor or 'topk:K'")
+    if isinstance(target, int):
+        return "given", torch.full((n, 1), target, dtype=torch.long, device=device)
+    t = torch.as_tensor(target, dtype=torch.long, device=device).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(n)
+    if t.numel() != n:
+        raise ValueError(f"target has {t.numel()} entries for a batch of {n} images")
+    return "given", t.reshape(n, 1).clone()
+
+
+def _scores(out: torch.Tensor, score: str) -> torch.Tensor:
+    """(R, classes) logits -> the score per class: logits or softmax probabilities."""
+    out = out.float()
+    return out if score == "logit" else torch.softmax(out, dim=1)
+
+
+def _saved_bytes_counter():
+    """saved_tensors_hooks that add up the bytes autograd saves (parameters excluded)."""
+    total = {"bytes": 0, "skip": set()}
+
+    def pack(t):
+        if t.data_ptr() not in total["skip"]:
+            total["bytes"] += t.numel() * t.element_size()
+        return t
+
+    return total, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+def _default_budget_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.35 * free / 2**20
+    # On a CPU, batches beyond a few hundred MB of saved activations stop paying off.
+    return 768.0
+
+
+def _gradcam_map(act: torch.Tensor, grad: torch.Tensor, size) -> torch.Tensor:
+    """Grad-CAM: ReLU(sum_k mean_hw(G_k) A_k), upsampled bilinearly to ``size``. (R, H, W)."""
+    weights = grad.float().mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * act.float()).sum(dim=1, keepdim=True))
+    return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def _last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("CAM needs a model that ends in global average pooling and a Linear")
+    return linears[-1]
+
+
+def attribute(
+    model: nn.Module,
+    x: torch.Tensor,
+    target=None,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    ig_steps: int = 32,
+    ig_method: str = "gausslegendre",
+    baseline: torch.Tensor | None = None,
+    gradcam_layer: str | None = None,
+    *,
+    score: str = "logit",
+    saliency_mode: str = "abs",
+    saliency_channels: bool = False,
+    batch_budget_mb: float | None = None,
+    precision: str = "fp32",
+) -> dict[str, torch.Tensor]:
+    """Saliency, Integrated Gradients, Grad-CAM and CAM for a batch, in one fused sweep.
+
+    Args:
+        model: a classifier mapping (N, C, H, W) to logits (N, classes). It is left as it was
+            found (no hooks, same requires_grad flags, same mode): the work runs on
+            ``prepare_model(model)``, a frozen copy; pass a prepared model to skip the copy.
+        x: (N, C, H, W) float32 in input space (preprocessed and normalized), on the device the
+            work should run on.
+        target: None (the predicted class, argmax of the logits at x), an int for every image,
+            a sequence/LongTensor (N,) with one class per image, or ``"topk:K"`` (the K best
+            classes of each image: every per-target output gains an axis of size K after N).
+        methods: any of "saliency", "integrated_gradients", "gradcam", "cam".
+        ig_steps, ig_method: the IG quadrature (``quadrature.path_points``).
+        baseline: x' broadcastable to x ((1, C, H, W) or (N, C, H, W)); None means zeros in
+            input space. ``make_baseline`` builds the named ones.
+        gradcam_layer: dotted name of a layer with a (N, K, h, w) output; None picks the last
+            such layer before the head (``hooks.default_gradcam_layer``). Also CAM's layer.
+        score: "logit" (default) or "prob" (softmax probability of the target).
+        saliency_mode: "abs" (|dF/dx|) or "square" (the squared-gradient sensitivity map).
+        saliency_channels: keep the channel axis of the saliency map instead of max over it.
+        batch_budget_mb: memory for the activations autograd saves per chunk of path points;
+            None = 768 MB on a CPU, 35% of free memory on a GPU.
+        precision: "fp32"; "bf16" (autocast on the device); or "auto": bf16 on CUDA with every
+            row whose relative completeness error |ig_delta| / |F(x) - F(x')| exceeds
+            ``BF16_MAX_REL_DELTA`` recomputed in fp32, fp32 elsewhere.
+
+    Returns:
+        dict of float32/int64 tensors on x's device, with K = the topk axis when asked for:
+        ``pred_class`` (N,) int64, ``pred_prob`` (N,), ``topk_classes`` (N, 5) int64 and
+        ``topk_probs`` (N, 5) (fewer columns for fewer classes); ``target`` (N[, K]) int64,
+        ``score`` = F(x) (N[, K]); with IG ``baseline_score`` = F(x') and ``ig_delta`` =
+        sum(IG) - (F(x) - F(x')) (N[, K]), ``integrated_gradients`` (N[, K], C, H, W);
+        ``saliency`` (N[, K], H, W) (or (N[, K], C, H, W) with ``saliency_channels``);
+        ``gradcam`` and ``cam`` (N[, K], H, W), raw (Grad-CAM after its ReLU, CAM signed).
+    """
+    methods = tuple(methods)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    if score not in ("logit", "prob"):
+        raise ValueError(f"score must be 'logit' or 'prob', got {score!r}")
+    if saliency_mode not in ("abs", "square"):
+        raise ValueError(f"saliency_mode must be 'abs' or 'square', got {saliency_mode!r}")
+    if precision not in ("fp32", "bf16", "auto"):
+        raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {precision!r}")
+    alphas, weights = path_points(ig_steps, ig_method)
+    x = x.detach().float()
+    if baseline is not None:
+        baseline = torch.as_tensor(baseline, dtype=x.dtype, device=x.device).detach()
+        try:
+            torch.broadcast_shapes(baseline.shape, x.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"baseline of shape {tuple(baseline.shape)} does not broadcast to "
+                f"{tuple(x.shape)}"
+            ) from None
+        if baseline.dim() < 4:
+            baseline = baseline.expand(x.shape) if baseline.dim() == 0 else baseline[None]
+    net = prepare_model(model, device=x.device)
+    if gradcam_layer is None and ("gradcam" in methods or "cam" in methods):
+        gradcam_layer = default_gradcam_layer(net, x[:1])
+    kwargs = dict(
+        target=target,
+        methods=methods,
+        alphas=alphas,
+        weights=weights,
+        baseline=baseline,
+        layer=gradcam_layer,
+        score=score,
+        saliency_mode=saliency_mode,
+        saliency_channels=saliency_channels,
+        budget_mb=batch_budget_mb,
+    )
+    use_bf16 = precision == "bf16" or (precision == "auto" and x.device.type == "cuda")
+    with torch.enable_grad():
+        out = _run(net, x, bf16=use_bf16, **kwargs)
+        if precision == "auto" and use_bf16 and "integrated_gradients" in methods:
+            _redo_inexact_rows_in_fp32(net, x, out, kwargs)
+    return out
+
+
+def _redo_inexact_rows_in_fp32(net, x, out, kwargs) -> None:
+    """Recompute in fp32 the rows whose bf16 IG completeness error is too large (in place)."""
+    gap = (out["score"] - out["baseline_score"]).abs().clamp_min(1e-6)
+    rel = out["ig_delta"].abs() / gap
+    bad = rel.reshape(rel.shape[0], -1).amax(dim=1) > BF16_MAX_REL_DELTA
+    if not bad.any():
+        return
+    idx = bad.nonzero().reshape(-1)
+    sub = dict(kwargs)
+    if isinstance(sub["target"], torch.Tensor) or isinstance(sub["target"], (list, tuple)):
+        sub["target"] = torch.as_tensor(sub["target"], device=x.device).reshape(-1)[idx]
+    if sub["baseline"] is not None and sub["baseline"].shape[0] == x.shape[0]:
+        sub["baseline"] = sub["baseline"][idx]
+    redo = _run(net, x[idx], bf16=False, **sub)
+    for key, value in redo.items():
+        out[key][idx] = value
+
+
+def _run(
+    net: nn.Module,
+    x: torch.Tensor,
+    *,
+    target,
+    methods,
+    alphas,
+    weights,
+    baseline,
+    layer,
+    score,
+    saliency_mode,
+    saliency_channels,
+    budget_mb,
+    bf16: bool,
+) -> dict[str, torch.Tensor]:
+    n, size = x.shape[0], tuple(x.shape[-2:])
+    device = x.device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    mode, given = _parse_target(target, n, device)
+    want_ig = "integrated_gradients" in methods
+    want_sal, want_gc, want_cam = "saliency" in methods, "gradcam" in methods, "cam" in methods
+    has_one = bool(want_ig and abs(alphas[-1] - 1.0) < 1e-12)
+    has_zero = bool(want_ig and abs(alphas[0]) < 1e-12)
+    grad_at_x = want_sal or want_gc or has_one
+
+    # ---- 1. forward (and backward) at x itself: prediction, target, saliency, Grad-CAM, CAM
+    result: dict[str, torch.Tensor] = {}
+    counter, saving = _saved_bytes_counter()
+    counter["skip"] = {p.data_ptr() for p in net.parameters()} | {
+        b.data_ptr() for b in net.buffers()
+    }
+    fc_in: dict = {}
+    with hooks_removed_after() as handles:
+        if want_cam:
+            _, fc = _last_linear(net)
+            handles.append(fc.register_forward_hook(lambda m, i, o: fc_in.setdefault("x", i[0])))
+        layer_ctx = capture_activation(net, layer) if (want_gc or want_cam) else None
+        with (layer_ctx or _nullctx()) as store, saving, autocast:
+            # with IG the graph is kept even without a backward here: it measures the memory
+            # autograd saves per row, which sizes the sweep's chunks
+            xin = x.clone().requires_grad_(grad_at_x or want_ig)
+            with torch.set_grad_enabled(grad_at_x or want_ig):
+                logits = net(xin)
+            if logits.dim() != 2:
+                raise ValueError(f"model output must be (N, classes), got {tuple(logits.shape)}")
+    per_row_bytes = max(counter["bytes"] / n, 1.0)
+    probs = torch.softmax(logits.detach().float(), dim=1)
+    k5 = min(TOPK_REPORTED, probs.shape[1])
+    topk_probs, topk_classes = probs.topk(k5, dim=1)
+    result["pred_class"], result["pred_prob"] = topk_classes[:, 0].clone(), topk_probs[:, 0]
+    result["topk_classes"], result["topk_probs"] = topk_classes, topk_probs
+    if mode == "predicted":
+        targets = topk_classes[:, :1].clone()
+    elif mode == "topk":
+        if given > probs.shape[1]:
+            raise ValueError(f"topk:{given} asks for more classes than the model's {probs.shape[1]}")
+        targets = logits.detach().float().topk(given, dim=1).indices
+    else:
+        targets = given
+        if targets.min() < 0 or targets.max() >= probs.shape[1]:
+            raise ValueError(f"target classes must lie in [0, {probs.shape[1]})")
+    kk = targets.shape[1]
+    result["target"] = targets
+    s_all = _scores(logits, score)
+    s_x = s_all.gather(1, targets)  # (N, K)
+    result["score"] = s_x.detach().float()
+
+    sal, gc, g_x, cam = [], [], [], []
+    act = store["act"] if store is not None else None
+    for j in range(kk):
+        if grad_at_x:
+            inputs = [xin] + ([act] if want_gc else [])
+            grads = torch.autograd.grad(s_x[:, j].sum(), inputs, retain_graph=j < kk - 1)
+            gx = grads[0].float()
+            if has_one:
+                g_x.append(gx)
+            if want_sal:
+                s = gx.abs() if saliency_mode == "abs" else gx * gx
+                sal.append(s if saliency_channels else s.amax(dim=1))
+            if want_gc:
+                gc.append(_gradcam_map(act.detach(), grads[1], size))
+        if want_cam:
+            a = act.detach().float()
+            if not torch.allclose(a.mean(dim=(2, 3)), fc_in["x"].detach().float().reshape(n, -1),
+                                  rtol=1e-3, atol=1e-4):
+                raise ValueError(
+                    f"CAM needs the head to be global average pooling of {layer!r} followed by "
+                    "one Linear layer; use gradcam for this model"
+                )
+            w = _last_linear(net)[1].weight.float()[targets[:, j]]  # (N, K_channels)
+            m = (w[:, :, None, None] * a).sum(dim=1, keepdim=True)
+            cam.append(F.interpolate(m, size=size, mode="bilinear", align_corners=False)[:, 0])
+    del logits, s_all, act, store
+    stack = (lambda ts: torch.stack(ts, dim=1)) if mode == "topk" else (lambda ts: ts[0])
+    if want_sal:
+        result["saliency"] = stack(sal)
+    if want_gc:
+        result["gradcam"] = stack(gc)
+    if want_cam:
+        result["cam"] = stack(cam)
+
+    # ---- 2. the IG sweep over path points of all (image, target) pairs
+    if want_ig:
+        result.update(
+            _ig_sweep(net, x, targets, alphas, weights, baseline, score, g_x, has_one, has_zero,
+                      budget_mb, per_row_bytes, autocast)
+        )
+        result["ig_delta"] = (
+            result["integrated_gradients"].sum(dim=(-3, -2, -1))
+            - (result["score"] - result["baseline_score"])
+        )
+        if mode != "topk":
+            for key in ("integrated_gradients", "baseline_score", "ig_delta"):
+                result[key] = result[key].squeeze(1)
+    if mode != "topk":
+        result["target"], result["score"] = targets[:, 0], result["score"][:, 0]
+    return result
+
+
+class _nullctx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _ig_sweep(net, x, targets, alphas, weights, baseline, score, g_x, has_one, has_zero,
+              budget_mb, per_row_bytes, autocast) -> dict[str, torch.Tensor]:
+    """IG for every (image, target) pair; returns integrated_gradients (N, K, C, H, W) and
+    baseline_score (N, K)."""
+    n, kk = targets.shape
+    device = x.device
+    base = baseline if baseline is not None else torch.zeros_like(x[:1])
+    base = base.contiguous(memory_format=torch.channels_last)
+    diff = x - base  # (N, C, H, W)
+    a = torch.as_tensor(alphas, dtype=torch.float32, device=device)
+    w = torch.as_tensor(weights, dtype=torch.float32, device=device)
+    sweep = torch.arange(len(alphas) - (1 if has_one else 0), device=device)
+    pairs = n * kk
+    acc = torch.zeros((pairs, *x.shape[1:]), dtype=torch.float32, device=device)
+    acc = acc.contiguous(memory_format=torch.channels_last)
+    if has_one:  # a = 1 is the pass at x: reuse its gradient
+        acc += w[-1] * torch.stack(g_x, dim=1).reshape(acc.shape)
+    base_score = torch.empty(pairs, dtype=torch.float32, device=device)
+    tflat = targets.reshape(-1)  # pair p = image p // K, target tflat[p]
+    if not has_zero:  # F(x') needs its own forward pass, without gradients
+        with torch.no_grad(), autocast:
+            if base.shape[0] == 1:
+                s = _scores(net(base), score)[0]  # one baseline for all images
+                base_score = s[tflat].float()
+            else:
+                s = _scores(net(base), score)
+                base_score = s.gather(1, targets).reshape(-1).float()
+    rows = pairs * len(sweep)
+    if rows:
+        budget = (budget_mb or _default_budget_mb(device)) * 2**20
+        chunk = int(max(1, min(rows, budget // per_row_bytes)))
+        nchunks = math.ceil(rows / chunk)
+        chunk = math.ceil(rows / nchunks)  # even chunks
+        for start in range(0, rows, chunk):
+            r = torch.arange(start, min(rows, start + chunk), device=device)
+            pair, step = r // len(sweep), sweep[r % len(sweep)]
+            img = pair // kk
+            b_img = img if base.shape[0] > 1 else torch.zeros_like(img)
+            inp = torch.addcmul(base[b_img], a[step].view(-1, 1, 1, 1), diff[img])
+            inp = inp.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+            with autocast:
+                s = _scores(net(inp), score).gather(1, tflat[pair][:, None])[:, 0]
+            (g,) = torch.autograd.grad(s.sum(), inp)
+            acc.index_add_(0, pair, g.float() * w[step].view(-1, 1, 1, 1))
+            if has_zero:
+                first = step == 0
+                base_score[pair[first]] = s.detach().float()[first]
+    ig = (acc.reshape(n, kk, *x.shape[1:]) * diff[:, None]).contiguous()
+    return {"integrated_gradients": ig, "baseline_score": base_score.view(n, kk)}
