@@ -1,0 +1,361 @@
+"""The explicit pyarrow schema of the ``attributions/`` output, and how tables in it are built.
+
+One output row per input row (CONVENTIONS.md, "Output rows"). Column order:
+
+====================  ===============================================  =========================
+column                type                                             meaning
+====================  ===============================================  =========================
+id                    as in the input                                  the input row's id
+label                 as in the input (only with a label column)       the input row's label
+status                string, never null                               ``ok`` or ``error``
+error                 string, null when ok                             what went wrong
+target                int64 (fixed_size_list<int64>[K] with topk:K)    class(es) explained
+pred_class            int64                                            argmax of the logits
+pred_prob             float32                                          its softmax probability
+topk_classes          fixed_size_list<int64>[R]                        R = min(5, classes)
+topk_probs            fixed_size_list<float32>[R]
+score                 float32 (list [K] with topk)                     F(x)
+baseline_score        float32 (list [K]); only with IG                 F(x')
+ig_delta              float32 (list [K]); only with IG                 completeness delta
+saliency              fixed_shape_tensor<float32>[H, W]                ([K, H, W] with topk)
+integrated_gradients  fixed_shape_tensor<float32>[C, H, W]             ([K, C, H, W])
+gradcam, cam          fixed_shape_tensor<float32>[H, W]                ([K, H, W])
+<statistics>          float32 (list [K] with topk)                     ``stats.row_statistics``
+source                string, never null                               input file (relative)
+source_row            int64, never null                                row in that file
+====================  ===============================================  =========================
+
+Only the maps that were asked for are present. Tensor columns use Arrow's canonical
+``arrow.fixed_shape_tensor`` extension type (``pa.fixed_shape_tensor``), row-major, so plain
+pyarrow keeps the shape (``to_numpy_ndarray``), pandas sees flat lists and DuckDB sees
+``FLOAT[n]`` arrays; no Ray type is involved. An error row has every computed column null.
+
+``source`` / ``source_row`` say where the row came from (the input file relative to ``--input``
+and the row's index in it; ``0`` for an image file). They are the key the job uses to resume and to
+check that every input row was written exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+MAP_METHODS = ("saliency", "integrated_gradients", "gradcam", "cam")
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+#: Columns every output file has, whatever the configuration (besides ``label``).
+KEY_COLUMNS = ("source", "source_row")
+
+_DESCRIPTIONS = {
+    "id": "the input row's id",
+    "label": "the input row's label",
+    "status": "ok or error",
+    "error": "what went wrong (null when ok)",
+    "target": "class explained (K classes with topk:K targets)",
+    "pred_class": "top-1 class at x (argmax of the logits)",
+    "pred_prob": "softmax probability of pred_class",
+    "topk_classes": "the best classes at x, best first",
+    "topk_probs": "their softmax probabilities",
+    "score": "F(x): the target's logit (or probability with score=prob)",
+    "baseline_score": "F(x') at the IG baseline",
+    "ig_delta": "sum(IG) - (F(x) - F(x')): IG completeness error",
+    "saliency": "max_c |dF/dx|",
+    "integrated_gradients": "Integrated Gradients, (C, H, W)",
+    "gradcam": "Grad-CAM upsampled to (H, W), raw (after its ReLU)",
+    "cam": "CAM upsampled to (H, W), raw (signed)",
+    "source": "input file, relative to --input",
+    "source_row": "row index in the input file (0 for an image file)",
+}
+
+
+def tensor_type(shape: Sequence[int]) -> pa.DataType:
+    """Arrow's canonical ``arrow.fixed_shape_tensor`` of float32 with ``shape`` (row-major)."""
+    return pa.fixed_shape_tensor(pa.float32(), [int(s) for s in shape])
+
+
+def is_tensor_type(t: pa.DataType) -> bool:
+    """True for the canonical fixed_shape_tensor extension type (any value type and shape)."""
+    return isinstance(t, pa.FixedShapeTensorType)
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Everything the output columns depend on.
+
+    - ``methods``: the maps computed, any of ``MAP_METHODS`` (order kept in the schema).
+    - ``image_shape``: (C, H, W) of the model input; maps are (H, W), IG is (C, H, W).
+    - ``stat_names``: the statistic columns, in order (``stats.row_statistics`` keys).
+    - ``topk``: K with ``topk:K`` targets (every per-target column gains a K axis), else None.
+    - ``num_reported``: R, the width of ``topk_classes`` / ``topk_probs`` (min(5, classes)).
+    - ``id_type`` / ``label_type``: Arrow types of the passed-through columns (no label: None).
+    - ``has_ig_scalars``: whether ``baseline_score`` and ``ig_delta`` exist (IG computed).
+    """
+
+    methods: tuple[str, ...]
+    image_shape: tuple[int, int, int]
+    stat_names: tuple[str, ...] = ()
+    topk: int | None = None
+    num_reported: int = 5
+    id_type: pa.DataType = field(default_factory=pa.string)
+    label_type: pa.DataType | None = None
+
+    def __post_init__(self):
+        bad = [m for m in self.methods if m not in MAP_METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"unknown methods {bad}; choose from {', '.join(MAP_METHODS)}")
+        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
+            raise ValueError(f"image_shape must be (C, H, W), got {self.image_shape!r}")
+        if self.topk is not None and self.topk < 1:
+            raise ValueError(f"topk must be >= 1, got {self.topk!r}")
+        object.__setattr__(self, "methods", tuple(self.methods))
+        object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
+        object.__setattr__(self, "stat_names", tuple(self.stat_names))
+
+    @property
+    def has_ig_scalars(self) -> bool:
+        return "integrated_gradients" in self.methods
+
+    def map_shape(self, method: str) -> tuple[int, ...]:
+        """Shape of one row's ``method`` map: (H, W) or (C, H, W), with K in front for topk."""
+        c, h, w = self.image_shape
+        base = (c, h, w) if method == "integrated_gradients" else (h, w)
+        return (self.topk, *base) if self.topk else base
+
+    def per_target_type(self, value_type: pa.DataType) -> pa.DataType:
+        """``value_type``, or a fixed_size_list of K of it with topk targets."""
+        return pa.list_(value_type, self.topk) if self.topk else value_type
+
+    def per_target_columns(self) -> tuple[str, ...]:
+        """Columns with one value per target: they gain the K axis with topk targets."""
+        cols = ["target", "score"]
+        if self.has_ig_scalars:
+            cols += ["baseline_score", "ig_delta"]
+        return (*cols, *self.stat_names)
+
+
+def output_schema(layout: OutputLayout) -> pa.Schema:
+    """The pyarrow schema of the output rows for ``layout`` (see the module docstring)."""
+    fields: list[pa.Field] = [pa.field("id", layout.id_type)]
+    if layout.label_type is not None:
+        fields.append(pa.field("label", layout.label_type))
+    fields += [
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("target", layout.per_target_type(pa.int64())),
+        pa.field("pred_class", pa.int64()),
+        pa.field("pred_prob", pa.float32()),
+        pa.field("topk_classes", pa.list_(pa.int64(), layout.num_reported)),
+        pa.field("topk_probs", pa.list_(pa.float32(), layout.num_reported)),
+        pa.field("score", layout.per_target_type(pa.float32())),
+    ]
+    if layout.has_ig_scalars:
+        fields += [
+            pa.field("baseline_score", layout.per_target_type(pa.float32())),
+            pa.field("ig_delta", layout.per_target_type(pa.float32())),
+        ]
+    for method in MAP_METHODS:
+        if method in layout.methods:
+            fields.append(pa.field(method, tensor_type(layout.map_shape(method))))
+    for name in layout.stat_names:
+        fields.append(pa.field(name, layout.per_target_type(pa.float32())))
+    fields += [
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("source_row", pa.int64(), nullable=False),
+    ]
+    fields = [
+        f.with_metadata({"description": _DESCRIPTIONS[f.name]}) if f.name in _DESCRIPTIONS else f
+        for f in fields
+    ]
+    return pa.schema(fields, metadata={"xai_workers.schema_version": SCHEMA_VERSION})
+
+
+# --------------------------------------------------------------------------------------------
+# numpy -> Arrow
+# --------------------------------------------------------------------------------------------
+
+
+def tensor_array(
+    values: np.ndarray, valid: np.ndarray | None = None, shape: Sequence[int] | None = None
+) -> pa.ExtensionArray:
+    """(N, *shape) values -> a canonical fixed_shape_tensor array of float32, null where ``valid``
+    is False (the values stored under a null are zeros). ``shape`` defaults to values.shape[1:].
+    """
+    values = np.asarray(values, dtype=np.float32)
+    shape = tuple(values.shape[1:]) if shape is None else tuple(int(s) for s in shape)
+    n = values.shape[0]
+    size = int(np.prod(shape)) if shape else 1
+    if values.size != n * size:
+        raise ValueError(f"values of shape {values.shape} do not hold {n} tensors of {shape}")
+    flat = values.reshape(n * size)
+    mask = None
+    if valid is not None and not np.all(valid):
+        flat = flat.copy()
+        flat.reshape(n, size)[~np.asarray(valid, dtype=bool)] = 0.0
+        mask = pa.array(~np.asarray(valid, dtype=bool))
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), size, mask=mask)
+    return pa.ExtensionArray.from_storage(tensor_type(shape), storage)
+
+
+def _to_arrow(values, t: pa.DataType, valid: np.ndarray | None, n: int) -> pa.Array:
+    """numpy values (N, ...) -> an Arrow array of type ``t``, null where ``valid`` is False."""
+    invalid = None if valid is None or np.all(valid) else ~np.asarray(valid, dtype=bool)
+    if values is None:
+        return pa.nulls(n, type=t)
+    if is_tensor_type(t):
+        return tensor_array(values, None if invalid is None else ~invalid, t.shape)
+    if pa.types.is_fixed_size_list(t):
+        size = t.list_size
+        arr = np.asarray(values, dtype=t.value_type.to_pandas_dtype()).reshape(n, size)
+        if invalid is not None:
+            arr = arr.copy()
+            arr[invalid] = 0
+        child = pa.array(arr.reshape(n * size), type=t.value_type)
+        mask = None if invalid is None else pa.array(invalid)
+        return pa.FixedSizeListArray.from_arrays(child, type=t, mask=mask)
+    if isinstance(values, np.ndarray) and values.dtype != object:
+        arr = values.reshape(n)
+        if invalid is not None:
+            arr = arr.copy()
+            arr[invalid] = 0
+        return pa.array(arr, type=t, mask=None if invalid is None else invalid)
+    items = list(values)
+    if invalid is not None:
+        items = [None if bad else v for v, bad in zip(items, invalid, strict=True)]
+    return pa.array(items, type=t)
+
+
+def build_table(
+    schema: pa.Schema,
+    *,
+    ids: pa.Array | Sequence,
+    sources: pa.Array | Sequence[str],
+    source_rows: pa.Array | Sequence[int],
+    errors: Sequence[str | None],
+    values: Mapping[str, np.ndarray] | None = None,
+    labels: pa.Array | Sequence | None = None,
+) -> pa.Table:
+    """A table in ``schema`` for N rows.
+
+    ``errors[i]`` None makes row i an ``ok`` row, a string makes it an ``error`` row whose
+    computed columns are all null. ``values`` maps computed column names to numpy arrays with N
+    rows (e.g. ``saliency`` (N, H, W) float32, ``target`` (N,) or (N, K) int64); what they hold
+    on error rows is ignored. A computed column missing from ``values`` is all null (so
+    ``values=None`` gives an all-error table). ``ids`` / ``labels`` are cast to the schema's
+    types; ``labels`` is required when the schema has a ``label`` column.
+    """
+    n = len(errors)
+    valid = np.array([e is None for e in errors], dtype=bool)
+    values = values or {}
+    unknown = set(values) - set(schema.names)
+    if unknown:
+        raise ValueError(f"values for columns not in the schema: {sorted(unknown)}")
+    columns = []
+    for f in schema:
+        if f.name == "id":
+            col = pa.array(ids, type=f.type) if not isinstance(ids, pa.Array) else ids.cast(f.type)
+        elif f.name == "label":
+            if labels is None:
+                raise ValueError("the schema has a label column: pass labels")
+            col = (
+                labels.cast(f.type)
+                if isinstance(labels, pa.Array)
+                else pa.array(labels, type=f.type)
+            )
+        elif f.name == "status":
+            col = pa.array(np.where(valid, STATUS_OK, STATUS_ERROR).tolist(), type=pa.string())
+        elif f.name == "error":
+            col = pa.array(list(errors), type=pa.string())
+        elif f.name == "source":
+            col = (
+                sources.cast(f.type) if isinstance(sources, pa.Array) else pa.array(sources, f.type)
+            )
+        elif f.name == "source_row":
+            col = (
+                source_rows.cast(f.type)
+                if isinstance(source_rows, pa.Array)
+                else pa.array(np.asarray(source_rows, dtype=np.int64), f.type)
+            )
+        else:
+            col = _to_arrow(values.get(f.name), f.type, valid, n)
+        if len(col) != n:
+            raise ValueError(f"column {f.name!r} has {len(col)} rows, expected {n}")
+        columns.append(col)
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def error_table(
+    schema: pa.Schema,
+    *,
+    ids,
+    sources,
+    source_rows,
+    errors: Sequence[str],
+    labels=None,
+) -> pa.Table:
+    """N error rows in ``schema``: every computed column null, ``error`` set."""
+    return build_table(
+        schema,
+        ids=ids,
+        sources=sources,
+        source_rows=source_rows,
+        errors=[str(e) for e in errors],
+        labels=labels,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Arrow -> numpy (for readers of the output)
+# --------------------------------------------------------------------------------------------
+
+
+def tensor_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed_shape_tensor (or fixed_size_list) column -> float32 ndarray (N, *shape).
+
+    Null rows (error rows) come back as NaN. Works on a column read back by plain pyarrow::
+
+        t = pq.read_table("out/attributions")
+        sal = tensor_to_numpy(t["saliency"])  # (N, H, W)
+    """
+    if isinstance(column, pa.ChunkedArray):
+        chunks = column.chunks
+        t = column.type
+    else:
+        chunks, t = [column], column.type
+    shape = tuple(t.shape) if is_tensor_type(t) else (t.list_size,)
+    parts = []
+    for chunk in chunks:
+        storage = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+        size = storage.type.list_size
+        vals = storage.values.slice(storage.offset * size, len(storage) * size)
+        arr = vals.to_numpy(zero_copy_only=False).astype(np.float32, copy=True)
+        arr = arr.reshape(len(storage), *shape)
+        if storage.null_count:
+            arr[np.asarray(storage.is_null())] = np.nan
+        parts.append(arr)
+    if not parts:
+        return np.zeros((0, *shape), dtype=np.float32)
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with exactly ``schema``'s columns, order and types (a cheap check-and-cast).
+
+    Raises ValueError naming the columns that are missing or extra.
+    """
+    if table.schema.equals(schema, check_metadata=False):
+        return table.replace_schema_metadata(schema.metadata)
+    missing = [n for n in schema.names if n not in table.column_names]
+    extra = [n for n in table.column_names if n not in schema.names]
+    if missing or extra:
+        raise ValueError(
+            f"table does not match the output schema: missing {missing}, extra {extra}"
+        )
+    cols = []
+    for f in schema:
+        col = table.column(f.name)
+        cols.append(col if col.type.equals(f.type) else col.cast(f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
