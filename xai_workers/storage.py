@@ -1,0 +1,87 @@
+"""Tiny helpers to read and write local paths, ``file://`` and ``s3://`` URIs through fsspec.
+
+S3 goes through s3fs: credentials come from the standard AWS chain (environment, shared config and
+credentials files, instance/container roles); the endpoint is, in order, the ``s3_endpoint``
+argument, the ``AWS_ENDPOINT_URL`` environment variable, else AWS itself. Anything else fsspec
+knows (``gs://``, ``memory://``, ...) works too, with default options.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import IO
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+_S3_PROTOCOLS = ("s3", "s3a")
+
+
+def _protocol(uri: str) -> str:
+    return uri.split("://", 1)[0].lower() if "://" in uri else "file"
+
+
+def resolve_s3_endpoint(s3_endpoint: str | None = None) -> str | None:
+    """The S3 endpoint URL to use: ``s3_endpoint``, else ``$AWS_ENDPOINT_URL``, else None (AWS)."""
+    return s3_endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def filesystem(
+    uri: str | os.PathLike, s3_endpoint: str | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``(fs, path)`` for ``uri``: an fsspec filesystem and the path inside it (no protocol).
+
+    Local paths (relative ones are made absolute) and ``file://`` give a ``LocalFileSystem``;
+    ``s3://`` / ``s3a://`` give an ``s3fs.S3FileSystem`` on the endpoint described in the module
+    docstring, with the path as ``bucket/key``.
+    """
+    uri = os.fspath(uri)
+    options = {}
+    if _protocol(uri) in _S3_PROTOCOLS:
+        endpoint = resolve_s3_endpoint(s3_endpoint)
+        if endpoint:
+            options["endpoint_url"] = endpoint
+    fs, path = fsspec.core.url_to_fs(uri, **options)
+    return fs, path
+
+
+def open_file(uri: str | os.PathLike, mode: str = "rb", *, s3_endpoint: str | None = None, **kw):
+    """Open ``uri`` like ``open()`` (use it in a ``with``); ``kw`` go to ``fs.open`` (encoding...).
+
+    Writing to a local path creates its missing parent folders (on S3 there are none to create).
+    Missing files raise ``FileNotFoundError``.
+    """
+    fs, path = filesystem(uri, s3_endpoint)
+    if isinstance(fs, LocalFileSystem) and any(c in mode for c in "wax"):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+    f: IO = fs.open(path, mode, **kw)
+    return f
+
+
+def read_bytes(uri: str | os.PathLike, s3_endpoint: str | None = None) -> bytes:
+    """The whole content of ``uri`` as bytes; ``FileNotFoundError`` if it does not exist."""
+    fs, path = filesystem(uri, s3_endpoint)
+    return fs.cat_file(path)
+
+
+def pyarrow_filesystem(uri: str | os.PathLike, s3_endpoint: str | None = None):
+    """``(pyarrow.fs.FileSystem, path)`` for ``uri``, for ``pyarrow.parquet`` / ``pyarrow.dataset``.
+
+    Local paths get ``pyarrow.fs.LocalFileSystem``; everything else is the fsspec filesystem of
+    :func:`filesystem` wrapped in ``pyarrow.fs.PyFileSystem(FSSpecHandler(fs))``, so S3 uses the
+    same endpoint and credentials as the rest of this module.
+    """
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri, s3_endpoint)
+    if isinstance(fs, LocalFileSystem):
+        return pafs.LocalFileSystem(), path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def join_uri(uri: str | os.PathLike, *parts: str) -> str:
+    """``uri`` with ``parts`` appended by ``/``, protocol kept: ``s3://b/out`` + ``x.json``."""
+    out = os.fspath(uri).rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
