@@ -98,6 +98,30 @@ def stat_names(
     return tuple(row_statistics(fake))
 
 
+def output_layout(
+    methods: Sequence[str],
+    image_size: int,
+    num_classes: int,
+    target: str | int | None = "predicted",
+    *,
+    id_type: pa.DataType | None = None,
+    label_type: pa.DataType | None = None,
+) -> S.OutputLayout:
+    """The output layout a worker with these settings produces (the driver uses it too)."""
+    mode, value = parse_target(target)
+    topk = value if mode == "topk" else None
+    image_shape = (3, int(image_size), int(image_size))
+    return S.OutputLayout(
+        methods=tuple(methods),
+        image_shape=image_shape,
+        stat_names=stat_names(methods, image_shape, topk),
+        topk=topk,
+        num_reported=min(5, int(num_classes)),
+        id_type=id_type if id_type is not None else pa.string(),
+        label_type=label_type,
+    )
+
+
 class AttributionWorker:
     """Explain batches of preprocessed rows with one model; one instance per actor.
 
@@ -204,16 +228,8 @@ class AttributionWorker:
         self.ig_steps, self.ig_method, self.ig_baseline = int(ig_steps), ig_method, ig_baseline
         self.score, self.precision = score, precision
         self.batch_size, self.batch_budget_mb, self.seed = int(batch_size), batch_budget_mb, seed
-        topk = self.target_value if self.mode == "topk" else None
-        image_shape = (3, s, s)
-        self.layout = S.OutputLayout(
-            methods=self.methods,
-            image_shape=image_shape,
-            stat_names=stat_names(self.methods, image_shape, topk),
-            topk=topk,
-            num_reported=min(5, self.num_classes),
-            id_type=id_type if id_type is not None else pa.string(),
-            label_type=label_type,
+        self.layout = output_layout(
+            self.methods, s, self.num_classes, target, id_type=id_type, label_type=label_type
         )
         self.schema = S.output_schema(self.layout)
         #: rows seen, rows in error, seconds inside ``attribute`` (for the curious)

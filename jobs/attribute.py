@@ -1,0 +1,634 @@
+"""The attribution job on Ray Data: read -> decode/preprocess -> AttributionWorker -> Parquet.
+
+::
+
+    from_items(shards)                      one item per shard (jobs.sources.make_shards)
+      .map_batches(read_and_preprocess)     CPU tasks: read rows, decode, preprocess -> x / error
+      .map_batches(AttributionWorker,       actors, one model each: 1 GPU per actor on a GPU
+                   compute=ActorPoolStrategy)  cluster, a fraction of a node's CPUs otherwise
+      .map_batches(write_attributions)      CPU tasks: one atomic part file per batch
+      .iter_batches()                       the driver sees one small row per part: progress
+
+Why the last stage is not ``Dataset.write_parquet``: in Ray 2.60 it names files
+``{write_uuid}_{task}-{i}.parquet`` and writes them in place (not atomically), so after a crash a
+rerun can neither tell complete files from partial ones nor avoid writing rows twice. Ray Data's
+own checkpointing (``DataContext.checkpoint_config``) needs a unique id column in the input, keeps
+every written id in memory on resume and is beta. Here the output is its own checkpoint (see
+``jobs.output``): parts are atomic and keyed by ``(source, source_row)``, a rerun with
+``--resume`` reads those keys and skips the rows, and the end of every run checks that each input
+row is present exactly once. The write stage still goes through Ray Data (streaming, backpressure,
+retries), and the driver only ever holds one small row per part file.
+
+Every check that can fail on a configuration mistake (:func:`prepare`) runs before Ray starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+from jobs import output as out
+from jobs import sources
+from jobs.config import ConfigError, JobConfig
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_ERROR_RATE = 3
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _default_log(msg: str) -> None:
+    print(f"[xai-audit] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# stage functions (run in Ray tasks; importable, picklable, no Ray import)
+# --------------------------------------------------------------------------------------------
+
+
+def read_and_preprocess(batch: pa.Table, **kwargs) -> Iterator[pa.Table]:
+    """Ray stage 1: each row holds one JSON shard; yield its preprocessed blocks."""
+    from xai_workers.preprocess import Preprocessing
+
+    pre = Preprocessing(**kwargs.pop("preprocessing"))
+    for shard_json in batch.column("shard").to_pylist():
+        yield from sources.read_shard(json.loads(shard_json), preprocessing=pre, **kwargs)
+
+
+def write_attributions(batch: pa.Table, *, dest: str, s3_endpoint: str | None) -> pa.Table:
+    """Ray stage 3: write the batch as one atomic part; one small row describing it."""
+    info = out.write_part(batch, dest, s3_endpoint=s3_endpoint)
+    return pa.table({k: [v] for k, v in info.items()})
+
+
+# --------------------------------------------------------------------------------------------
+# preparation: every fail-fast check, no Ray
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """A checked job: resolved settings, the input plan, the model facts, the output state."""
+
+    cfg: JobConfig
+    plan: sources.InputPlan
+    settings: dict
+    model_info: dict
+    layout: object
+    schema: pa.Schema
+    state: out.OutputState
+    rows_per_file: int
+
+
+def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepared:
+    """Run every check that a configuration mistake can fail, before any heavy work.
+
+    Order: settings on their face; the input (exists, columns, types); the model (spec, weights,
+    Grad-CAM layer, target against its classes); the output (not inside the input, existing
+    output needs --resume or --overwrite and the same settings, writable). Raises ConfigError.
+    """
+    from xai_workers.hooks import default_gradcam_layer
+    from xai_workers.models import ModelSpecError, is_gradcam_layer, load_model
+    from xai_workers.worker import output_layout, parse_target
+
+    cfg.validate()
+    mode, tval = parse_target(cfg.target)
+    if _inside(cfg.output, cfg.input):
+        raise ConfigError(f"output {cfg.output} lies inside the input {cfg.input}; choose another")
+    plan = sources.discover(
+        cfg.input,
+        id_column=cfg.id_column,
+        image_column=cfg.image_column,
+        label_column=cfg.label_column,
+        need_label=mode == "label",
+        exclude=cfg.output,
+        s3_endpoint=cfg.s3_endpoint,
+    )
+    if plan.total_rows == 0:
+        log(f"input {cfg.input} has no rows")
+
+    try:
+        loaded = load_model(
+            cfg.model,
+            cfg.weights,
+            image_size=cfg.image_size,
+            mean=cfg.mean,
+            std=cfg.std,
+            s3_endpoint=cfg.s3_endpoint,
+        )
+    except ModelSpecError as e:
+        raise ConfigError(f"model: {e}") from None
+    pre = loaded.preprocessing
+    if mode == "class" and tval >= loaded.num_classes:
+        raise ConfigError(
+            f"--target {tval} is not a class of this model (0..{loaded.num_classes - 1})"
+        )
+    if mode == "topk" and tval > loaded.num_classes:
+        raise ConfigError(f"--target topk:{tval} > the model's {loaded.num_classes} classes")
+    layer = cfg.gradcam_layer
+    if "gradcam" in cfg.methods or "cam" in cfg.methods:
+        if not loaded.layers:
+            raise ConfigError(
+                f"model {cfg.model} has no traceable layers (TorchScript?): Grad-CAM/CAM are not "
+                "available; drop them from --methods"
+            )
+        if layer is None:
+            import torch
+
+            try:
+                s = pre.image_size
+                layer = default_gradcam_layer(loaded.module, torch.zeros(1, 3, s, s))
+            except ValueError as e:
+                raise ConfigError(f"no default Grad-CAM layer: {e}; pass --gradcam-layer") from None
+        else:
+            by_name = {info.name: info for info in loaded.layers}
+            info = by_name.get(layer)
+            if info is None or not is_gradcam_layer(info):
+                usable = [i.name for i in loaded.layers if is_gradcam_layer(i)]
+                why = "has no layer named" if info is None else "cannot use for Grad-CAM the layer"
+                raise ConfigError(
+                    f"model {cfg.model} {why} {layer!r}; usable layers: "
+                    f"{', '.join(usable[-12:]) or 'none'} (see `xai-audit layers`)"
+                )
+    label_column = plan.label_column
+    cfg = dataclasses.replace(
+        cfg,
+        mean=tuple(pre.mean),
+        std=tuple(pre.std),
+        image_size=pre.image_size,
+        gradcam_layer=layer,
+        label_column=label_column,
+    )
+    model_info = {
+        "spec": loaded.spec,
+        "weights": cfg.weights,
+        "checksum_sha256": loaded.checksum,
+        "num_classes": loaded.num_classes,
+        "gradcam_layer": layer,
+        "preprocessing": {
+            "image_size": pre.image_size,
+            "mean": list(pre.mean),
+            "std": list(pre.std),
+            "max_pixels": pre.max_pixels,
+        },
+    }
+    settings = {**cfg.result_settings(), "model_checksum": loaded.checksum}
+    layout = output_layout(
+        cfg.methods,
+        pre.image_size,
+        loaded.num_classes,
+        cfg.target,
+        id_type=plan.id_type,
+        label_type=plan.label_type,
+    )
+    from xai_workers.schema import output_schema
+
+    schema = output_schema(layout)
+
+    state = out.inspect(cfg.output, cfg.s3_endpoint)
+    if not state.empty:
+        if cfg.overwrite:
+            log(f"--overwrite: removing the earlier output in {cfg.output}")
+            out.remove_owned(cfg.output, cfg.s3_endpoint)
+            state = out.OutputState(None, [], [])
+        elif cfg.resume:
+            _check_resumable(state, settings, plan, cfg)
+        else:
+            what = _describe_state(state)
+            raise ConfigError(
+                f"output {cfg.output} already holds {what}; pass --resume to finish that run "
+                "or --overwrite to replace it"
+            )
+    out.check_writable(cfg.output, cfg.s3_endpoint)
+    rpf = cfg.rows_per_file or out.rows_per_file(schema, plan.total_rows)
+    return Prepared(cfg, plan, settings, model_info, layout, schema, state, rpf)
+
+
+def _inside(output: str, input_: str) -> bool:
+    from xai_workers.storage import filesystem
+
+    try:
+        fo, po = filesystem(output)
+        fi, pi = filesystem(input_)
+    except (OSError, ValueError):
+        return False
+    if type(fo) is not type(fi):
+        return False
+    po, pi = po.rstrip("/"), pi.rstrip("/")
+    return po == pi or po.startswith(pi + "/")
+
+
+def _describe_state(state: out.OutputState) -> str:
+    if state.manifest is None:
+        return f"{len(state.parts)} part files (no manifest)"
+    counts = state.manifest.get("counts", {})
+    status = state.manifest.get("status", "?")
+    return (
+        f"a run with status {status!r} ({counts.get('rows_written', '?')} of "
+        f"{counts.get('rows_total', '?')} rows written)"
+    )
+
+
+def _check_resumable(state: out.OutputState, settings: dict, plan, cfg: JobConfig) -> None:
+    if state.manifest is None:
+        raise ConfigError(
+            f"output {cfg.output} has part files but no manifest.json, so it cannot be checked "
+            "for resuming; use --overwrite or another output"
+        )
+    before = state.manifest.get("settings", {})
+    diffs = [
+        f"{k}: {before.get(k)!r} -> {v!r}"
+        for k, v in settings.items()
+        if _norm(before.get(k)) != _norm(v)
+    ]
+    if diffs:
+        raise ConfigError(
+            "cannot --resume: the output was written with other settings ("
+            + "; ".join(diffs)
+            + "); use the same settings, --overwrite, or another output"
+        )
+    fp = state.manifest.get("input", {}).get("fingerprint")
+    if fp and fp != plan.fingerprint():
+        raise ConfigError(
+            "cannot --resume: the input changed since the run started (other files or row "
+            "counts); use --overwrite or another output"
+        )
+
+
+def _norm(v):
+    return json.loads(json.dumps(v, default=str))
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class JobResult:
+    """How a run ended: ``exit_code`` (0 ok, 1 failed, 3 error rate exceeded) and counts."""
+
+    exit_code: int
+    status: str
+    manifest: dict
+    summary: str
+    counts: dict = field(default_factory=dict)
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out_ = {"python": platform.python_version()}
+    for pkg in ("xai-workers", "torch", "torchvision", "ray", "pyarrow", "numpy", "pillow"):
+        try:
+            out_[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out_[pkg] = None
+    return out_
+
+
+def _ray_init(cfg: JobConfig) -> bool:
+    """Connect to / start Ray unless the caller already did; True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.address
+    if address is None and cfg.num_cpus is not None:
+        address = "local"
+    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING)
+    if address in (None, "local"):
+        kwargs["num_cpus"] = cfg.num_cpus
+    ray.init(address=address, **kwargs)
+    return True
+
+
+@dataclass
+class Resources:
+    """How the stages are sized on the cluster Ray gives us."""
+
+    nodes: int
+    cpus: float
+    gpus: int
+    device: str
+    actors: int
+    actor_num_cpus: float
+    actor_num_gpus: float
+    worker_threads: int | None
+    read_num_cpus: float
+    write_num_cpus: float
+
+    def describe(self) -> dict:
+        return dict(self.__dict__)
+
+
+def plan_resources(cfg: JobConfig) -> Resources:
+    """Size the actor pool and the tasks from the cluster's resources.
+
+    GPU cluster: one actor per GPU (``--actors`` to change), 1 GPU each. CPU only: one actor per
+    node (``--actors``: more), each reserving part of a node's CPUs so that read and write
+    tasks always find a CPU (a 2-core machine never stalls); the worker sets its torch threads to
+    its share of the node's cores (Ray's OMP_NUM_THREADS would follow the reservation).
+    """
+    import ray
+
+    res = ray.cluster_resources()
+    gpus = int(res.get("GPU", 0))
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    n_nodes = max(1, len(nodes))
+    node_cpus = min((n["Resources"]["CPU"] for n in nodes), default=1.0)
+    cpus = float(res.get("CPU", 0))
+    if gpus:
+        actors = cfg.actors or gpus
+        gpu_nodes = [n for n in nodes if n["Resources"].get("GPU", 0) > 0] or nodes
+        per_node_gpus = max(n["Resources"].get("GPU", 1) for n in gpu_nodes)
+        gpu_node_cpus = min(n["Resources"]["CPU"] for n in gpu_nodes)
+        actor_cpus = min(1.0, max(0.25, (gpu_node_cpus - 1) / max(1, per_node_gpus)))
+        return Resources(n_nodes, cpus, gpus, "cuda", actors, actor_cpus, 1.0, None, 1.0, 0.5)
+    actors = cfg.actors or n_nodes
+    per_node = math.ceil(actors / n_nodes)
+    threads = max(1, int(node_cpus // per_node))
+    actor_cpus = max(0.25, min(float(threads), (node_cpus - 1) / per_node))
+    small = node_cpus <= 4
+    return Resources(
+        n_nodes, cpus, 0, "cpu", actors, round(actor_cpus, 3), 0.0,
+        threads if per_node > 1 else None, 0.5 if small else 1.0, 0.25 if small else 0.5,
+    )  # fmt: skip
+
+
+class Progress:
+    """Prints rows done, rows/s and ETA at most every ``interval`` seconds."""
+
+    def __init__(self, total: int, before: int, log, interval: float = 5.0):
+        self.total, self.before, self.log, self.interval = total, before, log, interval
+        self.t0 = time.monotonic()
+        self.last = 0.0
+        self.rows = self.errors = self.files = self.bytes = 0
+
+    def add(self, rows: int, errors: int, nbytes: int) -> None:
+        self.rows += rows
+        self.errors += errors
+        self.files += 1
+        self.bytes += nbytes
+        now = time.monotonic()
+        if now - self.last >= self.interval or self.rows >= self.total:
+            self.last = now
+            self.log(self.line())
+
+    def rate(self) -> float:
+        dt = time.monotonic() - self.t0
+        return self.rows / dt if dt > 0 else 0.0
+
+    def line(self) -> str:
+        done = self.before + self.rows
+        grand = self.before + self.total
+        pct = 100.0 * done / grand if grand else 100.0
+        rate = self.rate()
+        eta = (self.total - self.rows) / rate if rate > 0 else float("nan")
+        return (
+            f"{done}/{grand} rows ({pct:.0f}%) | {rate:.1f} rows/s | ETA {_hms(eta)} | "
+            f"{self.errors} errors | {self.files} files"
+        )
+
+
+def _hms(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def run_job(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> JobResult:
+    """Run (or resume) the job described by ``cfg``; ConfigError before any heavy work."""
+    t_start = time.monotonic()
+    started_at = _now()
+    prep = prepare(cfg, log)
+    cfg, plan = prep.cfg, prep.plan
+    attr_uri = out.join(cfg.output, out.ATTRIBUTIONS)
+    manifest_uri = out.join(cfg.output, out.MANIFEST)
+    rows_by_source = {s.rel: s.rows for s in plan.sources}
+
+    # what is there already (resume)
+    previous_runs = []
+    if prep.state.manifest is not None:
+        previous_runs = list(prep.state.manifest.get("runs", []))
+    if prep.state.temps:
+        n = out.remove_temps(cfg.output, prep.state.temps, cfg.s3_endpoint)
+        log(f"removed {n} temporary files of an interrupted run")
+    done = None
+    before = 0
+    if prep.state.parts:
+        scan0 = out.scan(attr_uri, rows_by_source, prep.state.parts, s3_endpoint=cfg.s3_endpoint)
+        done = scan0.done
+        before = int(sum(d.sum() for d in done.values()))
+        log(f"resuming: {before} of {plan.total_rows} rows already written in {scan0.files} files")
+    shards, todo = sources.make_shards(plan, done)
+
+    manifest = {
+        "tool": "xai-audit",
+        "schema_version": prep.schema.metadata[b"xai_workers.schema_version"].decode(),
+        "status": "running",
+        "config": cfg.as_dict(),
+        "settings": prep.settings,
+        "model": prep.model_info,
+        "input": plan.describe(),
+        "output": {
+            "attributions": attr_uri,
+            "rows_per_file": prep.rows_per_file,
+            "columns": prep.schema.names,
+        },
+        "versions": _versions(),
+        "counts": {"rows_total": plan.total_rows, "rows_written": before},
+        "runs": previous_runs,
+        "started_at": (prep.state.manifest or {}).get("started_at", started_at),
+    }
+    run_info = {"started_at": started_at, "resumed": before > 0, "rows_before": before}
+    manifest["runs"] = previous_runs + [run_info]
+    out.write_json(manifest_uri, manifest, cfg.s3_endpoint)
+
+    started_ray = False
+    progress = Progress(todo, before, log, cfg.progress_interval_s)
+    t_pipe = time.monotonic()
+    try:
+        if todo:
+            started_ray = _ray_init(cfg)
+            resources = plan_resources(cfg)
+            manifest["ray"] = resources.describe()
+            log(
+                f"{todo} rows to explain in {len(shards)} shards on {resources.nodes} node(s), "
+                f"{resources.actors} {resources.device} actor(s); {prep.rows_per_file} rows per "
+                f"file -> {attr_uri}"
+            )
+            for row in _pipeline(prep, shards, resources, attr_uri):
+                progress.add(row["rows"], row["error"], row["bytes"])
+        t_pipe_end = time.monotonic()
+        final = out.scan(attr_uri, rows_by_source, s3_endpoint=cfg.s3_endpoint)
+        if final.duplicates:
+            log(f"found {final.duplicates} rows written twice; removing the copies")
+            out.remove_duplicates(attr_uri, rows_by_source, s3_endpoint=cfg.s3_endpoint)
+            final = out.scan(attr_uri, rows_by_source, s3_endpoint=cfg.s3_endpoint)
+    except BaseException as e:
+        manifest["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        manifest["error"] = f"{type(e).__name__}: {e}"[:2000]
+        run_info.update(finished_at=_now(), rows_computed=progress.rows)
+        try:
+            out.write_json(manifest_uri, manifest, cfg.s3_endpoint)
+        except Exception:  # noqa: BLE001 - the original error matters more
+            pass
+        raise
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+    missing = final.missing(rows_by_source)
+    wall = time.monotonic() - t_start
+    pipe_s = t_pipe_end - t_pipe
+    computed = progress.rows
+    counts = {
+        "rows_total": plan.total_rows,
+        "rows_written": final.rows,
+        "rows_ok": final.ok,
+        "rows_error": final.error,
+        "rows_missing": missing,
+        "rows_unknown": final.unknown,
+        "rows_from_earlier_runs": before,
+        "rows_computed_this_run": computed,
+        "files": final.files,
+        "bytes": final.bytes,
+    }
+    error_rate = final.error / plan.total_rows if plan.total_rows else 0.0
+    complete = missing == 0 and final.duplicates == 0 and not final.unreadable
+    status = "complete" if complete else "incomplete"
+    run_info.update(
+        finished_at=_now(),
+        wall_s=round(wall, 3),
+        pipeline_s=round(pipe_s, 3),
+        rows_computed=computed,
+        images_per_s=round(computed / pipe_s, 3) if pipe_s > 0 and computed else None,
+    )
+    manifest.update(
+        status=status,
+        counts=counts,
+        error_rate=round(error_rate, 6),
+        finished_at=_now(),
+        timing={
+            "wall_s": round(wall, 3),
+            "pipeline_s": round(pipe_s, 3),
+            "images_per_s": run_info["images_per_s"],
+        },
+    )
+    exit_code = EXIT_OK
+    exceeded = cfg.max_error_rate is not None and error_rate > cfg.max_error_rate
+    manifest["max_error_rate_exceeded"] = bool(exceeded)
+    if not complete:
+        exit_code = EXIT_FAILED
+        manifest["error"] = (
+            f"{missing} rows missing, {final.duplicates} duplicated, "
+            f"{len(final.unreadable)} unreadable files"
+        )
+    elif exceeded:
+        exit_code = EXIT_ERROR_RATE
+    out.write_json(manifest_uri, manifest, cfg.s3_endpoint)
+
+    rate = f"{computed / pipe_s:.1f} rows/s" if pipe_s > 0 and computed else "nothing to do"
+    earlier = f", {before} from an earlier run" if before else ""
+    summary = (
+        f"{status}: {final.rows}/{plan.total_rows} rows ({final.ok} ok, {final.error} errors "
+        f"= {100 * error_rate:.2f}%{earlier}) in {_hms(wall)}, {rate}; {final.files} files, "
+        f"{final.bytes / 2**20:.1f} MiB -> {attr_uri}"
+    )
+    if exceeded:
+        summary += f"; error rate above --max-error-rate {cfg.max_error_rate}"
+    if not complete:
+        summary += f"; {manifest['error']}"
+    return JobResult(exit_code, status, manifest, summary, counts)
+
+
+def _pipeline(prep: Prepared, shards: list[dict], res: Resources, attr_uri: str) -> Iterator[dict]:
+    """Build and run the Ray Data pipeline; yield one dict per part file written."""
+    import ray
+
+    from xai_workers.worker import AttributionWorker
+
+    cfg, plan = prep.cfg, prep.plan
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = bool(os.environ.get("XAI_AUDIT_RAY_PROGRESS"))
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+    items = [{"shard": json.dumps(s)} for s in shards]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    pre = prep.model_info["preprocessing"]
+    ds = ds.map_batches(
+        read_and_preprocess,
+        fn_kwargs=dict(
+            preprocessing={k: tuple(v) if isinstance(v, list) else v for k, v in pre.items()},
+            id_column=plan.id_column,
+            image_column=plan.image_column,
+            label_column=plan.label_column,
+            id_type=plan.id_type,
+            label_type=plan.label_type,
+            s3_endpoint=cfg.s3_endpoint,
+        ),
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=res.read_num_cpus,
+    )
+    remote = {}
+    if res.device == "cpu" and res.nodes > 1:
+        remote["scheduling_strategy"] = "SPREAD"
+    ds = ds.map_batches(
+        AttributionWorker,
+        fn_constructor_kwargs=dict(
+            model=cfg.model,
+            weights=cfg.weights,
+            methods=cfg.methods,
+            target=cfg.target,
+            ig_steps=cfg.ig_steps,
+            ig_method=cfg.ig_method,
+            ig_baseline=cfg.ig_baseline,
+            gradcam_layer=cfg.gradcam_layer,
+            score=cfg.score,
+            precision=cfg.precision,
+            batch_size=cfg.batch_size,
+            image_size=cfg.image_size,
+            mean=cfg.mean,
+            std=cfg.std,
+            s3_endpoint=cfg.s3_endpoint,
+            num_threads=res.worker_threads,
+            id_type=plan.id_type,
+            label_type=plan.label_type,
+            seed=cfg.seed,
+        ),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=res.actors),
+        num_cpus=res.actor_num_cpus,
+        num_gpus=res.actor_num_gpus or None,
+        **remote,
+    )
+    ds = ds.map_batches(
+        write_attributions,
+        fn_kwargs=dict(dest=attr_uri, s3_endpoint=cfg.s3_endpoint),
+        batch_size=prep.rows_per_file,
+        batch_format="pyarrow",
+        num_cpus=res.write_num_cpus,
+    )
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        yield from batch.to_pylist()

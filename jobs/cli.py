@@ -1,0 +1,193 @@
+"""``xai-audit``: the command line.
+
+::
+
+    xai-audit run --input URI --output URI --model SPEC [--weights URI] [...]
+    xai-audit layers --model SPEC [--weights URI] [--image-size S]
+    xai-audit demo [--output demo-out]
+
+``run`` flags are listed by ``xai-audit run --help`` and in CONVENTIONS.md; a YAML file given with
+``--config`` takes the same keys (``ig-steps`` or ``ig_steps``) and flags override it.
+
+Exit codes: 0 the job completed (also with row errors; the last line says how many), 1 it failed,
+2 a configuration mistake (reported before any heavy work), 3 it completed but the share of error
+rows is above ``--max-error-rate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from jobs.config import ConfigError, JobConfig, load_yaml, merge
+
+#: (flag, metavar, help) of every ``run`` setting; the YAML keys are the same names.
+RUN_FLAGS = (
+    ("--input", "URI", "Parquet file, folder or s3:// prefix (id/image[/label] columns), "
+                       "or a folder/prefix of image files (id = path)"),
+    ("--output", "URI", "output folder or s3:// prefix: attributions/, manifest.json"),
+    ("--model", "SPEC", "torchvision:<arch> | torchscript:<uri> | <module>:<callable>"),
+    ("--weights", "URI", "state_dict (.pt/.pth/.safetensors, local or s3://) or a "
+                         "torchvision weights name"),
+    ("--methods", "LIST", "comma-separated: saliency,integrated_gradients,gradcam[,cam]"),
+    ("--target", "T", "predicted (default) | label | <class index> | topk:K"),
+    ("--score", "S", "logit (default) or prob"),
+    ("--ig-steps", "N", "Integrated Gradients steps (default 32)"),
+    ("--ig-method", "NAME", "gausslegendre (default) | riemann_left | riemann_right | "
+                            "riemann_middle | riemann_trapezoid"),
+    ("--ig-baseline", "NAME", "black (default) | gray | blur | uniform | zeros"),
+    ("--gradcam-layer", "NAME", "dotted layer name (default: last conv block; see "
+                                "`xai-audit layers`)"),
+    ("--precision", "P", "auto (default: bf16 on GPU where IG completeness holds, else fp32) "
+                         "| fp32 | bf16"),
+    ("--image-size", "S", "input side S (default: the model's, 224)"),
+    ("--mean", "R,G,B", "normalization mean (default ImageNet's)"),
+    ("--std", "R,G,B", "normalization std (default ImageNet's)"),
+    ("--id-column", "NAME", "id column of a Parquet input (default id)"),
+    ("--image-column", "NAME", "encoded-image column (default image)"),
+    ("--label-column", "NAME", "label column (default: 'label' when present)"),
+    ("--batch-size", "B", "images per attribution batch on an actor (default 16)"),
+    ("--actors", "N", "attribution actors (default: one per GPU, else one per node)"),
+    ("--rows-per-file", "N", "rows per output file (default: ~128 MiB per file)"),
+    ("--max-error-rate", "F", "exit 3 when more than this share of rows are errors"),
+    ("--s3-endpoint", "URL", "S3-compatible endpoint (default $AWS_ENDPOINT_URL, else AWS)"),
+    ("--address", "ADDR", "Ray cluster address (default: $RAY_ADDRESS, a running local "
+                          "cluster, else a new local Ray); 'local' forces a new one"),
+    ("--num-cpus", "N", "CPUs of a new local Ray (default: all)"),
+    ("--seed", "N", "seed of the uniform baseline (default 0)"),
+    ("--progress-interval-s", "SEC", "seconds between progress lines (default 5)"),
+)  # fmt: skip
+BOOL_FLAGS = (
+    ("--resume", "finish an interrupted run in --output (rows written are kept)"),
+    ("--overwrite", "replace what xai-audit wrote in --output before"),
+)
+
+
+def _err(msg: str) -> None:
+    print(f"xai-audit: error: {msg}", file=sys.stderr, flush=True)
+
+
+def _add_run_flags(p: argparse.ArgumentParser, *, required_note: bool = True) -> None:
+    p.add_argument("--config", metavar="YAML", default=argparse.SUPPRESS,
+                   help="job file with the same keys as the flags (flags override it)")  # fmt: skip
+    for flag, metavar, help_ in RUN_FLAGS:
+        p.add_argument(flag, metavar=metavar, help=help_, default=argparse.SUPPRESS)
+    for flag, help_ in BOOL_FLAGS:
+        p.add_argument(flag, action="store_true", help=help_, default=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xai-audit",
+        description="Saliency, Integrated Gradients and Grad-CAM over whole datasets on Ray.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    p_run = sub.add_parser("run", help="explain a dataset (Parquet/images, local or S3)")
+    _add_run_flags(p_run)
+    p_layers = sub.add_parser("layers", help="list a model's layers and output shapes")
+    p_layers.add_argument("--model", required=True, metavar="SPEC")
+    p_layers.add_argument("--weights", metavar="URI")
+    p_layers.add_argument("--image-size", type=int, metavar="S")
+    p_layers.add_argument("--s3-endpoint", metavar="URL")
+    p_demo = sub.add_parser(
+        "demo",
+        help="run the whole job on the built-in digits demo (trains its model in seconds)",
+        description="Writes the demo dataset and model to --data-dir (once), then runs the job "
+        "on them into --output (default ./demo-out, replaced on each run unless --resume). "
+        "Any run flag can be added, e.g. --ig-steps 16 or --actors 2.",
+    )
+    _add_run_flags(p_demo)
+    p_demo.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS,
+                        help="where the demo dataset and weights live (default: "
+                        "~/.cache/xai-workers/demo)")  # fmt: skip
+    return parser
+
+
+def config_from_args(ns: argparse.Namespace, base: JobConfig | None = None) -> JobConfig:
+    """JobConfig from parsed ``run`` flags: defaults < ``--config`` YAML < flags."""
+    flags = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "data_dir")}
+    layers = []
+    if getattr(ns, "config", None):
+        layers.append((load_yaml(ns.config, flags.get("s3_endpoint")), ns.config))
+    layers.append((flags, "the command line"))
+    return merge(base or JobConfig(), layers)
+
+
+def _run(cfg: JobConfig) -> int:
+    from jobs.attribute import EXIT_FAILED, run_job
+
+    try:
+        result = run_job(cfg)
+    except ConfigError:
+        raise
+    except KeyboardInterrupt:
+        _err("interrupted; run again with --resume to finish")
+        return 130
+    except Exception as e:  # noqa: BLE001 - report, point at the manifest, exit 1
+        traceback.print_exc()
+        _err(f"the job failed: {type(e).__name__}: {e}".splitlines()[0])
+        _err(f"what was written is kept; `xai-audit run ... --resume` continues ({cfg.output})")
+        return EXIT_FAILED
+    print(result.summary, flush=True)
+    return result.exit_code
+
+
+def _demo_base(ns: argparse.Namespace) -> JobConfig:
+    from xai_workers import demo
+
+    root = getattr(ns, "data_dir", None) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "xai-workers", "demo"
+    )
+    print(f"[xai-audit] demo data and model in {root} (created on first use)", file=sys.stderr)
+    dataset, weights = demo.ensure_demo(root)
+    resume = bool(getattr(ns, "resume", False))
+    return JobConfig(
+        input=dataset,
+        output="demo-out",
+        model=demo.DEMO_MODEL_SPEC,
+        weights=weights,
+        image_size=demo.DEMO_IMAGE_SIZE,
+        mean=tuple(demo.DEMO_MEAN),
+        std=tuple(demo.DEMO_STD),
+        gradcam_layer=getattr(demo, "DEMO_GRADCAM_LAYER", None),
+        overwrite=not resume,
+    )
+
+
+def _layers(ns: argparse.Namespace) -> int:
+    from xai_workers.models import ModelSpecError, describe_layers, load_model
+
+    try:
+        loaded = load_model(
+            ns.model, ns.weights, image_size=ns.image_size, s3_endpoint=ns.s3_endpoint
+        )
+    except ModelSpecError as e:
+        raise ConfigError(f"model: {e}") from None
+    print(describe_layers(loaded))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``xai-audit``; returns the exit code (module docstring)."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        if ns.command == "layers":
+            return _layers(ns)
+        if ns.command == "demo":
+            cfg = config_from_args(ns, _demo_base(ns))
+            if cfg.resume and cfg.overwrite:
+                cfg = cfg.updated({"overwrite": False})
+            return _run(cfg)
+        return _run(config_from_args(ns))
+    except ConfigError as e:
+        _err(str(e))
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

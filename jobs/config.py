@@ -1,0 +1,225 @@
+"""``JobConfig``: every setting of ``xai-audit run``, from flags and/or a YAML file.
+
+The YAML file (``--config job.yaml``) takes the same keys as the flags, with ``-`` or ``_``
+(``ig-steps: 16`` or ``ig_steps: 16``); flags given on the command line override it. Checks that
+need no I/O happen here (:func:`JobConfig.validate`); the ones that do (input exists, model loads,
+layer exists, output writable) happen in ``jobs.attribute.prepare`` before Ray starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+METHODS = ("saliency", "integrated_gradients", "gradcam", "cam")
+DEFAULT_METHODS = ("saliency", "integrated_gradients", "gradcam")
+QUADRATURES = (
+    "riemann_left",
+    "riemann_right",
+    "riemann_middle",
+    "riemann_trapezoid",
+    "gausslegendre",
+)
+BASELINES = ("black", "gray", "zeros", "blur", "uniform")
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, reported before any heavy work with one clear message."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Settings of one attribution job (CONVENTIONS.md, "Command line").
+
+    Results depend on: input and its columns, model/weights, preprocessing (image_size, mean,
+    std), methods, target, score, ig_*, gradcam_layer, precision, seed. A resumed run must use the
+    same values for these (:meth:`result_settings`).
+    """
+
+    input: str | None = None
+    output: str | None = None
+    model: str | None = None
+    weights: str | None = None
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    target: str = "predicted"
+    score: str = "logit"
+    ig_steps: int = 32
+    ig_method: str = "gausslegendre"
+    ig_baseline: str = "black"
+    gradcam_layer: str | None = None
+    precision: str = "auto"
+    image_size: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    id_column: str = "id"
+    image_column: str = "image"
+    label_column: str | None = None
+    batch_size: int = 16
+    actors: int | None = None
+    rows_per_file: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    max_error_rate: float | None = None
+    s3_endpoint: str | None = None
+    address: str | None = None
+    num_cpus: float | None = None
+    seed: int = 0
+    progress_interval_s: float = 5.0
+
+    # ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, where: str = "config") -> JobConfig:
+        """A config from a mapping with flag-like keys (``ig-steps`` or ``ig_steps``)."""
+        return cls().updated(data, where=where)
+
+    def updated(self, data: Mapping[str, Any], *, where: str = "config") -> JobConfig:
+        """A copy with ``data`` (flag-like keys) applied on top; types are coerced."""
+        names = set(self.field_names())
+        changes: dict[str, Any] = {}
+        for key, value in data.items():
+            name = str(key).replace("-", "_")
+            if name == "config":
+                continue
+            if name not in names:
+                close = ", ".join(sorted(names))
+                raise ConfigError(f"unknown setting {key!r} in {where}; known settings: {close}")
+            changes[name] = _coerce(name, value, where)
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every setting (for the manifest)."""
+        out = {}
+        for name in self.field_names():
+            v = getattr(self, name)
+            out[name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings the output's numbers depend on (compared when resuming)."""
+        keys = (
+            "input", "model", "weights", "methods", "target", "score", "ig_steps", "ig_method",
+            "ig_baseline", "gradcam_layer", "precision", "image_size", "mean", "std",
+            "id_column", "image_column", "label_column", "seed",
+        )  # fmt: skip
+        d = self.as_dict()
+        return {k: d[k] for k in keys}
+
+    # ---------------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for any setting that is wrong on its face (no I/O)."""
+        from xai_workers.worker import parse_target
+
+        for name in ("input", "output", "model"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name} is required")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ConfigError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"a method is listed twice: {', '.join(self.methods)}")
+        try:
+            parse_target(self.target)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.score not in ("logit", "prob"):
+            raise ConfigError(f"--score must be logit or prob, got {self.score!r}")
+        if self.ig_steps < 1:
+            raise ConfigError(f"--ig-steps must be >= 1, got {self.ig_steps}")
+        if self.ig_method not in QUADRATURES:
+            raise ConfigError(
+                f"unknown --ig-method {self.ig_method!r}; choose from {', '.join(QUADRATURES)}"
+            )
+        if self.ig_method == "riemann_trapezoid" and self.ig_steps < 2:
+            raise ConfigError("--ig-method riemann_trapezoid needs --ig-steps >= 2")
+        if self.ig_baseline not in BASELINES:
+            raise ConfigError(
+                f"unknown --ig-baseline {self.ig_baseline!r}; choose from {', '.join(BASELINES)}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ConfigError(f"--image-size must be >= 1, got {self.image_size}")
+        if self.std is not None and any(not s > 0 for s in self.std):
+            raise ConfigError(f"--std values must be > 0, got {self.std}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.actors is not None and self.actors < 1:
+            raise ConfigError(f"--actors must be >= 1, got {self.actors}")
+        if self.rows_per_file is not None and self.rows_per_file < 1:
+            raise ConfigError(f"--rows-per-file must be >= 1, got {self.rows_per_file}")
+        if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
+            raise ConfigError(f"--max-error-rate must be in [0, 1], got {self.max_error_rate}")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other")
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """A raw flag/YAML value -> the field's type; ConfigError naming the setting otherwise."""
+    try:
+        if value is None:
+            return None
+        if name == "methods":
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(m).strip() for m in items if str(m).strip())
+        if name in ("mean", "std"):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            vals = tuple(float(v) for v in items)
+            if len(vals) != 3 or not all(math.isfinite(v) for v in vals):
+                raise ValueError("expected three numbers R,G,B")
+            return vals
+        if name in ("ig_steps", "image_size", "batch_size", "actors", "rows_per_file", "seed"):
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError("expected an integer")
+            return int(float(value))
+        if name in ("max_error_rate", "num_cpus", "progress_interval_s"):
+            return float(value)
+        if name in ("resume", "overwrite"):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                    raise ValueError("expected true or false")
+                return value.lower() in ("true", "yes", "1")
+            return bool(value)
+        if name == "target":
+            return str(value)
+        return str(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            f"bad value for {name.replace('_', '-')} in {where}: {value!r} ({e})"
+        ) from None
+
+
+def load_yaml(path: str, s3_endpoint: str | None = None) -> dict[str, Any]:
+    """Read a job YAML file (local or s3://) into a dict; ConfigError if it is not a mapping."""
+    import yaml
+
+    from xai_workers.storage import read_bytes
+
+    try:
+        data = yaml.safe_load(read_bytes(path, s3_endpoint).decode("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    return dict(data)
+
+
+def merge(base: JobConfig, layers: Sequence[tuple[Mapping[str, Any], str]]) -> JobConfig:
+    """``base`` with each (mapping, where) applied in order: later ones win."""
+    cfg = base
+    for data, where in layers:
+        cfg = cfg.updated(data, where=where)
+    return cfg

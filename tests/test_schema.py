@@ -1,0 +1,208 @@
+"""The output schema: canonical tensor columns, null error rows, readable without Ray."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from xai_workers import schema as S
+
+STATS = ("saliency_gini", "gradcam_border_frac", "agree_saliency_gradcam")
+
+
+def _layout(**kw):
+    base = dict(
+        methods=("saliency", "integrated_gradients", "gradcam"),
+        image_shape=(3, 6, 5),
+        stat_names=STATS,
+        label_type=pa.int64(),
+    )
+    base.update(kw)
+    return S.OutputLayout(**base)
+
+
+def _values(n, layout, rng):
+    c, h, w = layout.image_shape
+    k = (layout.topk,) if layout.topk else ()
+    v = {
+        "target": rng.integers(0, 10, (n, *k)),
+        "pred_class": rng.integers(0, 10, n),
+        "pred_prob": rng.random(n, dtype=np.float32),
+        "topk_classes": rng.integers(0, 10, (n, 5)),
+        "topk_probs": rng.random((n, 5), dtype=np.float32),
+        "score": rng.random((n, *k), dtype=np.float32),
+        "baseline_score": rng.random((n, *k), dtype=np.float32),
+        "ig_delta": rng.random((n, *k), dtype=np.float32),
+        "saliency": rng.random((n, *k, h, w), dtype=np.float32),
+        "integrated_gradients": rng.standard_normal((n, *k, c, h, w)).astype(np.float32),
+        "gradcam": rng.random((n, *k, h, w), dtype=np.float32),
+    }
+    for s in layout.stat_names:
+        v[s] = rng.random((n, *k), dtype=np.float32)
+    return v
+
+
+def test_schema_columns_and_types():
+    layout = _layout()
+    s = S.output_schema(layout)
+    assert s.names[:4] == ["id", "label", "status", "error"]
+    assert s.names[-2:] == ["source", "source_row"]
+    for name in STATS:
+        assert s.field(name).type == pa.float32()
+    assert s.field("saliency").type == pa.fixed_shape_tensor(pa.float32(), [6, 5])
+    assert s.field("integrated_gradients").type == pa.fixed_shape_tensor(pa.float32(), [3, 6, 5])
+    assert s.field("gradcam").type.extension_name == "arrow.fixed_shape_tensor"
+    assert s.field("topk_classes").type == pa.list_(pa.int64(), 5)
+    assert s.field("target").type == pa.int64()
+    assert not s.field("status").nullable and not s.field("source_row").nullable
+    assert "cam" not in s.names
+    # without IG: no IG scalars, no IG map
+    s2 = S.output_schema(_layout(methods=("saliency",), stat_names=()))
+    assert "integrated_gradients" not in s2.names and "ig_delta" not in s2.names
+    assert "label" not in S.output_schema(_layout(label_type=None)).names
+
+
+def test_topk_layout_adds_k_axis():
+    s = S.output_schema(_layout(topk=3))
+    assert s.field("target").type == pa.list_(pa.int64(), 3)
+    assert s.field("saliency").type == pa.fixed_shape_tensor(pa.float32(), [3, 6, 5])
+    assert s.field("integrated_gradients").type.shape == [3, 3, 6, 5]
+    assert s.field("saliency_gini").type == pa.list_(pa.float32(), 3)
+    assert s.field("pred_class").type == pa.int64()  # prediction has no K axis
+
+
+@pytest.mark.parametrize("topk", [None, 2])
+def test_build_table_roundtrip_and_null_error_rows(tmp_path, topk):
+    rng = np.random.default_rng(0)
+    layout = _layout(topk=topk)
+    schema = S.output_schema(layout)
+    n = 5
+    vals = _values(n, layout, rng)
+    errors = [None, "cannot decode image: truncated", None, None, "label is null"]
+    t = S.build_table(
+        schema,
+        ids=[f"r{i}" for i in range(n)],
+        labels=[1, 2, None, 4, None],
+        sources=["a.parquet"] * n,
+        source_rows=range(n),
+        errors=errors,
+        values=vals,
+    )
+    assert t.schema.equals(schema, check_metadata=False)
+    assert t.column("status").to_pylist() == ["ok", "error", "ok", "ok", "error"]
+    path = tmp_path / "t.parquet"
+    pq.write_table(t, path)
+    back = pq.read_table(path)
+    assert back.schema.field("saliency").type == schema.field("saliency").type
+    for name in ("saliency", "integrated_gradients", "gradcam"):
+        arr = S.tensor_to_numpy(back[name])
+        assert arr.shape == (n, *layout.map_shape(name))
+        ok = np.array([e is None for e in errors])
+        np.testing.assert_array_equal(arr[ok], vals[name][ok])
+        assert np.isnan(arr[~ok]).all()
+        assert back[name].null_count == 2
+    for name in ("target", "score", "pred_class", "topk_probs", *STATS):
+        col = back[name].to_pylist()
+        assert col[1] is None and col[4] is None and col[0] is not None
+    np.testing.assert_allclose(
+        np.asarray(back["score"].to_pylist()[0]), vals["score"][0], rtol=0, atol=0
+    )
+    assert back["error"].to_pylist()[0] is None
+    assert back["label"].to_pylist() == [1, 2, None, 4, None]  # passed through as given
+    # canonical type: pyarrow gives the tensor back with its shape, without any Ray type
+    chunk = back["saliency"].combine_chunks().slice(0, 1)
+    assert chunk.to_numpy_ndarray().shape == (1, *layout.map_shape("saliency"))
+
+
+def test_all_error_table_and_conform():
+    schema = S.output_schema(_layout())
+    t = S.error_table(
+        schema,
+        ids=["x"],
+        labels=[None],
+        sources=["f"],
+        source_rows=[0],
+        errors=["image is null"],
+    )
+    assert t.num_rows == 1 and t.column("saliency").null_count == 1
+    assert S.conform(t, schema).schema.equals(schema)
+    with pytest.raises(ValueError, match="missing"):
+        S.conform(t.drop_columns(["gradcam"]), schema)
+
+
+def test_tensor_array_rejects_wrong_sizes():
+    with pytest.raises(ValueError):
+        S.tensor_array(np.zeros((2, 3), np.float32), shape=(2, 2))
+    a = S.tensor_array(np.ones((2, 2, 2)), valid=np.array([True, False]))
+    assert a.null_count == 1 and a.type.shape == [2, 2]
+
+
+READER = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np, pyarrow.parquet as pq, pandas as pd, duckdb
+    path = sys.argv[1]
+    t = pq.read_table(path)
+    typ = t.schema.field("saliency").type
+    ig = t.column("integrated_gradients").combine_chunks()
+    ok = ig.filter(ig.is_valid())
+    out = {
+        "ext": typ.extension_name,
+        "shape": list(typ.shape),
+        "ig_shape": list(ok.to_numpy_ndarray().shape),
+        "pandas_rows": len(pd.read_parquet(path)),
+        "pandas_len": len(pd.read_parquet(path)["saliency"].dropna().iloc[0]),
+    }
+    con = duckdb.connect()
+    out["duck"] = con.execute(
+        f"SELECT count(*), count(saliency), max(len(saliency)), "
+        f"any_value(typeof(saliency)) FROM read_parquet('{path}')"
+    ).fetchone()
+    out["duck_first"] = con.execute(
+        f"SELECT saliency[1] FROM read_parquet('{path}') WHERE status = 'ok' ORDER BY id LIMIT 1"
+    ).fetchone()[0]
+    out["ray_imported"] = any(m == "ray" or m.startswith("ray.") for m in sys.modules)
+    print(json.dumps(out, default=str))
+    """
+)
+
+
+def read_without_ray(path) -> dict:
+    """Read an output with pyarrow, pandas and DuckDB in a fresh process that never imports Ray."""
+    r = subprocess.run(
+        [sys.executable, "-c", READER, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_readable_by_pyarrow_pandas_duckdb_without_ray(tmp_path):
+    rng = np.random.default_rng(1)
+    layout = _layout()
+    schema = S.output_schema(layout)
+    vals = _values(4, layout, rng)
+    t = S.build_table(
+        schema,
+        ids=["a", "b", "c", "d"],
+        labels=[0, 1, 2, 3],
+        sources=["s"] * 4,
+        source_rows=range(4),
+        errors=[None, None, "bad", None],
+        values=vals,
+    )
+    pq.write_table(t, tmp_path / "part-0.parquet")
+    got = read_without_ray(tmp_path / "part-0.parquet")
+    assert got["ext"] == "arrow.fixed_shape_tensor"
+    assert got["shape"] == [6, 5] and got["ig_shape"] == [3, 3, 6, 5]
+    assert got["pandas_rows"] == 4 and got["pandas_len"] == 30
+    assert got["duck"][:3] == [4, 3, 30]
+    assert got["duck"][3].startswith("FLOAT[")  # a float array (list) per row
+    assert got["duck_first"] == pytest.approx(float(vals["saliency"][0, 0, 0]))
+    assert got["ray_imported"] is False
