@@ -36,7 +36,8 @@ TOPK_REPORTED = 5
 # Relative IG completeness error above which a row computed in bf16 is recomputed in fp32.
 BF16_MAX_REL_DELTA = 0.05
 
-_PREPARED: weakref.WeakSet = weakref.WeakSet()
+# prepared model -> names of the convolutions that had a BatchNorm folded into them
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,24 +45,26 @@ _PREPARED: weakref.WeakSet = weakref.WeakSet()
 # --------------------------------------------------------------------------------------------
 
 
-def fold_batchnorm(model: nn.Module) -> int:
+def fold_batchnorm(model: nn.Module, keep: Sequence[str] = ()) -> list[str]:
     """Fold every eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` into that conv.
 
     Works in place on ``model`` (pass a copy); the BatchNorm module is replaced by ``nn.Identity``
-    under the same name, so dotted layer names stay valid. A pair is folded only when torch.fx
-    shows the convolution's output feeds nothing but the BatchNorm and both modules run exactly
-    once; a model that torch.fx cannot trace is left as it is. Returns the number of folds.
+    under the same name, so dotted layer names stay valid, and the BatchNorm's output is what the
+    conv now outputs. A pair is folded only when torch.fx shows the convolution's output feeds
+    nothing but the BatchNorm and both modules run exactly once; convolutions named in ``keep``
+    (a Grad-CAM layer must output the conv's own activations) and models that torch.fx cannot
+    trace are left as they are. Returns the names of the folded convolutions.
     """
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception:  # noqa: BLE001 - untraceable models simply keep their BatchNorms
-        return 0
+        return []
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    folded = 0
+    folded = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
             continue
@@ -71,6 +74,7 @@ def fold_batchnorm(model: nn.Module) -> int:
         conv, bn = modules.get(prev.target), modules[node.target]
         if (
             not isinstance(conv, nn.Conv2d)
+            or prev.target in keep
             or len(prev.users) != 1
             or calls[prev.target] != 1
             or calls[node.target] != 1
@@ -85,8 +89,63 @@ def fold_batchnorm(model: nn.Module) -> int:
         conv.weight, conv.bias = w, b
         parent_name, _, child = node.target.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
-        folded += 1
+        folded.append(prev.target)
     return folded
+
+
+class SpaceToDepthConv(nn.Module):
+    """A stride-2 convolution with few input channels, run as a stride-1 convolution on the
+    input's 2x2 space-to-depth rearrangement (``pixel_unshuffle``).
+
+    The sums are those of the original convolution plus products with zero weights, so the output
+    is the same up to float32 summation order; the input gradient, which the engine needs at
+    every path point, is a stride-1 transposed convolution with 4x the channels, which oneDNN runs
+    much faster than the strided 3-channel one (ResNet's 7x7 stem: see docs/benchmarks.md).
+    Input (N, C, H, W) -> output (N, O, Ho, Wo) exactly as ``conv`` gives.
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        kh, kw = conv.kernel_size
+        self.kernel = (kh, kw)
+        self.padding = conv.padding
+        khe, kwe = kh + kh % 2, kw + kw % 2
+        w = F.pad(conv.weight.detach(), (0, kwe - kw, 0, khe - kh))
+        self.weight = nn.Parameter(F.pixel_unshuffle(w, 2), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), False)
+
+    @staticmethod
+    def applies_to(m: nn.Module) -> bool:
+        return (
+            type(m) is nn.Conv2d
+            and m.stride == (2, 2)
+            and m.dilation == (1, 1)
+            and m.groups == 1
+            and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str)
+            and m.in_channels <= 4
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (kh, kw), (ph, pw) = self.kernel, self.padding
+        h, w = x.shape[-2:]
+        ho, wo = (h + 2 * ph - kh) // 2 + 1, (w + 2 * pw - kw) // 2 + 1
+        khe, kwe = self.weight.shape[-2] * 2, self.weight.shape[-1] * 2
+        # rows 2i .. 2i + khe - 1 feed output row i: pad (or crop) the bottom/right to fit
+        bottom, right = 2 * (ho - 1) + khe - (h + ph), 2 * (wo - 1) + kwe - (w + pw)
+        xs = F.pixel_unshuffle(F.pad(x, (pw, right, ph, bottom)), 2)
+        return F.conv2d(xs, self.weight, self.bias)
+
+
+def space_to_depth_stems(model: nn.Module) -> int:
+    """Replace (in place) every stride-2 ``Conv2d`` with at most 4 input channels by a
+    ``SpaceToDepthConv`` under the same name. Returns the number replaced."""
+    targets = [n for n, m in model.named_modules() if SpaceToDepthConv.applies_to(m)]
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, SpaceToDepthConv(getattr(parent, child)))
+    return len(targets)
 
 
 def prepare_model(
@@ -95,12 +154,14 @@ def prepare_model(
     *,
     fold_bn: bool = True,
     channels_last: bool = True,
+    space_to_depth: bool = True,
+    gradcam_layer: str | None = None,
 ) -> nn.Module:
     """A frozen copy of ``model`` in its fastest exact form, for ``attribute``.
 
     The copy is in eval mode, its parameters have ``requires_grad=False``, eval-mode BatchNorm is
-    folded into the preceding convolutions (``fold_batchnorm``) and its 4-D weights are
-    channels_last; it lives on ``device`` (default: where ``model`` is). The caller's model is not
+    folded into the preceding convolutions (``fold_batchnorm``), strided stem convolutions run
+    as space-to-depth convolutions (``SpaceToDepthConv``) and its 4-D weights are channels_last; it lives on ``device`` (default: where ``model`` is). The caller's model is not
     touched. A model that is already prepared is returned as it is (moved to ``device``).
     """
     if model in _PREPARED:
@@ -109,13 +170,14 @@ def prepare_model(
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    if fold_bn:
-        fold_batchnorm(net)
+    folded = fold_batchnorm(net, keep=(gradcam_layer,) if gradcam_layer else ()) if fold_bn else []
+    if space_to_depth:
+        space_to_depth_stems(net)
     if device is not None:
         net.to(device)
     if channels_last:
         net.to(memory_format=torch.channels_last)
-    _PREPARED.add(net)
+    _PREPARED[net] = frozenset(folded)
     return net
 
 
@@ -307,9 +369,16 @@ def attribute(
             ) from None
         if baseline.dim() < 4:
             baseline = baseline.expand(x.shape) if baseline.dim() == 0 else baseline[None]
-    net = prepare_model(model, device=x.device)
-    if gradcam_layer is None and ("gradcam" in methods or "cam" in methods):
-        gradcam_layer = default_gradcam_layer(net, x[:1])
+    net = prepare_model(model, device=x.device, gradcam_layer=gradcam_layer)
+    if "gradcam" in methods or "cam" in methods:
+        if gradcam_layer is None:
+            gradcam_layer = default_gradcam_layer(net, x[:1])
+        if gradcam_layer in _PREPARED[net]:
+            raise ValueError(
+                f"layer {gradcam_layer!r} had its BatchNorm folded in by prepare_model, so its "
+                f"output is no longer the conv's own: prepare the model with "
+                f"prepare_model(model, gradcam_layer={gradcam_layer!r})"
+            )
     kwargs = dict(
         target=target,
         methods=methods,
