@@ -161,8 +161,11 @@ def prepare_model(
 
     The copy is in eval mode, its parameters have ``requires_grad=False``, eval-mode BatchNorm is
     folded into the preceding convolutions (``fold_batchnorm``), strided stem convolutions run
-    as space-to-depth convolutions (``SpaceToDepthConv``) and its 4-D weights are channels_last; it lives on ``device`` (default: where ``model`` is). The caller's model is not
-    touched. A model that is already prepared is returned as it is (moved to ``device``).
+    as space-to-depth convolutions (``SpaceToDepthConv``) and its 4-D weights are channels_last;
+    it lives on ``device`` (default: where ``model`` is). A convolution named as
+    ``gradcam_layer`` keeps its BatchNorm apart, so its activations stay the conv's own. The
+    caller's model is not touched. A model that is already prepared is returned as it is (moved
+    to ``device``).
     """
     if model in _PREPARED:
         return model if device is None else model.to(device)
@@ -253,9 +256,14 @@ def _parse_target(target, n: int, device) -> tuple[str, object]:
     return "given", t.reshape(n, 1).clone()
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """float32 for low-precision (autocast) tensors; float64 stays float64."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def _scores(out: torch.Tensor, score: str) -> torch.Tensor:
     """(R, classes) logits -> the score per class: logits or softmax probabilities."""
-    out = out.float()
+    out = _wide(out)
     return out if score == "logit" else torch.softmax(out, dim=1)
 
 
@@ -281,8 +289,8 @@ def _default_budget_mb(device: torch.device) -> float:
 
 def _gradcam_map(act: torch.Tensor, grad: torch.Tensor, size) -> torch.Tensor:
     """Grad-CAM: ReLU(sum_k mean_hw(G_k) A_k), upsampled bilinearly to ``size``. (R, H, W)."""
-    weights = grad.float().mean(dim=(2, 3), keepdim=True)
-    cam = torch.relu((weights * act.float()).sum(dim=1, keepdim=True))
+    weights = _wide(grad).mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * _wide(act)).sum(dim=1, keepdim=True))
     return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
@@ -316,7 +324,8 @@ def attribute(
             found (no hooks, same requires_grad flags, same mode): the work runs on
             ``prepare_model(model)``, a frozen copy; pass a prepared model to skip the copy.
         x: (N, C, H, W) float32 in input space (preprocessed and normalized), on the device the
-            work should run on.
+            work should run on. float64 (with a float64 model) is kept as it is: an exact mode
+            for checks against other implementations.
         target: None (the predicted class, argmax of the logits at x), an int for every image,
             a sequence/LongTensor (N,) with one class per image, or ``"topk:K"`` (the K best
             classes of each image: every per-target output gains an axis of size K after N).
@@ -357,15 +366,15 @@ def attribute(
     if precision not in ("fp32", "bf16", "auto"):
         raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {precision!r}")
     alphas, weights = path_points(ig_steps, ig_method)
-    x = x.detach().float()
+    x = x.detach()
+    x = x if x.dtype == torch.float64 else x.float()  # float64 stays: an exact oracle mode
     if baseline is not None:
         baseline = torch.as_tensor(baseline, dtype=x.dtype, device=x.device).detach()
         try:
             torch.broadcast_shapes(baseline.shape, x.shape)
         except RuntimeError:
             raise ValueError(
-                f"baseline of shape {tuple(baseline.shape)} does not broadcast to "
-                f"{tuple(x.shape)}"
+                f"baseline of shape {tuple(baseline.shape)} does not broadcast to {tuple(x.shape)}"
             ) from None
         if baseline.dim() < 4:
             baseline = baseline.expand(x.shape) if baseline.dim() == 0 else baseline[None]
@@ -454,9 +463,13 @@ def _run(
     with hooks_removed_after() as handles:
         if want_cam:
             _, fc = _last_linear(net)
-            handles.append(fc.register_forward_hook(lambda m, i, o: fc_in.setdefault("x", i[0])))
+
+            def keep_head_input(m, inputs, output):  # returns None: the output is left alone
+                fc_in["x"] = inputs[0]
+
+            handles.append(fc.register_forward_hook(keep_head_input))
         layer_ctx = capture_activation(net, layer) if (want_gc or want_cam) else None
-        with (layer_ctx or _nullctx()) as store, saving, autocast:
+        with layer_ctx or _nullctx() as store, saving, autocast:
             # with IG the graph is kept even without a backward here: it measures the memory
             # autograd saves per row, which sizes the sweep's chunks
             xin = x.clone().requires_grad_(grad_at_x or want_ig)
@@ -465,7 +478,7 @@ def _run(
             if logits.dim() != 2:
                 raise ValueError(f"model output must be (N, classes), got {tuple(logits.shape)}")
     per_row_bytes = max(counter["bytes"] / n, 1.0)
-    probs = torch.softmax(logits.detach().float(), dim=1)
+    probs = torch.softmax(_wide(logits.detach()), dim=1)
     k5 = min(TOPK_REPORTED, probs.shape[1])
     topk_probs, topk_classes = probs.topk(k5, dim=1)
     result["pred_class"], result["pred_prob"] = topk_classes[:, 0].clone(), topk_probs[:, 0]
@@ -474,8 +487,10 @@ def _run(
         targets = topk_classes[:, :1].clone()
     elif mode == "topk":
         if given > probs.shape[1]:
-            raise ValueError(f"topk:{given} asks for more classes than the model's {probs.shape[1]}")
-        targets = logits.detach().float().topk(given, dim=1).indices
+            raise ValueError(
+                f"topk:{given} asks for more classes than the {probs.shape[1]} there are"
+            )
+        targets = _wide(logits.detach()).topk(given, dim=1).indices
     else:
         targets = given
         if targets.min() < 0 or targets.max() >= probs.shape[1]:
@@ -484,7 +499,7 @@ def _run(
     result["target"] = targets
     s_all = _scores(logits, score)
     s_x = s_all.gather(1, targets)  # (N, K)
-    result["score"] = s_x.detach().float()
+    result["score"] = _wide(s_x.detach())
 
     sal, gc, g_x, cam = [], [], [], []
     act = store["act"] if store is not None else None
@@ -492,7 +507,7 @@ def _run(
         if grad_at_x:
             inputs = [xin] + ([act] if want_gc else [])
             grads = torch.autograd.grad(s_x[:, j].sum(), inputs, retain_graph=j < kk - 1)
-            gx = grads[0].float()
+            gx = _wide(grads[0])
             if has_one:
                 g_x.append(gx)
             if want_sal:
@@ -501,14 +516,16 @@ def _run(
             if want_gc:
                 gc.append(_gradcam_map(act.detach(), grads[1], size))
         if want_cam:
-            a = act.detach().float()
-            if not torch.allclose(a.mean(dim=(2, 3)), fc_in["x"].detach().float().reshape(n, -1),
-                                  rtol=1e-3, atol=1e-4):
+            a = _wide(act.detach())
+            pooled, head_in = a.mean(dim=(2, 3)), _wide(fc_in["x"].detach())
+            if head_in.shape != pooled.shape or not torch.allclose(
+                pooled, head_in, rtol=1e-3, atol=1e-4
+            ):
                 raise ValueError(
                     f"CAM needs the head to be global average pooling of {layer!r} followed by "
                     "one Linear layer; use gradcam for this model"
                 )
-            w = _last_linear(net)[1].weight.float()[targets[:, j]]  # (N, K_channels)
+            w = _wide(_last_linear(net)[1].weight)[targets[:, j]]  # (N, K_channels)
             m = (w[:, :, None, None] * a).sum(dim=1, keepdim=True)
             cam.append(F.interpolate(m, size=size, mode="bilinear", align_corners=False)[:, 0])
     del logits, s_all, act, store
@@ -523,12 +540,24 @@ def _run(
     # ---- 2. the IG sweep over path points of all (image, target) pairs
     if want_ig:
         result.update(
-            _ig_sweep(net, x, targets, alphas, weights, baseline, score, g_x, has_one, has_zero,
-                      budget_mb, per_row_bytes, autocast)
+            _ig_sweep(
+                net,
+                x,
+                targets,
+                alphas,
+                weights,
+                baseline,
+                score,
+                g_x,
+                has_one,
+                has_zero,
+                budget_mb,
+                per_row_bytes,
+                autocast,
+            )
         )
-        result["ig_delta"] = (
-            result["integrated_gradients"].sum(dim=(-3, -2, -1))
-            - (result["score"] - result["baseline_score"])
+        result["ig_delta"] = result["integrated_gradients"].sum(dim=(-3, -2, -1)) - (
+            result["score"] - result["baseline_score"]
         )
         if mode != "topk":
             for key in ("integrated_gradients", "baseline_score", "ig_delta"):
@@ -546,8 +575,21 @@ class _nullctx:
         return False
 
 
-def _ig_sweep(net, x, targets, alphas, weights, baseline, score, g_x, has_one, has_zero,
-              budget_mb, per_row_bytes, autocast) -> dict[str, torch.Tensor]:
+def _ig_sweep(
+    net,
+    x,
+    targets,
+    alphas,
+    weights,
+    baseline,
+    score,
+    g_x,
+    has_one,
+    has_zero,
+    budget_mb,
+    per_row_bytes,
+    autocast,
+) -> dict[str, torch.Tensor]:
     """IG for every (image, target) pair; returns integrated_gradients (N, K, C, H, W) and
     baseline_score (N, K)."""
     n, kk = targets.shape
@@ -555,24 +597,24 @@ def _ig_sweep(net, x, targets, alphas, weights, baseline, score, g_x, has_one, h
     base = baseline if baseline is not None else torch.zeros_like(x[:1])
     base = base.contiguous(memory_format=torch.channels_last)
     diff = x - base  # (N, C, H, W)
-    a = torch.as_tensor(alphas, dtype=torch.float32, device=device)
-    w = torch.as_tensor(weights, dtype=torch.float32, device=device)
+    a = torch.as_tensor(alphas, dtype=x.dtype, device=device)
+    w = torch.as_tensor(weights, dtype=x.dtype, device=device)
     sweep = torch.arange(len(alphas) - (1 if has_one else 0), device=device)
     pairs = n * kk
-    acc = torch.zeros((pairs, *x.shape[1:]), dtype=torch.float32, device=device)
+    acc = torch.zeros((pairs, *x.shape[1:]), dtype=x.dtype, device=device)
     acc = acc.contiguous(memory_format=torch.channels_last)
     if has_one:  # a = 1 is the pass at x: reuse its gradient
         acc += w[-1] * torch.stack(g_x, dim=1).reshape(acc.shape)
-    base_score = torch.empty(pairs, dtype=torch.float32, device=device)
+    base_score = torch.empty(pairs, dtype=x.dtype, device=device)
     tflat = targets.reshape(-1)  # pair p = image p // K, target tflat[p]
     if not has_zero:  # F(x') needs its own forward pass, without gradients
         with torch.no_grad(), autocast:
             if base.shape[0] == 1:
                 s = _scores(net(base), score)[0]  # one baseline for all images
-                base_score = s[tflat].float()
+                base_score = s[tflat]
             else:
                 s = _scores(net(base), score)
-                base_score = s.gather(1, targets).reshape(-1).float()
+                base_score = s.gather(1, targets).reshape(-1)
     rows = pairs * len(sweep)
     if rows:
         budget = (budget_mb or _default_budget_mb(device)) * 2**20
@@ -589,9 +631,9 @@ def _ig_sweep(net, x, targets, alphas, weights, baseline, score, g_x, has_one, h
             with autocast:
                 s = _scores(net(inp), score).gather(1, tflat[pair][:, None])[:, 0]
             (g,) = torch.autograd.grad(s.sum(), inp)
-            acc.index_add_(0, pair, g.float() * w[step].view(-1, 1, 1, 1))
+            acc.index_add_(0, pair, _wide(g) * w[step].view(-1, 1, 1, 1))
             if has_zero:
                 first = step == 0
-                base_score[pair[first]] = s.detach().float()[first]
+                base_score[pair[first]] = s.detach()[first]
     ig = (acc.reshape(n, kk, *x.shape[1:]) * diff[:, None]).contiguous()
     return {"integrated_gradients": ig, "baseline_score": base_score.view(n, kk)}

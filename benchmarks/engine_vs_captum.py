@@ -1,0 +1,164 @@
+"""The fused engine against Captum's three calls, side by side in one run.
+
+For each model (ResNet-18 and ResNet-50 at 224 px, random weights, eval mode) and a batch of 4
+images, IG with 32 Gauss-Legendre steps, it times:
+
+- ours: ``xai_workers.attribute`` (saliency + IG + Grad-CAM, predicted target) on a model prepared
+  once (``prepare_model``, as the batch job does per actor), NCHW contiguous input;
+- captum: on an untouched copy of the same model, the predicted target (one forward), then
+  ``Saliency``, ``IntegratedGradients`` (internal_batch_size = the whole batch x steps,
+  return_convergence_delta) and ``LayerGradCam`` + bilinear upsampling; once with contiguous NCHW
+  inputs (what a DataLoader delivers) and once with channels_last inputs.
+
+Runs alternate (ours, captum NCHW, captum channels_last) after one warm-up round; the figures are
+medians. It also counts the FLOPs of our call (torch.utils.flop_counter: convolutions and matrix
+multiplies, forward and input-backward) and compares the achieved FLOP/s with a fp32 matrix
+multiply measured in the same run. Run it on a quiet machine:
+
+    python benchmarks/engine_vs_captum.py [--models resnet18,resnet50] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from captum.attr import IntegratedGradients, LayerGradCam, Saliency
+from torch.utils.flop_counter import FlopCounterMode
+
+from xai_workers import attribute, prepare_model
+
+STEPS, METHOD, BATCH, SIZE = 32, "gausslegendre", 4, 224
+
+
+def captum_three(model, x, layer):
+    """Captum's three calls with the predicted target; returns the maps."""
+    with torch.no_grad():
+        target = model(x).argmax(dim=1)
+    sal = Saliency(model).attribute(x, target=target, abs=True).amax(dim=1)
+    ig, delta = IntegratedGradients(model).attribute(
+        x,
+        baselines=torch.zeros_like(x),
+        target=target,
+        n_steps=STEPS,
+        method=METHOD,
+        internal_batch_size=x.shape[0] * STEPS,
+        return_convergence_delta=True,
+    )
+    gc = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True)
+    gc = F.interpolate(gc, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return {"saliency": sal, "integrated_gradients": ig, "gradcam": gc, "ig_delta": delta}
+
+
+def matmul_rate(n=4096, reps=3) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(reps))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench_model(arch: str, rounds: int) -> dict:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)().eval()
+    reference = copy.deepcopy(model)  # untouched copy for Captum
+    layer = reference.layer4
+    x = torch.randn(BATCH, 3, SIZE, SIZE)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    t_prep = _timed(lambda: prepare_model(model))
+    net = prepare_model(model)
+
+    ours = attribute(net, x, ig_steps=STEPS, ig_method=METHOD)
+    ref = captum_three(reference, x, layer)
+    err = {
+        k: ((ours[k] - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-12)).item()
+        for k in ("saliency", "integrated_gradients", "gradcam")
+    }
+    # FLOPs of one path point (forward + input backward) and of a forward alone, counted on one
+    # image; our call makes BATCH * (STEPS + 1) path points and one forward (the baseline).
+    with FlopCounterMode(display=False) as fc1:
+        with torch.no_grad():
+            net(x[:1])
+    fwd_flops = fc1.get_total_flops()
+    xi = x[:1].clone().requires_grad_(True)
+    with FlopCounterMode(display=False) as fc2:
+        net(xi)[0, 0].backward()
+    point_flops = fc2.get_total_flops()
+    flops = BATCH * (STEPS + 1) * point_flops + fwd_flops
+
+    times = {"ours": [], "captum_nchw": [], "captum_cl": []}
+    rates = []
+    for r in range(rounds + 1):
+        t_ours = _timed(lambda: attribute(net, x, ig_steps=STEPS, ig_method=METHOD))
+        t_nchw = _timed(lambda: captum_three(reference, x, layer))
+        t_cl = _timed(lambda: captum_three(reference, x_cl, layer))
+        rates.append(matmul_rate())
+        if r == 0:
+            continue  # warm-up round
+        times["ours"].append(t_ours)
+        times["captum_nchw"].append(t_nchw)
+        times["captum_cl"].append(t_cl)
+        print(
+            f"  {arch} round {r}: ours {t_ours / BATCH:.3f} s/img, captum NCHW "
+            f"{t_nchw / BATCH:.3f}, captum channels_last {t_cl / BATCH:.3f}",
+            flush=True,
+        )
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratios_nchw = [c / o for c, o in zip(times["captum_nchw"], times["ours"], strict=True)]
+    ratios_cl = [c / o for c, o in zip(times["captum_cl"], times["ours"], strict=True)]
+    mm = statistics.median(rates)
+    return {
+        "arch": arch,
+        "per_image": {k: v / BATCH for k, v in med.items()},
+        "ratio_nchw": statistics.median(ratios_nchw),
+        "ratio_cl": statistics.median(ratios_cl),
+        "flops": flops,
+        "fwd_flops": fwd_flops,
+        "point_flops": point_flops,
+        "achieved": flops / med["ours"],
+        "matmul": mm,
+        "prepare_s": t_prep,
+        "max_rel_err": err,
+    }
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="resnet18,resnet50")
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args(argv)
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; batch {BATCH} x {SIZE}px, IG {STEPS} {METHOD} steps"
+    )
+    for arch in args.models.split(","):
+        r = bench_model(arch, args.rounds)
+        pi = r["per_image"]
+        print(
+            f"{arch}: per image ours {pi['ours']:.3f} s | captum NCHW {pi['captum_nchw']:.3f} s "
+            f"| captum channels_last {pi['captum_cl']:.3f} s\n"
+            f"  speed-up vs captum NCHW {r['ratio_nchw']:.2f}x, vs captum channels_last "
+            f"{r['ratio_cl']:.2f}x (median of per-round ratios)\n"
+            f"  our call: {r['flops'] / 1e9:.1f} GFLOP (a path point {r['point_flops'] / 1e9:.2f}"
+            f" GFLOP = {r['point_flops'] / r['fwd_flops']:.2f} x a forward) at "
+            f"{r['achieved'] / 1e9:.1f} GFLOP/s = {100 * r['achieved'] / r['matmul']:.0f}% of "
+            f"fp32 matmul ({r['matmul'] / 1e9:.1f} GFLOP/s, 4096^2, same run)\n"
+            f"  prepare_model once: {r['prepare_s']:.2f} s; max |ours - captum| / max |captum|: "
+            + ", ".join(f"{k} {v:.1e}" for k, v in r["max_rel_err"].items()),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
