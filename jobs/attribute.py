@@ -377,21 +377,32 @@ class Progress:
     def __init__(self, total: int, before: int, log, interval: float = 5.0):
         self.total, self.before, self.log, self.interval = total, before, log, interval
         self.t0 = time.monotonic()
+        self.first: tuple[float, int] | None = None
         self.last = 0.0
         self.rows = self.errors = self.files = self.bytes = 0
 
+    def start(self) -> None:
+        """Start the clock (after Ray is up)."""
+        self.t0 = time.monotonic()
+
     def add(self, rows: int, errors: int, nbytes: int) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = (now, rows)
         self.rows += rows
         self.errors += errors
         self.files += 1
         self.bytes += nbytes
-        now = time.monotonic()
         if now - self.last >= self.interval or self.rows >= self.total:
             self.last = now
             self.log(self.line())
 
     def rate(self) -> float:
-        dt = time.monotonic() - self.t0
+        """Rows/s: since the first part once there are a few (leaves out actor start-up)."""
+        now = time.monotonic()
+        if self.first is not None and self.files >= 3 and now > self.first[0]:
+            return (self.rows - self.first[1]) / (now - self.first[0])
+        dt = now - self.t0
         return self.rows / dt if dt > 0 else 0.0
 
     def line(self) -> str:
@@ -474,6 +485,7 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> JobRes
                 f"{resources.actors} {resources.device} actor(s); {prep.rows_per_file} rows per "
                 f"file -> {attr_uri}"
             )
+            progress.start()
             for row in _pipeline(prep, shards, resources, attr_uri):
                 progress.add(row["rows"], row["error"], row["bytes"])
         t_pipe_end = time.monotonic()
@@ -572,8 +584,19 @@ def _pipeline(prep: Prepared, shards: list[dict], res: Resources, attr_uri: str)
     ctx.enable_progress_bars = bool(os.environ.get("XAI_AUDIT_RAY_PROGRESS"))
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
-    items = [{"shard": json.dumps(s)} for s in shards]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # Blocks of about one batch: each actor task is then one batch, so work spreads over the
+    # actors and results stream on to the writer (Ray coalesces a task's outputs up to this
+    # size; the default, 128 MiB, would make a whole shard one actor task). The dataset keeps
+    # its own copy of the context; the process-wide one is restored right away.
+    s = prep.layout.image_shape[-1]
+    block_bytes = max(64 * 1024, cfg.batch_size * (3 * s * s * 4 + 512))
+    saved = ctx.target_max_block_size
+    ctx.target_max_block_size = min(saved or block_bytes, block_bytes)
+    try:
+        items = [{"shard": json.dumps(sh)} for sh in shards]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+    finally:
+        ctx.target_max_block_size = saved
     pre = prep.model_info["preprocessing"]
     ds = ds.map_batches(
         read_and_preprocess,
@@ -585,6 +608,7 @@ def _pipeline(prep: Prepared, shards: list[dict], res: Resources, attr_uri: str)
             id_type=plan.id_type,
             label_type=plan.label_type,
             s3_endpoint=cfg.s3_endpoint,
+            block_rows=cfg.batch_size,
         ),
         batch_size=1,
         batch_format="pyarrow",
@@ -623,10 +647,12 @@ def _pipeline(prep: Prepared, shards: list[dict], res: Resources, attr_uri: str)
         num_gpus=res.actor_num_gpus or None,
         **remote,
     )
+    # exactly rows_per_file rows per block (the last one fewer), then one part per block
+    ds = ds.repartition(target_num_rows_per_block=prep.rows_per_file, strict=True)
     ds = ds.map_batches(
         write_attributions,
         fn_kwargs=dict(dest=attr_uri, s3_endpoint=cfg.s3_endpoint),
-        batch_size=prep.rows_per_file,
+        batch_size=None,
         batch_format="pyarrow",
         num_cpus=res.write_num_cpus,
     )

@@ -388,15 +388,20 @@ def read_shard(
     id_type: pa.DataType,
     label_type: pa.DataType | None,
     s3_endpoint: str | None = None,
+    block_rows: int | None = None,
     block_bytes: int = BLOCK_BYTES,
 ) -> Iterator[pa.Table]:
     """Yield blocks of preprocessed rows of ``shard`` (worker batch format, module docstring).
 
-    Rows listed in the shard's ``skip`` ranges (already written) are left out; every other row is
-    yielded exactly once, as a tensor or with an error.
+    Blocks hold ``block_rows`` rows (the job passes its batch size, so that each actor task is
+    one batch: work spreads over the actors and results stream on to the writer), and never more
+    than ``block_bytes`` of tensors. Rows listed in the shard's ``skip`` ranges (already
+    written) are left out; every other row is yielded exactly once, as a tensor or with an error.
     """
     s = preprocessing.image_size
     max_rows = max(1, min(4096, block_bytes // (3 * s * s * 4)))
+    if block_rows:
+        max_rows = max(1, min(max_rows, int(block_rows)))
     block = _Block(s, id_type, label_type if label_column else None, max_rows)
     if shard["kind"] == "images":
         from xai_workers.storage import read_bytes
@@ -425,7 +430,7 @@ def read_shard(
     row = shard["start"]
     with pafs.open_input_file(path) as f:
         pf = pq.ParquetFile(f, buffer_size=1 << 20, pre_buffer=False)
-        batch_rows = max(1, min(max_rows, 256))
+        batch_rows = max(1, min(max(max_rows, 64), 256))
         for rb in pf.iter_batches(
             batch_size=batch_rows, row_groups=shard["row_groups"], columns=columns
         ):

@@ -1,0 +1,144 @@
+"""Resume after a real SIGKILL of a running `xai-audit run` driver.
+
+The first run is killed once some part files are written; `--resume` must finish the run without
+recomputing or rewriting the rows already written, and every input row must end up in the output
+exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from jobs import output as out
+from xai_workers.demo import DEMO_MEAN, build_demo_model, write_demo_dataset
+
+N = 96
+ROWS_PER_FILE = 8
+
+
+def _args(dataset, weights, output, *extra):
+    mean = ",".join(str(v) for v in DEMO_MEAN)
+    return [
+        sys.executable, "-m", "jobs.cli", "run",
+        "--input", dataset, "--output", output,
+        "--model", "xai_workers.demo:build_demo_model", "--weights", weights,
+        "--image-size", "32", "--mean", mean, "--std", mean,
+        "--ig-steps", "8", "--batch-size", "4", "--rows-per-file", str(ROWS_PER_FILE),
+        "--address", "local", "--num-cpus", "2", "--progress-interval-s", "1",
+        *extra,
+    ]  # fmt: skip
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+#: Ray helper processes that may outlive a killed driver for a while; they never write parts.
+_AGENTS = ("DashboardAgent", "RuntimeEnvAgent", "dashboard", "log_monitor", "monitor.py")
+
+
+def _group_workers(pgid: int) -> list[str]:
+    """Command lines of the group's processes that could still write (agents left out)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if os.getpgid(int(pid)) != pgid:
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (ProcessLookupError, FileNotFoundError, PermissionError):
+            continue
+        if cmd and not any(a in cmd for a in _AGENTS):
+            found.append(cmd)
+    return found
+
+
+def _parts(folder):
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("part-*.parquet")}
+
+
+def test_resume_after_sigkill_neither_recomputes_nor_duplicates(tmp_path):
+    dataset = str(tmp_path / "digits.parquet")
+    write_demo_dataset(dataset, n=N)
+    torch.manual_seed(0)
+    weights = str(tmp_path / "model.pt")
+    torch.save(build_demo_model().state_dict(), weights)
+    output = tmp_path / "out"
+    attr = output / "attributions"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(
+        _args(dataset, weights, str(output)),
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )  # fmt: skip
+    pgid = proc.pid  # its own session: the driver and everything Ray starts under it
+    try:
+        deadline = time.monotonic() + 240
+        while len(_parts(attr)) < 2:
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()
+            assert time.monotonic() < deadline, "no part file appeared in time"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only, as when its machine dies
+        proc.wait(timeout=30)
+        # Ray's raylet and workers share the driver's fate; wait until none is left writing
+        deadline = time.monotonic() + 60
+        while _group_workers(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _group_workers(pgid), _group_workers(pgid)
+    finally:
+        if _group_alive(pgid):
+            os.killpg(pgid, signal.SIGKILL)  # only what this test started
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+
+    before = _parts(attr)
+    rows_before = len(before) * ROWS_PER_FILE
+    assert 2 <= len(before) < N // ROWS_PER_FILE, "the first run should have been cut short"
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["status"] == "running"
+
+    # without --resume the output is refused, with a hint
+    r = subprocess.run(_args(dataset, weights, str(output)), capture_output=True, text=True,
+                       env=env, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and "--resume" in r.stderr
+
+    r = subprocess.run(_args(dataset, weights, str(output), "--resume"), capture_output=True,
+                       text=True, env=env, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"complete: {N}/{N} rows"), last
+    assert f"{rows_before} from an earlier run" in last
+    assert f"resuming: {rows_before} of {N} rows already written" in r.stderr
+
+    after = _parts(attr)
+    for name, stat in before.items():  # written parts untouched: not rewritten, not removed
+        assert after.get(name) == stat, name
+    assert not [p for p in attr.iterdir() if p.name.startswith(".")]  # no temp file left
+
+    scan = out.scan(str(attr), {"digits.parquet": N})
+    assert scan.rows == N and scan.duplicates == 0 and scan.missing({"digits.parquet": N}) == 0
+    m = json.loads((output / "manifest.json").read_text())
+    assert m["status"] == "complete"
+    assert m["counts"]["rows_from_earlier_runs"] == rows_before
+    assert m["counts"]["rows_computed_this_run"] == N - rows_before  # nothing recomputed
+    assert len(m["runs"]) == 2 and "finished_at" not in m["runs"][0]
+    assert m["runs"][1]["resumed"] is True
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-v"]))
