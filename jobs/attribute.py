@@ -70,9 +70,26 @@ def read_and_preprocess(batch: pa.Table, **kwargs) -> Iterator[pa.Table]:
         yield from sources.read_shard(json.loads(shard_json), preprocessing=pre, **kwargs)
 
 
-def write_attributions(batch: pa.Table, *, dest: str, s3_endpoint: str | None) -> pa.Table:
-    """Ray stage 3: write the batch as one atomic part; one small row describing it."""
+def write_attributions(
+    batch: pa.Table, *, dest: str, output: str, s3_endpoint: str | None, summary: bool = True
+) -> pa.Table:
+    """Ray stage 3: write the batch as one atomic part, then (``summary``) its partial per-class
+    summary from the same in-memory rows (``xai_workers.summary.write_partial``); one small row
+    describing the part. A partial that fails is only reported: the summary step at the end
+    recomputes it from the part."""
     info = out.write_part(batch, dest, s3_endpoint=s3_endpoint)
+    info["partial"] = False
+    if summary:
+        try:
+            from xai_workers.summary import write_partial
+        except ImportError:  # the summary module is optional for the job
+            pass
+        else:
+            try:
+                write_partial(batch, output, info["file"], s3_endpoint)
+                info["partial"] = True
+            except Exception:  # noqa: BLE001 - never lose a written part over its summary
+                pass
     return pa.table({k: [v] for k, v in info.items()})
 
 
@@ -479,6 +496,7 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> JobRes
         if todo:
             started_ray = _ray_init(cfg)
             resources = plan_resources(cfg)
+            t_pipe = time.monotonic()  # the pipeline's time leaves Ray's start-up out
             manifest["ray"] = resources.describe()
             log(
                 f"{todo} rows to explain in {len(shards)} shards on {resources.nodes} node(s), "
@@ -509,6 +527,8 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> JobRes
 
             ray.shutdown()
 
+    if cfg.summary and final.files:
+        manifest["summary"] = _summarize(cfg, log)
     missing = final.missing(rows_by_source)
     wall = time.monotonic() - t_start
     pipe_s = t_pipe_end - t_pipe
@@ -571,6 +591,29 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> JobRes
     if not complete:
         summary += f"; {manifest['error']}"
     return JobResult(exit_code, status, manifest, summary, counts)
+
+
+def _summarize(cfg: JobConfig, log) -> dict:
+    """``<output>/summary/`` from the parts' partials (``xai_workers.summary``), if available.
+
+    A failure here does not fail the job (the attributions are complete); the manifest says so
+    and the summary can be made again from the output alone."""
+    try:
+        from xai_workers.summary import summarize_output, summary_uri
+    except ImportError:
+        return {"status": "not available"}
+    t0 = time.monotonic()
+    try:
+        table = summarize_output(cfg.output, cfg.s3_endpoint, log=log)
+    except Exception as e:  # noqa: BLE001
+        log(f"the per-class summary failed ({type(e).__name__}: {e}); the attributions are fine")
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}"[:1000]}
+    return {
+        "status": "complete",
+        "uri": summary_uri(cfg.output),
+        "rows": table.num_rows,
+        "seconds": round(time.monotonic() - t0, 3),
+    }
 
 
 def _pipeline(prep: Prepared, shards: list[dict], res: Resources, attr_uri: str) -> Iterator[dict]:
@@ -651,7 +694,9 @@ def _pipeline(prep: Prepared, shards: list[dict], res: Resources, attr_uri: str)
     ds = ds.repartition(target_num_rows_per_block=prep.rows_per_file, strict=True)
     ds = ds.map_batches(
         write_attributions,
-        fn_kwargs=dict(dest=attr_uri, s3_endpoint=cfg.s3_endpoint),
+        fn_kwargs=dict(
+            dest=attr_uri, output=cfg.output, s3_endpoint=cfg.s3_endpoint, summary=cfg.summary
+        ),
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=res.write_num_cpus,

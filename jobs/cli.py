@@ -63,6 +63,7 @@ RUN_FLAGS = (
 BOOL_FLAGS = (
     ("--resume", "finish an interrupted run in --output (rows written are kept)"),
     ("--overwrite", "replace what xai-audit wrote in --output before"),
+    ("--no-summary", "skip the per-class summary (<output>/summary/)"),
 )
 
 
@@ -76,7 +77,11 @@ def _add_run_flags(p: argparse.ArgumentParser, *, required_note: bool = True) ->
     for flag, metavar, help_ in RUN_FLAGS:
         p.add_argument(flag, metavar=metavar, help=help_, default=argparse.SUPPRESS)
     for flag, help_ in BOOL_FLAGS:
-        p.add_argument(flag, action="store_true", help=help_, default=argparse.SUPPRESS)
+        if flag.startswith("--no-"):
+            p.add_argument(flag, action="store_false", dest=flag[5:].replace("-", "_"),
+                           help=help_, default=argparse.SUPPRESS)  # fmt: skip
+        else:
+            p.add_argument(flag, action="store_true", help=help_, default=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:

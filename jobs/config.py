@@ -69,6 +69,7 @@ class JobConfig:
     num_cpus: float | None = None
     seed: int = 0
     progress_interval_s: float = 5.0
+    summary: bool = True
 
     # ---------------------------------------------------------------------------------------
 
@@ -183,7 +184,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             return int(float(value))
         if name in ("max_error_rate", "num_cpus", "progress_interval_s"):
             return float(value)
-        if name in ("resume", "overwrite"):
+        if name in ("resume", "overwrite", "summary"):
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
                     raise ValueError("expected true or false")
