@@ -1,0 +1,169 @@
+"""Configuration mistakes fail fast, with one clear message, before Ray or any heavy work starts.
+
+Also: the YAML job file (same keys as the flags, flags win), `--overwrite` removing only what
+xai-audit wrote, and `xai-audit layers`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+import jobs.attribute as job
+from jobs.cli import main
+from jobs.config import ConfigError, JobConfig
+from xai_workers.demo import write_demo_dataset
+
+SPEC = "xai_workers.demo:build_demo_model"
+
+
+@pytest.fixture(autouse=True)
+def no_ray(monkeypatch):
+    """Any test here that reaches Ray has failed to fail fast."""
+
+    def boom(cfg):
+        raise AssertionError("Ray was started for a configuration that should have failed")
+
+    monkeypatch.setattr(job, "_ray_init", boom)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "d.parquet"
+    write_demo_dataset(str(path), n=6)
+    return str(path)
+
+
+def _argv(dataset, output, *extra):
+    return ["run", "--input", dataset, "--output", str(output), "--model", SPEC,
+            "--image-size", "32", *extra]  # fmt: skip
+
+
+def _fails(capsys, argv, *needles, seconds=20.0):
+    t0 = time.monotonic()
+    assert main(argv) == 2
+    assert time.monotonic() - t0 < seconds
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("xai-audit: error:")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_missing_input(capsys, tmp_path):
+    _fails(capsys, _argv(str(tmp_path / "nope.parquet"), tmp_path / "o"), "input not found")
+    (tmp_path / "empty").mkdir()
+    _fails(capsys, _argv(str(tmp_path / "empty"), tmp_path / "o"), "no Parquet files")
+
+
+def test_unknown_model_and_bad_weights(capsys, dataset, tmp_path):
+    argv = _argv(dataset, tmp_path / "o")
+    argv[argv.index(SPEC)] = "no_such_module_xyz:build"
+    _fails(capsys, argv, "model:")
+    argv[argv.index("no_such_module_xyz:build")] = "torchvision:not_an_arch"
+    _fails(capsys, argv, "model:")
+    _fails(capsys, _argv(dataset, tmp_path / "o", "--weights", str(tmp_path / "missing.pt")),
+           "model:")  # fmt: skip
+
+
+def test_wrong_layer_name(capsys, dataset, tmp_path):
+    msg = _fails(capsys, _argv(dataset, tmp_path / "o", "--gradcam-layer", "features.block9"),
+                 "no layer named 'features.block9'", "xai-audit layers")  # fmt: skip
+    assert "features.block4" in msg  # the usable layers are listed
+    _fails(capsys, _argv(dataset, tmp_path / "o", "--gradcam-layer", "fc"),
+           "cannot use for Grad-CAM")  # fmt: skip
+
+
+def test_output_not_writable_or_inside_input(capsys, dataset, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    _fails(capsys, _argv(dataset, blocker / "out"), "not writable")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "x.png").write_bytes(b"")
+    _fails(capsys, _argv(str(folder), folder / "out"), "inside the input")
+
+
+def test_existing_output_needs_resume_or_overwrite(capsys, dataset, tmp_path):
+    out = tmp_path / "o"
+    (out / "attributions").mkdir(parents=True)
+    (out / "attributions" / "part-abc.parquet").write_bytes(b"")
+    (out / "manifest.json").write_text(json.dumps(
+        {"status": "running", "counts": {"rows_written": 3, "rows_total": 6},
+         "settings": {"ig_steps": 64}}))  # fmt: skip
+    _fails(capsys, _argv(dataset, out), "already holds", "3 of 6 rows", "--resume", "--overwrite")
+    _fails(capsys, _argv(dataset, out, "--resume"), "other settings", "ig_steps: 64 -> 32")
+    _fails(capsys, _argv(dataset, out, "--resume", "--overwrite"), "exclude each other")
+
+
+def test_flag_values_checked_on_their_face(capsys, dataset, tmp_path):
+    o = tmp_path / "o"
+    _fails(capsys, _argv(dataset, o, "--ig-method", "simpson"), "gausslegendre")
+    _fails(capsys, _argv(dataset, o, "--target", "cats"), "topk:K")
+    _fails(capsys, _argv(dataset, o, "--mean", "1,2"), "mean")
+    _fails(capsys, _argv(dataset, o, "--methods", "saliency,lime"), "lime")
+    _fails(capsys, _argv(dataset, o, "--ig-steps", "0"), "--ig-steps")
+    _fails(capsys, _argv(dataset, o, "--target", "12"), "not a class of this model")
+    _fails(capsys, _argv(dataset, o, "--target", "topk:11"), "topk:11")
+    _fails(capsys, _argv(dataset, o, "--label-column", "species"), "species")
+    _fails(capsys, _argv(dataset, o, "--id-column", "key"), "'key'")
+    _fails(capsys, _argv(dataset, o, "--max-error-rate", "2"), "max-error-rate")
+    with pytest.raises(SystemExit):
+        main(["run", "--no-such-flag"])
+    assert "unrecognized arguments" in capsys.readouterr().err
+    nolabel = tmp_path / "nolabel.parquet"
+    pq.write_table(pq.read_table(dataset).drop_columns(["label"]), nolabel)
+    _fails(capsys, _argv(str(nolabel), o, "--target", "label"), "label column")
+    strlabel = tmp_path / "strlabel.parquet"
+    t = pq.read_table(dataset)
+    t = t.set_column(2, "label", pa.array([str(v) for v in t["label"].to_pylist()]))
+    pq.write_table(t, strlabel)
+    _fails(capsys, _argv(str(strlabel), o, "--target", "label"), "integer labels")
+
+
+def test_yaml_config_same_keys_flags_override(capsys, dataset, tmp_path):
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump({
+        "input": dataset, "output": str(tmp_path / "o"), "model": SPEC, "image_size": 32,
+        "ig-steps": 7, "methods": ["saliency", "gradcam"], "mean": "0.5,0.5,0.5",
+    }))  # fmt: skip
+    from jobs.cli import build_parser, config_from_args
+
+    ns = build_parser().parse_args(["run", "--config", str(job_file), "--ig-steps", "3"])
+    cfg = config_from_args(ns)
+    assert cfg.ig_steps == 3 and cfg.methods == ("saliency", "gradcam")
+    assert cfg.mean == (0.5, 0.5, 0.5) and cfg.image_size == 32
+    prep = job.prepare(cfg, log=lambda m: None)  # everything checks out, nothing is run
+    assert prep.cfg.gradcam_layer == "features" and prep.plan.total_rows == 6
+    assert prep.rows_per_file == 64
+    job_file.write_text(yaml.safe_dump({"input": dataset, "ig_stepz": 3}))
+    _fails(capsys, ["run", "--config", str(job_file)], "unknown setting 'ig_stepz'")
+    _fails(capsys, ["run", "--config", str(tmp_path / "none.yaml")], "config file not found")
+    with pytest.raises(ConfigError, match="bad value for ig-steps"):
+        JobConfig.from_mapping({"ig_steps": "many"})
+
+
+def test_overwrite_removes_only_what_xai_audit_wrote(dataset, tmp_path):
+    from jobs import output as out
+
+    o = tmp_path / "o"
+    (o / "attributions").mkdir(parents=True)
+    (o / "attributions" / "part-1.parquet").write_bytes(b"")
+    (o / "summary").mkdir()
+    (o / "manifest.json").write_text("{}")
+    (o / "notes.txt").write_text("mine")
+    out.remove_owned(str(o))
+    assert sorted(p.name for p in o.iterdir()) == ["notes.txt"]
+
+
+def test_layers_command(capsys):
+    assert main(["layers", "--model", SPEC, "--image-size", "32"]) == 0
+    text = capsys.readouterr().out
+    assert "features.block4" in text and "(1, 64, 8, 8)" in text and "default" in text
+    assert main(["layers", "--model", "torchvision:not_an_arch"]) == 2
