@@ -657,9 +657,8 @@ def _pipeline(prep: Prepared, shards: list[dict], res: Resources, attr_uri: str)
         batch_format="pyarrow",
         num_cpus=res.read_num_cpus,
     )
-    remote = {}
-    if res.device == "cpu" and res.nodes > 1:
-        remote["scheduling_strategy"] = "SPREAD"
+    # Ray Data schedules actors with DataContext.scheduling_strategy, "SPREAD" by default:
+    # one CPU actor per node, not two on one
     ds = ds.map_batches(
         AttributionWorker,
         fn_constructor_kwargs=dict(
@@ -688,7 +687,6 @@ def _pipeline(prep: Prepared, shards: list[dict], res: Resources, attr_uri: str)
         compute=ray.data.ActorPoolStrategy(size=res.actors),
         num_cpus=res.actor_num_cpus,
         num_gpus=res.actor_num_gpus or None,
-        **remote,
     )
     # exactly rows_per_file rows per block (the last one fewer), then one part per block
     ds = ds.repartition(target_num_rows_per_block=prep.rows_per_file, strict=True)

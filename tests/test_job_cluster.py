@@ -1,0 +1,79 @@
+"""The job on a simulated two-node cluster (`ray.cluster_utils.Cluster`, one CPU each) gives the
+same rows as the single-process worker on the same inputs, with one actor per node."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs import sources
+from jobs.attribute import run_job
+from jobs.config import JobConfig
+from xai_workers import schema as S
+from xai_workers.demo import DEMO_MEAN, DEMO_STD, build_demo_model, write_demo_dataset
+from xai_workers.preprocess import Preprocessing
+from xai_workers.worker import AttributionWorker
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+N = 48
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False},
+    )
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING")
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_two_nodes_same_rows_as_one_process(two_nodes, tmp_path):
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    dataset = str(tmp_path / "d.parquet")
+    write_demo_dataset(dataset, n=N)
+    pq.write_table(pq.read_table(dataset), dataset, row_group_size=12)  # 4 shards' worth
+    torch.manual_seed(0)
+    model = build_demo_model().eval()
+    weights = str(tmp_path / "m.pt")
+    torch.save(model.state_dict(), weights)
+    kw = dict(methods=("saliency", "integrated_gradients", "gradcam"), ig_steps=4,
+              image_size=32, mean=DEMO_MEAN, std=DEMO_STD)  # fmt: skip
+    cfg = JobConfig(input=dataset, output=str(tmp_path / "out"), model="xai_workers.demo:"
+                    "build_demo_model", weights=weights, batch_size=4, rows_per_file=12,
+                    progress_interval_s=0, **kw)  # fmt: skip
+    res = run_job(cfg, log=lambda m: None)
+    assert res.exit_code == 0 and res.counts["rows_ok"] == N
+    assert res.manifest["ray"]["nodes"] == 2 and res.manifest["ray"]["actors"] == 2
+    got = pq.read_table(tmp_path / "out" / "attributions").sort_by("id")
+
+    # the same rows from one worker in this process, on the same preprocessed blocks
+    plan = sources.discover(dataset)
+    shards, _ = sources.make_shards(plan, shard_rows=N)
+    pre = Preprocessing(image_size=32, mean=DEMO_MEAN, std=DEMO_STD)
+    blocks = [b for sh in shards for b in sources.read_shard(
+        sh, preprocessing=pre, id_column="id", image_column="image", label_column="label",
+        id_type=plan.id_type, label_type=plan.label_type)]  # fmt: skip
+    worker = AttributionWorker(model, gradcam_layer=res.manifest["model"]["gradcam_layer"],
+                               label_type=pa.int64(), batch_size=16, **kw)  # fmt: skip
+    want = pa.concat_tables([worker(b) for b in blocks]).sort_by("id")
+
+    assert got.column_names == want.column_names
+    for name in ("id", "label", "status", "target", "pred_class", "source", "source_row"):
+        assert got[name].to_pylist() == want[name].to_pylist(), name
+    for name in ("saliency", "integrated_gradients", "gradcam"):
+        np.testing.assert_allclose(S.tensor_to_numpy(got[name]), S.tensor_to_numpy(want[name]),
+                                   rtol=1e-4, atol=1e-6)  # fmt: skip
+    for name in ("score", "ig_delta", "gradcam_border_frac", "ig_rel_error"):
+        np.testing.assert_allclose(got[name].to_numpy(zero_copy_only=False),
+                                   want[name].to_numpy(zero_copy_only=False),
+                                   rtol=1e-4, atol=1e-5, equal_nan=True)  # fmt: skip
