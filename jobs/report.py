@@ -308,10 +308,17 @@ def _label_is_int(schema: pa.Schema) -> bool:
 
 
 def scan_galleries(
-    fs, files: list[str], galleries: list[Gallery], top: int, threads: int = 8
+    fs,
+    files: list[str],
+    galleries: list[Gallery],
+    top: int,
+    threads: int = 8,
+    which: Sequence[int] | None = None,
 ) -> tuple[dict[str, TopK], int]:
-    """Stream the scalar columns of ``files`` (pyarrow filesystem paths) and keep each gallery's
-    top ``top`` ok rows. Returns ({gallery key: TopK with file = index into files}, rows read)."""
+    """Stream the scalar columns of ``files[i]`` for ``i`` in ``which`` (default: all; pyarrow
+    filesystem paths) and keep each gallery's top ``top`` ok rows. Only the columns the
+    galleries rank by are read (``_scan_columns``), never a tensor column. Returns ({gallery key:
+    TopK whose ``file`` indexes ``files``}, rows read)."""
     import pyarrow.parquet as pq
 
     def one(i: int):
@@ -331,10 +338,11 @@ def scan_galleries(
                 rows += rb.num_rows
         return tops, rows
 
+    which = range(len(files)) if which is None else which
     total = {g.key: TopK(top) for g in galleries}
     n = 0
-    with ThreadPoolExecutor(max(1, min(threads, len(files) or 1))) as ex:
-        for tops, rows in ex.map(one, range(len(files))):
+    with ThreadPoolExecutor(max(1, min(threads, len(which) or 1))) as ex:
+        for tops, rows in ex.map(one, which):
             for k, t in tops.items():
                 total[k].merge(t)
             n += rows
@@ -529,7 +537,7 @@ def _png(rgb: np.ndarray) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(rgb, mode="RGB").save(buf, format="PNG", optimize=True)
+    Image.fromarray(rgb, mode="RGB").save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
 
 
@@ -598,31 +606,36 @@ def _read_manifest(output: str, s3_endpoint: str | None) -> dict | None:
         return None
 
 
-def _pick_files(files: list[str], sizes: list[int] | None, sample: int, seed: int) -> list[int]:
-    """Indices of the files to scan: all, or whole files in a seeded random order until
-    ``sample`` rows (``sizes``: rows per file)."""
-    idx = list(range(len(files)))
-    if not sample or sizes is None or sum(sizes) <= sample:
-        return idx
-    random.Random(seed).shuffle(idx)
-    out, rows = [], 0
-    for i in idx:
-        if rows >= sample:
-            break
-        out.append(i)
-        rows += sizes[i]
-    return sorted(out)
-
-
-def _row_counts(fs, files: list[str], threads: int = 8) -> list[int]:
-    import pyarrow.parquet as pq
-
-    def one(p: str) -> int:
-        with fs.open_input_file(p) as f:
-            return pq.ParquetFile(f).metadata.num_rows
-
-    with ThreadPoolExecutor(max(1, min(threads, len(files) or 1))) as ex:
-        return list(ex.map(one, files))
+def _sampled_scan(
+    fs,
+    files: list[str],
+    galleries: list[Gallery],
+    top: int,
+    sample: int,
+    total_rows: int,
+    seed: int,
+    threads: int,
+) -> tuple[dict[str, TopK], int, int]:
+    """Scan every file, or (``sample`` > 0 and fewer than ``total_rows``) whole files in a
+    seeded random order until at least ``sample`` rows are read; each round reads as many files
+    as the average rows per file says are still needed, in parallel. Returns (tops, rows read,
+    files read)."""
+    if not sample or total_rows <= sample:
+        tops, n = scan_galleries(fs, files, galleries, top, threads)
+        return tops, n, len(files)
+    order = list(range(len(files)))
+    random.Random(seed).shuffle(order)
+    per_file = max(1.0, total_rows / max(1, len(files)))
+    tops = {g.key: TopK(top) for g in galleries}
+    scanned = pos = 0
+    while scanned < sample and pos < len(order):
+        need = max(1, math.ceil((sample - scanned) / per_file))
+        part, n = scan_galleries(fs, files, galleries, top, threads, order[pos : pos + need])
+        pos += need
+        scanned += n
+        for k, t in part.items():
+            tops[k].merge(t)
+    return tops, scanned, min(pos, len(order))
 
 
 def build_report(
@@ -666,15 +679,15 @@ def build_report(
     if not _label_is_int(schema):
         names = [n for n in names if n != "label"]
     galleries = galleries_for(names)
-    sizes = _row_counts(fs, files, threads) if sample else None
-    chosen = _pick_files(files, sizes, sample or 0, seed)
-    scan_files = [files[i] for i in chosen]
-    tops, scanned = scan_galleries(fs, scan_files, galleries, top, threads)
-    total_rows = sum(sizes) if sizes is not None else scanned
-    log(f"galleries from {scanned} of {total_rows} rows ({len(scan_files)} of {len(files)} files)")
+    all_row = (_rows(summary, "all") or [{}])[0]
+    total_rows = int(all_row.get("count", 0) + all_row.get("errors", 0))
+    tops, scanned, n_files = _sampled_scan(
+        fs, files, galleries, top, sample or 0, total_rows, seed, threads
+    )
+    log(f"galleries from {scanned} of {total_rows} rows ({n_files} of {len(files)} files)")
 
     wanted = {(int(f), int(r)) for t in tops.values() for f, r in zip(t.file, t.row, strict=True)}
-    rows = fetch_rows(fs, scan_files, wanted, threads)
+    rows = fetch_rows(fs, files, wanted, threads)
     keys = sorted(rows)
     images = dict(zip(keys, load_images(manifest, [rows[k] for k in keys], s3_endpoint),
                       strict=True))  # fmt: skip
