@@ -77,3 +77,30 @@ def test_two_nodes_same_rows_as_one_process(two_nodes, tmp_path):
         np.testing.assert_allclose(got[name].to_numpy(zero_copy_only=False),
                                    want[name].to_numpy(zero_copy_only=False),
                                    rtol=1e-4, atol=1e-5, equal_nan=True)  # fmt: skip
+
+
+def test_cluster_files_are_valid():
+    """The AWS launcher config passes Ray's own schema; the RayJob runs xai-audit with --resume
+    and gives every Ray container and the submitter the token-auth settings."""
+    from pathlib import Path
+
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    root = Path(__file__).resolve().parents[1] / "cluster"
+    aws = yaml.safe_load((root / "aws.yaml").read_text())
+    validate_config(prepare_config(aws))
+    assert "RAY_AUTH_MODE=token" in " ".join(aws["worker_start_ray_commands"])
+    job = yaml.safe_load((root / "rayjob.yaml").read_text())
+    spec = job["spec"]
+    assert job["kind"] == "RayJob" and spec["entrypoint"].startswith("xai-audit run")
+    assert "--resume" in spec["entrypoint"]
+    pods = [spec["submitterPodTemplate"], spec["rayClusterSpec"]["headGroupSpec"]["template"]]
+    pods += [g["template"] for g in spec["rayClusterSpec"]["workerGroupSpecs"]]
+    for pod in pods:
+        for c in pod["spec"]["containers"]:
+            names = {e["name"] for e in c["env"]}
+            assert {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} <= names, c["name"]
+    gpu = spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert (root / "local_cluster.sh").stat().st_mode & 0o111
