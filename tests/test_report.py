@@ -312,6 +312,11 @@ def test_report_and_summarize_on_s3(demo_out, s3_server, s3_bucket):
     remote = SM.read_summary(uri, s3_server)
     assert remote["count"].equals(local["count"])
     assert remote.schema.metadata[b"parts_from_partials"] == b"0"
+    fs.put(os.path.join(demo_out, "summary", "partials"), f"{s3_bucket}/runs/demo/summary/partials",
+           recursive=True)  # fmt: skip
+    again = SM.summarize_output(uri, s3_server)  # partials newer than their parts: used
+    assert again.schema.metadata[b"parts_from_partials"] == b"3"
+    assert again["count"].equals(local["count"])
     ns = argparse.Namespace(output=uri, s3_endpoint=s3_server, sample=0, top=2, max_classes=24,
                             seed=0)  # fmt: skip
     assert R.report_main(ns) == 0

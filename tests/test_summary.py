@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -388,6 +389,14 @@ def test_summarize_output_pairs_parts_with_partials(tmp_path, rows):
         f"SELECT gradcam_mean_map FROM '{path}' WHERE group_by = 'pred_class' AND class = 1"
     ).fetchone()[0]
     assert len(mean_map) == 32 * 32
+
+    # a partial older than its part (left by an earlier run with a part of the same name)
+    stale = tmp_path / "summary" / "partials" / names[1]
+    part_time = (tmp_path / "attributions" / names[1]).stat().st_mtime
+    os.utime(stale, (part_time - 60, part_time - 60))
+    t1 = SM.summarize_output(out, write=False, log=logs.append)
+    assert t1.schema.metadata[b"parts_from_partials"] == b"1" and t1["count"].equals(t["count"])
+    assert "older than its part" in " ".join(logs)
 
     # an unreadable partial: its part is read instead
     (tmp_path / "summary" / "partials" / names[0]).write_bytes(b"not parquet")

@@ -16,11 +16,12 @@ workers can fill independently and merge in any order with the same result:
 In the job (``<output>`` layout of CONVENTIONS.md), each attribution part file
 ``<output>/attributions/part-X.parquet`` gets one partial,
 ``<output>/summary/partials/part-X.parquet`` (:func:`write_partial`, written by the task that
-writes the part, from the same in-memory rows: no second read). :func:`summarize_output` then
-merges the partials of exactly the parts present, computes the partial of any part that has none
-(an output written before, or a part rewritten after a crash) by streaming that part, and writes
-``<output>/summary/summary.parquet``. So the summary always adds up to the attribution rows:
-partials of parts that no longer exist are ignored.
+writes the part, right after it, from the same in-memory rows: no second read).
+:func:`summarize_output` then merges the partials of exactly the parts present, computes the
+partial of any part that has none (an output written before, a partial that failed, a part
+rewritten after a crash) by streaming that part, and writes ``<output>/summary/summary.parquet``.
+So the summary always adds up to the attribution rows: partials of parts that no longer exist
+are ignored, and so are partials older than their part (left by an earlier run).
 
 Summary rows (``to_table``), in this order:
 
@@ -808,29 +809,61 @@ def write_partial(
     :class:`Summary` of them) -> ``<output>/summary/partials/<part_name>``; returns that URI.
 
     ``part_name`` is the part's file name (``part-<hash>.parquet``), so :func:`summarize_output`
-    pairs each part with its partial and ignores partials of parts that are gone."""
+    pairs each part with its partial and ignores partials of parts that are gone. Call it after
+    the part is written: a partial older than its part is taken as left over and ignored."""
     acc = rows if isinstance(rows, Summary) else Summary().update(rows)
     uri = _join(partials_uri(output_uri), posixpath.basename(part_name))
     _write_parquet(acc.to_partial(), uri, s3_endpoint)
     return uri
 
 
+@dataclass(frozen=True)
+class _Listed:
+    path: str  # filesystem path (no protocol), as pyarrow_filesystem's paths
+    mtime: float | None  # seconds since the epoch, None when the store does not say
+
+
+def _mtime(entry: Mapping) -> float | None:
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        v = entry.get(key)
+        if v is None:
+            continue
+        if hasattr(v, "timestamp"):
+            return float(v.timestamp())
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+def _list_infos(uri: str, s3_endpoint: str | None = None) -> list[_Listed]:
+    """The ``*.parquet`` files directly under folder/prefix ``uri`` with their modification
+    times (fsspec listing: local ``mtime``, S3 ``LastModified``), sorted by path; hidden names
+    (``.``/``_``, temporary files) left out; ``[]`` if the folder is missing."""
+    from xai_workers.storage import filesystem
+
+    fs, path = filesystem(uri, s3_endpoint)
+    path = path.rstrip("/")
+    try:
+        fs.invalidate_cache(path)
+        entries = fs.ls(path, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = [
+        _Listed(e["name"].rstrip("/"), _mtime(e))
+        for e in entries
+        if e.get("type") == "file"
+        and e["name"].endswith(".parquet")
+        and not posixpath.basename(e["name"]).startswith((".", "_"))
+    ]
+    return sorted(out, key=lambda i: i.path)
+
+
 def list_parquet(uri: str, s3_endpoint: str | None = None) -> list[str]:
     """Filesystem paths of the ``*.parquet`` files directly under folder/prefix ``uri``, sorted;
     hidden names (``.``/``_``, temporary files) left out; ``[]`` if the folder is missing."""
-    import pyarrow.fs as pafs
-
-    from xai_workers.storage import pyarrow_filesystem
-
-    fs, path = pyarrow_filesystem(uri, s3_endpoint)
-    sel = pafs.FileSelector(path.rstrip("/"), allow_not_found=True, recursive=False)
-    return sorted(
-        i.path
-        for i in fs.get_file_info(sel)
-        if i.type == pafs.FileType.File
-        and i.path.endswith(".parquet")
-        and not posixpath.basename(i.path).startswith((".", "_"))
-    )
+    return [i.path for i in _list_infos(uri, s3_endpoint)]
 
 
 #: Bytes of tensor data per batch when a part is read back (``summarize_file``).
@@ -879,8 +912,10 @@ def summarize_output(
     Each part file contributes its partial from ``<output>/summary/partials/`` when there is one
     (``use_partials``), else its rows, streamed (``summarize_file``: only the needed columns,
     ``batch_rows`` rows per batch, default by size; parts read by ``threads`` threads, one part
-    at a time each). Partials whose part is
-    gone are ignored. Raises FileNotFoundError when there are no part files.
+    at a time each). Partials whose part is gone are ignored, and so is a partial older than its
+    part (modification times from the listing): it was left by an earlier run whose part of the
+    same name was replaced, so a job must write a part's partial after the part. Raises
+    FileNotFoundError when there are no part files.
     """
     import pyarrow.parquet as pq
 
@@ -888,22 +923,29 @@ def summarize_output(
 
     log = log or (lambda m: None)
     attr = _join(output_uri, ATTRIBUTIONS_DIR)
-    parts = list_parquet(attr, s3_endpoint)
+    part_infos = _list_infos(attr, s3_endpoint)
+    parts = [i.path for i in part_infos]
     if not parts:
         raise FileNotFoundError(f"no attribution files in {attr}")
     fs, _ = pyarrow_filesystem(attr, s3_endpoint)
     have = {}
     if use_partials:
         have = {
-            posixpath.basename(p): p for p in list_parquet(partials_uri(output_uri), s3_endpoint)
+            posixpath.basename(i.path): i
+            for i in _list_infos(partials_uri(output_uri), s3_endpoint)
         }
+    part_mtime = {i.path: i.mtime for i in part_infos}
     pfs, _ = pyarrow_filesystem(partials_uri(output_uri), s3_endpoint)
 
     def one(path: str) -> tuple[Summary, bool]:
         name = posixpath.basename(path)
-        if name in have:
+        info = have.get(name)
+        if info is not None and _older(info.mtime, part_mtime[path]):
+            log(f"partial {name} is older than its part (left from another run?); reading the part")
+            info = None
+        if info is not None:
             try:
-                with pfs.open_input_file(have[name]) as f:
+                with pfs.open_input_file(info.path) as f:
                     return Summary.from_partial(pq.read_table(f)), True
             except (OSError, ValueError, pa.ArrowException) as e:
                 log(f"partial {name} unusable ({type(e).__name__}: {e}); reading the part")
@@ -924,6 +966,11 @@ def summarize_output(
     if write:
         _write_parquet(table, summary_uri(output_uri), s3_endpoint)
     return table
+
+
+def _older(a, b) -> bool:
+    """True when modification time ``a`` is known to be before ``b`` (None: unknown)."""
+    return a is not None and b is not None and a < b
 
 
 def read_summary(output_uri: str, s3_endpoint: str | None = None) -> pa.Table:
