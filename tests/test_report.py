@@ -357,3 +357,33 @@ def test_command_line(demo_out, tmp_path):
     )  # fmt: skip
     assert res.returncode == 2 and "no attribution files" in res.stderr
     assert R.main(["summarize", demo_out]) == 0
+
+
+def test_many_classes_show_the_standouts_first(demo_out):
+    res = R.build_report(demo_out, top=1, max_classes=4, log=lambda m: None)
+    shown = sorted(int(f.rsplit("-", 1)[1][:-4]) for f in res.files if "class-gradcam-" in f)
+    assert len(shown) == 4 and demo.DEMO_MARK_CLASS in shown
+    assert "Showing 4 of 10 classes" in open(res.index, encoding="utf-8").read()
+
+
+def test_report_on_topk_output_without_labels(tmp_path):
+    from xai_workers.worker import AttributionWorker
+
+    rng = np.random.default_rng(0)
+    w = AttributionWorker(
+        demo.build_demo_model(), target="topk:2", image_size=32, mean=demo.DEMO_MEAN,
+        std=demo.DEMO_STD, ig_steps=2, num_threads=1,
+    )  # fmt: skip
+    n = 12
+    x = (rng.random((n, 3, 32, 32)) * 2 - 1).astype(np.float32)
+    batch = pa.table({
+        "id": [f"i{i}" for i in range(n)], "x": S.tensor_array(x),
+        "error": pa.nulls(n, pa.string()), "source": ["s"] * n, "source_row": np.arange(n),
+    })  # fmt: skip
+    out.write_part(w(batch), str(tmp_path / "attributions"))
+    res = R.build_report(str(tmp_path), top=2, log=lambda m: None)
+    assert set(res.galleries) == {"border", "completeness", "disagreement"}
+    assert all(len(v) == 2 for v in res.galleries.values())
+    page = _Page()
+    page.feed(open(res.index, encoding="utf-8").read())
+    assert all((tmp_path / "report" / src).is_file() for src in page.imgs)
