@@ -54,12 +54,15 @@ in [0, 1] (200 bins: gini, entropy, border_frac, com_x, com_y, pred_prob) and fo
 other) in [1e-6, 1e6] (600 bins); outside those ranges, between the range's edge and the exact
 min/max. With many rows per class this is also within about one bin of numpy's default
 (linear) percentile; with few rows, consecutive order statistics can be far apart and the two
-definitions differ. Means, counts and maps are exact sums (float64 in memory and in partials).
+definitions differ. Counts, histograms and means are exact; maps are summed in float64 in memory
+and stored as float32 sums in partials.
 
 Sizes. In memory: per (group, class) key, 8 bytes x (bins of each statistic + 4 maps x 1024).
 With 1000 classes, labels and 20 statistics that is about 130 MB in the driver. A partial holds
-only the keys of its rows and only nonzero bins: at most about 36 KB per class present (its maps)
-plus a few KB of histogram entries.
+only the keys of its rows and only nonzero bins: 16 KB of maps per key present (4 maps of 32x32
+float32 sums; float32 is ample for the sum over one part's rows) plus its histogram entries. So
+a partial is small when a part holds few classes; a part of 128 shuffled ImageNet rows (about 120
+classes, twice with labels) gives about 4 MB, ~3% of its 128 MiB part.
 """
 
 from __future__ import annotations
@@ -545,9 +548,9 @@ class Summary:
             ]
         for m in self.maps:
             fields += [
-                pa.field(f"{m}__map_sum", pa.fixed_shape_tensor(pa.float64(), [s, s])),
+                pa.field(f"{m}__map_sum", pa.fixed_shape_tensor(pa.float32(), [s, s])),
                 pa.field(f"{m}__map_n", pa.int64()),
-                pa.field(f"{m}__share_sum", pa.fixed_shape_tensor(pa.float64(), [s, s])),
+                pa.field(f"{m}__share_sum", pa.fixed_shape_tensor(pa.float32(), [s, s])),
                 pa.field(f"{m}__share_n", pa.int64()),
             ]
         meta = {
@@ -562,7 +565,8 @@ class Summary:
 
     def to_partial(self) -> pa.Table:
         """The mergeable state as a small table: one row per key, histograms as sparse
-        (bin, count) lists, maps as float64 tensors. :meth:`from_partial` inverts it exactly."""
+        (bin, count) lists, map sums as float32 tensors. :meth:`from_partial` inverts it
+        (exactly, but for the float32 rounding of the map sums)."""
         schema = self.partial_schema()
         k = len(self.keys)
         cols: dict[str, pa.Array] = {
@@ -587,7 +591,7 @@ class Summary:
         for m, mp in self.maps.items():
             for part in ("sum", "share_sum"):
                 t = schema.field(f"{m}__map_sum").type
-                flat = pa.array(mp[part].reshape(-1), pa.float64())
+                flat = pa.array(mp[part].reshape(-1).astype(np.float32), pa.float32())
                 storage = pa.FixedSizeListArray.from_arrays(flat, self.map_size**2)
                 name = f"{m}__map_sum" if part == "sum" else f"{m}__share_sum"
                 cols[name] = pa.ExtensionArray.from_storage(t, storage)
