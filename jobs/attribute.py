@@ -6,18 +6,24 @@
       .map_batches(read_and_preprocess)     CPU tasks: read rows, decode, preprocess -> x / error
       .map_batches(AttributionWorker,       actors, one model each: 1 GPU per actor on a GPU
                    compute=ActorPoolStrategy)  cluster, a fraction of a node's CPUs otherwise
-      .map_batches(write_attributions)      CPU tasks: one atomic part file per batch
-      .iter_batches()                       the driver sees one small row per part: progress
+      .write_datasink(PartsDatasink)        CPU tasks: one atomic Parquet part per >= N rows
 
-Why the last stage is not ``Dataset.write_parquet``: in Ray 2.60 it names files
+Why the sink is ours and not ``Dataset.write_parquet``: in Ray 2.60 that names files
 ``{write_uuid}_{task}-{i}.parquet`` and writes them in place (not atomically), so after a crash a
 rerun can neither tell complete files from partial ones nor avoid writing rows twice. Ray Data's
 own checkpointing (``DataContext.checkpoint_config``) needs a unique id column in the input, keeps
 every written id in memory on resume and is beta. Here the output is its own checkpoint (see
-``jobs.output``): parts are atomic and keyed by ``(source, source_row)``, a rerun with
-``--resume`` reads those keys and skips the rows, and the end of every run checks that each input
-row is present exactly once. The write stage still goes through Ray Data (streaming, backpressure,
-retries), and the driver only ever holds one small row per part file.
+``jobs.output``): parts are atomic and named after the row keys ``(source, source_row)`` they
+hold, a rerun with ``--resume`` reads those keys and skips the rows, and the end of every run
+checks that each input row is present exactly once. The sink is a plain ``ray.data.Datasink``:
+Ray Data bundles at least ``rows_per_file`` rows into each write task (files of a sensible size),
+streams, backpressures and retries as for its own writers; the tensors keep Arrow's canonical
+``fixed_shape_tensor`` type (``xai_workers.schema``). Progress comes from a tiny actor the
+write tasks report to.
+
+On a 2-core machine every stage gets a fraction of a CPU (actor 1, reads 0.5, writes 0.25), so
+reading, computing and writing all make progress; no stage takes a whole CPU by default (Ray's
+``repartition`` would, so it is not used).
 
 Every check that can fail on a configuration mistake (:func:`prepare`) runs before Ray starts.
 """
@@ -37,6 +43,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import pyarrow as pa
+from ray.data import Datasink  # the driver side of the job is Ray's; the library never is
 
 from jobs import output as out
 from jobs import sources
@@ -71,13 +78,13 @@ def read_and_preprocess(batch: pa.Table, **kwargs) -> Iterator[pa.Table]:
 
 
 def write_attributions(
-    batch: pa.Table, *, dest: str, output: str, s3_endpoint: str | None, summary: bool = True
-) -> pa.Table:
-    """Ray stage 3: write the batch as one atomic part, then (``summary``) its partial per-class
-    summary from the same in-memory rows (``xai_workers.summary.write_partial``); one small row
-    describing the part. A partial that fails is only reported: the summary step at the end
-    recomputes it from the part."""
-    info = out.write_part(batch, dest, s3_endpoint=s3_endpoint)
+    table: pa.Table, *, dest: str, output: str, s3_endpoint: str | None, summary: bool = True
+) -> dict:
+    """Write ``table`` (output rows) as one atomic part, then (``summary``) its partial per-class
+    summary from the same in-memory rows (``xai_workers.summary.write_partial``). Returns the
+    part's ``{"file", "rows", "ok", "error", "bytes", "partial"}``. A partial that fails is only
+    reported: the summary step at the end recomputes it from the part."""
+    info = out.write_part(table, dest, s3_endpoint=s3_endpoint)
     info["partial"] = False
     if summary:
         try:
@@ -86,11 +93,96 @@ def write_attributions(
             pass
         else:
             try:
-                write_partial(batch, output, info["file"], s3_endpoint)
+                write_partial(table, output, info["file"], s3_endpoint)
                 info["partial"] = True
             except Exception:  # noqa: BLE001 - never lose a written part over its summary
                 pass
-    return pa.table({k: [v] for k, v in info.items()})
+    return info
+
+
+class PartsDatasink(Datasink):
+    """Ray Data sink writing each write task's rows as one atomic, keyed part file.
+
+    ``min_rows_per_write`` makes Ray Data bundle at least ``rows_per_file`` rows into one write
+    task, so parts hold between ``rows_per_file`` and that plus one block of rows (the last one
+    fewer). Each write reports its counts to ``progress`` (an actor with ``add``), if given.
+    """
+
+    def __init__(self, *, dest, output, s3_endpoint, rows_per_file, summary=True, progress=None):
+        self.dest, self.output, self.s3_endpoint = dest, output, s3_endpoint
+        self.rows_per_file, self.summary, self.progress = rows_per_file, summary, progress
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
+
+    def get_name(self) -> str:
+        return "XaiAuditParts"
+
+    def write(self, blocks, ctx) -> list[dict]:
+        from ray.data.block import BlockAccessor
+
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return []
+        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        info = write_attributions(table, dest=self.dest, output=self.output,
+                                  s3_endpoint=self.s3_endpoint, summary=self.summary)  # fmt: skip
+        if self.progress is not None:
+            self.progress.add.remote(info["rows"], info["error"], info["bytes"])
+        return [info]
+
+
+def _progress_actor_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressCounter:
+        """Totals reported by the write tasks: rows, error rows, files, bytes."""
+
+        def __init__(self):
+            self.totals = [0, 0, 0, 0]
+
+        def add(self, rows: int, errors: int, nbytes: int) -> None:
+            self.totals[0] += rows
+            self.totals[1] += errors
+            self.totals[2] += 1
+            self.totals[3] += nbytes
+
+        def get(self) -> list[int]:
+            return list(self.totals)
+
+    return ProgressCounter
+
+
+def _run_pipeline(prep, shards, resources, attr_uri, progress: Progress) -> None:
+    """Run the pipeline in a thread; poll the write tasks' counts for progress lines."""
+    import threading
+
+    import ray
+
+    counter = _progress_actor_class().remote()
+    failure: list[BaseException] = []
+
+    def target():
+        try:
+            _pipeline(prep, shards, resources, attr_uri, counter)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the driver's thread
+            failure.append(e)
+
+    thread = threading.Thread(target=target, name="xai-audit-pipeline", daemon=True)
+    thread.start()
+    poll = max(0.2, min(2.0, prep.cfg.progress_interval_s or 0.2))
+    try:
+        while thread.is_alive():
+            thread.join(timeout=poll)
+            progress.update(*ray.get(counter.get.remote()))
+        progress.update(*ray.get(counter.get.remote()), force=True)
+    finally:
+        ray.kill(counter)
+    if failure:
+        raise failure[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,15 +494,13 @@ class Progress:
         """Start the clock (after Ray is up)."""
         self.t0 = time.monotonic()
 
-    def add(self, rows: int, errors: int, nbytes: int) -> None:
+    def update(self, rows: int, errors: int, files: int, nbytes: int, force: bool = False) -> None:
+        """The totals so far (from the write tasks); prints a line when it is time."""
         now = time.monotonic()
-        if self.first is None:
+        if self.first is None and files:
             self.first = (now, rows)
-        self.rows += rows
-        self.errors += errors
-        self.files += 1
-        self.bytes += nbytes
-        if now - self.last >= self.interval or self.rows >= self.total:
+        self.rows, self.errors, self.files, self.bytes = rows, errors, files, nbytes
+        if force or (files and now - self.last >= self.interval):
             self.last = now
             self.log(self.line())
 
@@ -504,8 +594,7 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> JobRes
                 f"file -> {attr_uri}"
             )
             progress.start()
-            for row in _pipeline(prep, shards, resources, attr_uri):
-                progress.add(row["rows"], row["error"], row["bytes"])
+            _run_pipeline(prep, shards, resources, attr_uri, progress)
         t_pipe_end = time.monotonic()
         final = out.scan(attr_uri, rows_by_source, s3_endpoint=cfg.s3_endpoint)
         if final.duplicates:
@@ -616,8 +705,10 @@ def _summarize(cfg: JobConfig, log) -> dict:
     }
 
 
-def _pipeline(prep: Prepared, shards: list[dict], res: Resources, attr_uri: str) -> Iterator[dict]:
-    """Build and run the Ray Data pipeline; yield one dict per part file written."""
+def _pipeline(
+    prep: Prepared, shards: list[dict], res: Resources, attr_uri: str, progress_actor
+) -> None:
+    """Build and run the Ray Data pipeline to the end (blocking); parts report to the actor."""
     import ray
 
     from xai_workers.worker import AttributionWorker
@@ -688,16 +779,12 @@ def _pipeline(prep: Prepared, shards: list[dict], res: Resources, attr_uri: str)
         num_cpus=res.actor_num_cpus,
         num_gpus=res.actor_num_gpus or None,
     )
-    # exactly rows_per_file rows per block (the last one fewer), then one part per block
-    ds = ds.repartition(target_num_rows_per_block=prep.rows_per_file, strict=True)
-    ds = ds.map_batches(
-        write_attributions,
-        fn_kwargs=dict(
-            dest=attr_uri, output=cfg.output, s3_endpoint=cfg.s3_endpoint, summary=cfg.summary
-        ),
-        batch_size=None,
-        batch_format="pyarrow",
-        num_cpus=res.write_num_cpus,
+    sink = PartsDatasink(
+        dest=attr_uri,
+        output=cfg.output,
+        s3_endpoint=cfg.s3_endpoint,
+        rows_per_file=prep.rows_per_file,
+        summary=cfg.summary,
+        progress=progress_actor,
     )
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-        yield from batch.to_pylist()
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": res.write_num_cpus})
