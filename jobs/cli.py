@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS,
                         help="where the demo dataset and weights live (default: "
                         "~/.cache/xai-workers/demo)")  # fmt: skip
+    from jobs.report import add_subcommands
+
+    add_subcommands(sub)
     return parser
 
 
@@ -183,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "layers":
             return _layers(ns)
+        if ns.command in ("summarize", "report"):
+            return ns.handler(ns)
         if ns.command == "demo":
             cfg = config_from_args(ns, _demo_base(ns))
             if cfg.resume and cfg.overwrite:
