@@ -204,7 +204,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="demo", help="demo | resnet18 | any torchvision arch")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--ig-steps", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--n1", type=int, default=256)
     ap.add_argument("--n2", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=2)

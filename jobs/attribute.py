@@ -64,7 +64,7 @@ def _default_log(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# stage functions (run in Ray tasks; importable, picklable, no Ray import)
+# stage functions and the sink (run in Ray tasks; importable, picklable)
 # --------------------------------------------------------------------------------------------
 
 
@@ -492,7 +492,7 @@ class Progress:
 
     def start(self) -> None:
         """Start the clock (after Ray is up)."""
-        self.t0 = time.monotonic()
+        self.t0 = self.last = time.monotonic()
 
     def update(self, rows: int, errors: int, files: int, nbytes: int, force: bool = False) -> None:
         """The totals so far (from the write tasks); prints a line when it is time."""
@@ -500,7 +500,9 @@ class Progress:
         if self.first is None and files:
             self.first = (now, rows)
         self.rows, self.errors, self.files, self.bytes = rows, errors, files, nbytes
-        if force or (files and now - self.last >= self.interval):
+        # before the first part (minutes, for big images on CPUs) a heartbeat every 30 s
+        wait = self.interval if files else max(30.0, self.interval)
+        if force or now - self.last >= wait:
             self.last = now
             self.log(self.line())
 
@@ -621,7 +623,7 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> JobRes
     missing = final.missing(rows_by_source)
     wall = time.monotonic() - t_start
     pipe_s = t_pipe_end - t_pipe
-    computed = progress.rows
+    computed = max(0, final.rows - before)  # rows this run wrote (retries counted once)
     counts = {
         "rows_total": plan.total_rows,
         "rows_written": final.rows,

@@ -49,7 +49,7 @@ RUN_FLAGS = (
     ("--id-column", "NAME", "id column of a Parquet input (default id)"),
     ("--image-column", "NAME", "encoded-image column (default image)"),
     ("--label-column", "NAME", "label column (default: 'label' when present)"),
-    ("--batch-size", "B", "images per attribution batch on an actor (default 16)"),
+    ("--batch-size", "B", "images per actor call and per attribution batch (default 64)"),
     ("--actors", "N", "attribution actors (default: one per GPU, else one per node)"),
     ("--rows-per-file", "N", "rows per output file (default: ~128 MiB per file)"),
     ("--max-error-rate", "F", "exit 3 when more than this share of rows are errors"),

@@ -58,7 +58,7 @@ class JobConfig:
     id_column: str = "id"
     image_column: str = "image"
     label_column: str | None = None
-    batch_size: int = 16
+    batch_size: int = 64
     actors: int | None = None
     rows_per_file: int | None = None
     resume: bool = False
