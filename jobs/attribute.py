@@ -156,6 +156,17 @@ def _progress_actor_class():
     return ProgressCounter
 
 
+def _poll(counter, progress: Progress, force: bool = False) -> None:
+    """One progress update from the counter actor; progress is never worth failing the job."""
+    import ray
+
+    try:
+        totals = ray.get(counter.get.remote(), timeout=30)
+    except Exception:  # noqa: BLE001
+        return
+    progress.update(*totals, force=force)
+
+
 def _run_pipeline(prep, shards, resources, attr_uri, progress: Progress) -> None:
     """Run the pipeline in a thread; poll the write tasks' counts for progress lines."""
     import threading
@@ -177,10 +188,13 @@ def _run_pipeline(prep, shards, resources, attr_uri, progress: Progress) -> None
     try:
         while thread.is_alive():
             thread.join(timeout=poll)
-            progress.update(*ray.get(counter.get.remote()))
-        progress.update(*ray.get(counter.get.remote()), force=True)
+            _poll(counter, progress)
+        _poll(counter, progress, force=True)
     finally:
-        ray.kill(counter)
+        try:
+            ray.kill(counter)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
     if failure:
         raise failure[0]
 
@@ -515,8 +529,8 @@ class Progress:
         return self.rows / dt if dt > 0 else 0.0
 
     def line(self) -> str:
-        done = self.before + self.rows
         grand = self.before + self.total
+        done = min(self.before + self.rows, grand)  # a retried write reports twice
         pct = 100.0 * done / grand if grand else 100.0
         rate = self.rate()
         eta = (self.total - self.rows) / rate if rate > 0 else float("nan")
@@ -554,6 +568,9 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> JobRes
     before = 0
     if prep.state.parts:
         scan0 = out.scan(attr_uri, rows_by_source, prep.state.parts, s3_endpoint=cfg.s3_endpoint)
+        if scan0.unreadable:  # parts are atomic: this is damage from outside; redo those rows
+            log(f"{len(scan0.unreadable)} unreadable part files set aside (.corrupt-*)")
+            out.set_aside(scan0.unreadable, attr_uri, cfg.s3_endpoint)
         done = scan0.done
         before = int(sum(d.sum() for d in done.values()))
         log(f"resuming: {before} of {plan.total_rows} rows already written in {scan0.files} files")

@@ -181,6 +181,13 @@ def remove_owned(output: str, s3_endpoint: str | None = None) -> None:
                 fs.delete_file(p)
 
 
+def set_aside(paths: Iterable[str], dest: str, s3_endpoint: str | None = None) -> None:
+    """Rename part files to hidden ``.corrupt-<name>`` (readers and scans skip them)."""
+    fs, _ = _fs(dest, s3_endpoint)
+    for p in paths:
+        fs.move(p, posixpath.join(posixpath.dirname(p), ".corrupt-" + posixpath.basename(p)))
+
+
 def remove_temps(output: str, temps: Iterable[str], s3_endpoint: str | None = None) -> int:
     fs, _ = _fs(join(output, ATTRIBUTIONS), s3_endpoint)
     n = 0

@@ -113,3 +113,15 @@ def test_discover_rejects_mixed_or_unusable_inputs(tmp_path):
     (tmp_path / "junk.parquet").write_bytes(b"not parquet")
     with pytest.raises(ConfigError, match="cannot read Parquet file"):
         sources.discover(str(tmp_path / "junk.parquet"))
+
+
+def test_unreadable_parts_are_reported_and_set_aside(tmp_path):
+    dest = tmp_path / "attributions"
+    out.write_part(_rows("a.parquet", range(4)), str(dest))
+    (dest / "part-0000damaged.parquet").write_bytes(b"PAR1 not really")
+    scan = out.scan(str(dest), {"a.parquet": 4})
+    assert scan.files == 1 and len(scan.unreadable) == 1 and scan.rows == 4
+    out.set_aside(scan.unreadable, str(dest))
+    assert (dest / ".corrupt-part-0000damaged.parquet").exists()
+    again = out.scan(str(dest), {"a.parquet": 4})
+    assert not again.unreadable and again.missing({"a.parquet": 4}) == 0
