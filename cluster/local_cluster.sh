@@ -3,7 +3,7 @@
 # raylet with its own CPU count, to run the job the way it runs on a real cluster.
 #
 #   cluster/local_cluster.sh start      # head + $XAI_CLUSTER_WORKERS workers (token auth on)
-#   source .xai-cluster/env.sh          # RAY_ADDRESS + the auth settings for drivers and clients
+#   source /tmp/xai-cluster-$USER/env.sh   # RAY_ADDRESS + auth settings for drivers and clients
 #   xai-audit demo --output /tmp/demo-out          # a driver on this machine joins the cluster
 #   XAI_CLUSTER_DASHBOARD=1 (needs ray[default]) enables `ray job submit`:
 #   ray job submit --address "$XAI_DASHBOARD" --working-dir . -- xai-audit demo --output /tmp/d
@@ -20,7 +20,7 @@
 # start.
 set -euo pipefail
 
-STATE=${XAI_CLUSTER_DIR:-$PWD/.xai-cluster}
+STATE=${XAI_CLUSTER_DIR:-${TMPDIR:-/tmp}/xai-cluster-$(id -un)}
 PORT=${XAI_CLUSTER_PORT:-6390}
 DASH_PORT=${XAI_CLUSTER_DASHBOARD_PORT:-8290}
 WORKERS=${XAI_CLUSTER_WORKERS:-2}
