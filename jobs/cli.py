@@ -5,6 +5,7 @@
     xai-audit run --input URI --output URI --model SPEC [--weights URI] [...]
     xai-audit layers --model SPEC [--weights URI] [--image-size S]
     xai-audit demo [--output demo-out]
+    xai-audit summarize <output> | report <output>          (jobs.report)
 
 ``run`` flags are listed by ``xai-audit run --help`` and in CONVENTIONS.md; a YAML file given with
 ``--config`` takes the same keys (``ig-steps`` or ``ig_steps``) and flags override it.
