@@ -284,7 +284,7 @@ def _default_budget_mb(device: torch.device) -> float:
         free, _ = torch.cuda.mem_get_info(device)
         return 0.35 * free / 2**20
     # On a CPU, batches beyond a few hundred MB of saved activations stop paying off.
-    return 768.0
+    return 512.0
 
 
 def _gradcam_map(act: torch.Tensor, grad: torch.Tensor, size) -> torch.Tensor:
@@ -339,7 +339,7 @@ def attribute(
         saliency_mode: "abs" (|dF/dx|) or "square" (the squared-gradient sensitivity map).
         saliency_channels: keep the channel axis of the saliency map instead of max over it.
         batch_budget_mb: memory for the activations autograd saves per chunk of path points;
-            None = 768 MB on a CPU, 35% of free memory on a GPU.
+            None = 512 MB on a CPU, 35% of free memory on a GPU.
         precision: "fp32"; "bf16" (autocast on the device); or "auto": bf16 on CUDA with every
             row whose relative completeness error |ig_delta| / |F(x) - F(x')| exceeds
             ``BF16_MAX_REL_DELTA`` recomputed in fp32, fp32 elsewhere.
