@@ -52,7 +52,10 @@ def _values(n, layout, rng):
 def test_schema_columns_and_types():
     layout = _layout()
     s = S.output_schema(layout)
-    assert s.names[:4] == ["id", "label", "status", "error"]
+    assert s.names[:5] == ["id", "label", "correct", "status", "error"]
+    assert s.field("correct").type == pa.bool_()
+    assert "correct" not in S.output_schema(_layout(label_type=pa.string())).names
+    assert "correct" not in S.output_schema(_layout(label_type=None)).names
     assert s.names[-2:] == ["source", "source_row"]
     for name in STATS:
         assert s.field(name).type == pa.float32()
@@ -206,3 +209,21 @@ def test_readable_by_pyarrow_pandas_duckdb_without_ray(tmp_path):
     assert got["duck"][3].startswith("FLOAT[")  # a float array (list) per row
     assert got["duck_first"] == pytest.approx(float(vals["saliency"][0, 0, 0]))
     assert got["ray_imported"] is False
+
+
+def test_correct_column_compares_prediction_and_label():
+    layout = _layout()
+    schema = S.output_schema(layout)
+    values = _values(4, layout, np.random.default_rng(0))
+    values["pred_class"] = np.array([3, 1, 2, 7])
+    t = S.build_table(
+        schema,
+        ids=["a", "b", "c", "d"],
+        sources=["f"] * 4,
+        source_rows=[0, 1, 2, 3],
+        errors=[None, None, "bad image", None],
+        values=values,
+        labels=pa.array([3, 2, 2, None], type=pa.int64()),
+    )
+    # right, wrong, error row (null), null label (null)
+    assert t.column("correct").to_pylist() == [True, False, None, None]

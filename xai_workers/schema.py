@@ -7,6 +7,7 @@ column                type                                             meaning
 ====================  ===============================================  =========================
 id                    as in the input                                  the input row's id
 label                 as in the input (only with a label column)       the input row's label
+correct               bool (integer labels only)                       pred_class == label, or null
 status                string, never null                               ``ok`` or ``error``
 error                 string, null when ok                             what went wrong
 target                int64 (fixed_size_list<int64>[K] with topk:K)    class(es) explained
@@ -53,6 +54,7 @@ KEY_COLUMNS = ("source", "source_row")
 _DESCRIPTIONS = {
     "id": "the input row's id",
     "label": "the input row's label",
+    "correct": "pred_class == label (integer labels only; null on error rows and null labels)",
     "status": "ok or error",
     "error": "what went wrong (null when ok)",
     "target": "class explained (K classes with topk:K targets)",
@@ -142,6 +144,8 @@ def output_schema(layout: OutputLayout) -> pa.Schema:
     fields: list[pa.Field] = [pa.field("id", layout.id_type)]
     if layout.label_type is not None:
         fields.append(pa.field("label", layout.label_type))
+        if pa.types.is_integer(layout.label_type):
+            fields.append(pa.field("correct", pa.bool_()))
     fields += [
         pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string()),
@@ -198,6 +202,18 @@ def tensor_array(
         mask = pa.array(~np.asarray(valid, dtype=bool))
     storage = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), size, mask=mask)
     return pa.ExtensionArray.from_storage(tensor_type(shape), storage)
+
+
+def _correct(labels, pred: np.ndarray | None, valid: np.ndarray) -> pa.Array:
+    """bool (N,): ``pred == label`` where the row is ok and its label is not null, else null."""
+    n = len(valid)
+    if pred is None or labels is None:
+        return pa.nulls(n, pa.bool_())
+    lab = labels if isinstance(labels, pa.Array) else pa.array(labels)
+    known = valid & ~np.asarray(lab.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    lab_np = np.asarray(lab.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
+    pred = np.asarray(pred).reshape(n, -1)[:, 0]
+    return pa.array(pred == lab_np, type=pa.bool_(), mask=~known)
 
 
 def _to_arrow(values, t: pa.DataType, valid: np.ndarray | None, n: int) -> pa.Array:
@@ -265,6 +281,8 @@ def build_table(
                 if isinstance(labels, pa.Array)
                 else pa.array(labels, type=f.type)
             )
+        elif f.name == "correct":
+            col = _correct(labels, values.get("pred_class"), valid)
         elif f.name == "status":
             col = pa.array(np.where(valid, STATUS_OK, STATUS_ERROR).tolist(), type=pa.string())
         elif f.name == "error":
