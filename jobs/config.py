@@ -14,16 +14,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("saliency", "integrated_gradients", "gradcam", "cam")
-DEFAULT_METHODS = ("saliency", "integrated_gradients", "gradcam")
-QUADRATURES = (
-    "riemann_left",
-    "riemann_right",
-    "riemann_middle",
-    "riemann_trapezoid",
-    "gausslegendre",
-)
-BASELINES = ("black", "gray", "zeros", "blur", "uniform")
+from xai_workers.engine import BASELINES, DEFAULT_METHODS, METHODS
+from xai_workers.quadrature import QUADRATURES
+
 PRECISIONS = ("fp32", "bf16", "auto")
 
 

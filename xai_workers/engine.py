@@ -15,6 +15,7 @@ to a memory budget.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import weakref
@@ -469,7 +470,7 @@ def _run(
 
             handles.append(fc.register_forward_hook(keep_head_input))
         layer_ctx = capture_activation(net, layer) if (want_gc or want_cam) else None
-        with layer_ctx or _nullctx() as store, saving, autocast:
+        with layer_ctx or contextlib.nullcontext() as store, saving, autocast:
             # with IG the graph is kept even without a backward here: it measures the memory
             # autograd saves per row, which sizes the sweep's chunks
             xin = x.clone().requires_grad_(grad_at_x or want_ig)
@@ -565,14 +566,6 @@ def _run(
     if mode != "topk":
         result["target"], result["score"] = targets[:, 0], result["score"][:, 0]
     return result
-
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _ig_sweep(
