@@ -317,8 +317,9 @@ def test_image_folder_input_and_demo_command(ray_session, data, tmp_path, capsys
     argv = ["demo", "--data-dir", str(demo_dir), "--output", str(tmp_path / "demo-out"),
             "--ig-steps", "2", "--progress-interval-s", "0"]  # fmt: skip
     assert main(argv) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith(f"complete: {N_DEMO}/{N_DEMO} rows")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith(f"complete: {N_DEMO}/{N_DEMO} rows") for line in lines), lines
+    assert (tmp_path / "demo-out" / "report" / "index.html").stat().st_size > 1000
     assert main(argv) == 0  # the demo replaces its own output on a second run
     m = json.loads((tmp_path / "demo-out" / "manifest.json").read_text())
     assert m["model"]["gradcam_layer"] == "features.block4" and m["status"] == "complete"
