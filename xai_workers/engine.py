@@ -268,12 +268,14 @@ def _scores(out: torch.Tensor, score: str) -> torch.Tensor:
     return out if score == "logit" else torch.softmax(out, dim=1)
 
 
-def _saved_bytes_counter():
-    """saved_tensors_hooks that add up the bytes autograd saves (parameters excluded)."""
-    total = {"bytes": 0, "skip": set()}
+def _saved_bytes_counter(net: nn.Module):
+    """saved_tensors_hooks that add up the bytes autograd saves (``net``'s parameters and
+    buffers excluded: they are shared by all rows)."""
+    skip = {t.data_ptr() for t in (*net.parameters(), *net.buffers())}
+    total = {"bytes": 0}
 
     def pack(t):
-        if t.data_ptr() not in total["skip"]:
+        if t.data_ptr() not in skip:
             total["bytes"] += t.numel() * t.element_size()
         return t
 
@@ -295,8 +297,8 @@ def _gradcam_map(act: torch.Tensor, grad: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
-def _last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+def _last_linear(model: nn.Module) -> nn.Linear:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError("CAM needs a model that ends in global average pooling and a Linear")
     return linears[-1]
@@ -418,7 +420,7 @@ def _redo_inexact_rows_in_fp32(net, x, out, kwargs) -> None:
         return
     idx = bad.nonzero().reshape(-1)
     sub = dict(kwargs)
-    if isinstance(sub["target"], torch.Tensor) or isinstance(sub["target"], (list, tuple)):
+    if isinstance(sub["target"], (torch.Tensor, list, tuple)):
         sub["target"] = torch.as_tensor(sub["target"], device=x.device).reshape(-1)[idx]
     if sub["baseline"] is not None and sub["baseline"].shape[0] == x.shape[0]:
         sub["baseline"] = sub["baseline"][idx]
@@ -456,14 +458,11 @@ def _run(
 
     # ---- 1. forward (and backward) at x itself: prediction, target, saliency, Grad-CAM, CAM
     result: dict[str, torch.Tensor] = {}
-    counter, saving = _saved_bytes_counter()
-    counter["skip"] = {p.data_ptr() for p in net.parameters()} | {
-        b.data_ptr() for b in net.buffers()
-    }
+    counter, saving = _saved_bytes_counter(net)
     fc_in: dict = {}
+    fc = _last_linear(net) if want_cam else None
     with hooks_removed_after() as handles:
         if want_cam:
-            _, fc = _last_linear(net)
 
             def keep_head_input(m, inputs, output):  # returns None: the output is left alone
                 fc_in["x"] = inputs[0]
@@ -526,7 +525,7 @@ def _run(
                     f"CAM needs the head to be global average pooling of {layer!r} followed by "
                     "one Linear layer; use gradcam for this model"
                 )
-            w = _wide(_last_linear(net)[1].weight)[targets[:, j]]  # (N, K_channels)
+            w = _wide(fc.weight)[targets[:, j]]  # (N, K_channels)
             m = (w[:, :, None, None] * a).sum(dim=1, keepdim=True)
             cam.append(F.interpolate(m, size=size, mode="bilinear", align_corners=False)[:, 0])
     del logits, s_all, act, store
