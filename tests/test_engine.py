@@ -14,7 +14,7 @@ from captum.attr._utils.approximation_methods import approximation_parameters
 from torch import nn
 
 from xai_workers import attribute, make_baseline, prepare_model
-from xai_workers.engine import SpaceToDepthConv, fold_batchnorm
+from xai_workers.engine import SpaceToDepthConv, fold_batchnorm, input_layer
 from xai_workers.hooks import default_gradcam_layer
 from xai_workers.quadrature import QUADRATURES, path_points
 
@@ -435,6 +435,44 @@ def test_fast_form_is_exact():
         xx = torch.randn(2, c, h, w, dtype=torch.float64)
         with torch.no_grad():
             _close(SpaceToDepthConv(conv)(xx), conv(xx))
+
+
+class InputTwice(nn.Module):
+    """The input feeds the first conv and, when ``skip`` is set, the output too."""
+
+    def __init__(self, skip=False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+        self.skip = skip
+
+    def forward(self, x):
+        y = self.fc(torch.tanh(self.conv(x)).mean(dim=(2, 3)))
+        if self.skip:
+            y = y + (x * x).mean(dim=(1, 2, 3))[:, None]
+        return y
+
+
+def test_first_layer_shortcut_and_its_fallbacks_equal_captum(x):
+    """The sweep sums the gradients at the output of the layer that alone reads the input and
+    maps the sum back once. A model that reads the input elsewhere too, seen by torch.fx or
+    only at run time, takes the input gradient at every path point. All equal Captum."""
+    torch.manual_seed(0)
+    plain = InputTwice(skip=False).double().eval()
+    skip = copy.deepcopy(plain)
+    skip.skip = True
+    assert input_layer(_model("resnet18")[0]) == "conv1"
+    assert input_layer(plain) == "conv"
+    assert input_layer(skip) is None
+    late = prepare_model(plain)  # traced without the skip: the shortcut is planned
+    late.skip = True  # ... but at run time the input also reaches the output
+    for model, ref in [(plain, plain), (skip, skip), (late, skip)]:
+        ours = attribute(model, x, ig_steps=8, methods=("integrated_gradients",))
+        ig, delta = IntegratedGradients(ref).attribute(
+            x, target=ours["target"], n_steps=8, return_convergence_delta=True
+        )
+        _close(ours["integrated_gradients"], ig, what=f"IG, skip={model.skip}")
+        _close_delta(ours, delta)
 
 
 def test_bad_arguments(x):

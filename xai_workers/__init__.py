@@ -3,9 +3,9 @@
 The library is plain PyTorch (and pyarrow for output); it never imports Ray.
 """
 
-from xai_workers.engine import attribute, make_baseline, prepare_model
+from xai_workers.engine import attribute, keep_freed_memory, make_baseline, prepare_model
 
-__all__ = ["attribute", "load_model", "make_baseline", "prepare_model"]
+__all__ = ["attribute", "keep_freed_memory", "load_model", "make_baseline", "prepare_model"]
 
 
 def __getattr__(name):

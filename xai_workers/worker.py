@@ -170,7 +170,7 @@ class AttributionWorker:
         label_type: pa.DataType | None = None,
         seed: int = 0,
     ):
-        from xai_workers.engine import BASELINES, prepare_model
+        from xai_workers.engine import BASELINES, keep_freed_memory, prepare_model
         from xai_workers.hooks import default_gradcam_layer, get_submodule
         from xai_workers.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
@@ -178,6 +178,7 @@ class AttributionWorker:
         if self.device.type == "cpu":
             self.num_threads = int(num_threads or available_cores())
             torch.set_num_threads(self.num_threads)
+            keep_freed_memory()  # about 9% faster on a CPU: see engine.keep_freed_memory
         else:
             self.num_threads = torch.get_num_threads()
         self.mode, self.target_value = parse_target(target)
