@@ -438,16 +438,17 @@ def test_fast_form_is_exact():
 
 
 class InputTwice(nn.Module):
-    """The input feeds the first conv and, when ``skip`` is set, the output too."""
+    """The input feeds the first conv and, when ``skip`` is set, the output too; with ``pre``
+    set the conv sees a scaled copy of the input instead."""
 
-    def __init__(self, skip=False):
+    def __init__(self, skip=False, pre=False):
         super().__init__()
         self.conv = nn.Conv2d(3, 6, 3, padding=1)
         self.fc = nn.Linear(6, 4)
-        self.skip = skip
+        self.skip, self.pre = skip, pre
 
     def forward(self, x):
-        y = self.fc(torch.tanh(self.conv(x)).mean(dim=(2, 3)))
+        y = self.fc(torch.tanh(self.conv(x * 1.5 if self.pre else x)).mean(dim=(2, 3)))
         if self.skip:
             y = y + (x * x).mean(dim=(1, 2, 3))[:, None]
         return y
@@ -464,14 +465,18 @@ def test_first_layer_shortcut_and_its_fallbacks_equal_captum(x):
     assert input_layer(_model("resnet18")[0]) == "conv1"
     assert input_layer(plain) == "conv"
     assert input_layer(skip) is None
+    pre = copy.deepcopy(plain)
+    pre.pre = True
     late = prepare_model(plain)  # traced without the skip: the shortcut is planned
     late.skip = True  # ... but at run time the input also reaches the output
-    for model, ref in [(plain, plain), (skip, skip), (late, skip)]:
+    late_pre = prepare_model(plain)
+    late_pre.pre = True  # ... or the conv is not fed the input itself
+    for model, ref in [(plain, plain), (skip, skip), (late, skip), (late_pre, pre)]:
         ours = attribute(model, x, ig_steps=8, methods=("integrated_gradients",))
         ig, delta = IntegratedGradients(ref).attribute(
             x, target=ours["target"], n_steps=8, return_convergence_delta=True
         )
-        _close(ours["integrated_gradients"], ig, what=f"IG, skip={model.skip}")
+        _close(ours["integrated_gradients"], ig, what=f"IG, skip={model.skip}, pre={model.pre}")
         _close_delta(ours, delta)
 
 
