@@ -13,10 +13,11 @@ images, IG with 32 Gauss-Legendre steps, it times:
 Runs alternate (ours, captum NCHW, captum channels_last) after one warm-up round; the figures are
 medians. It also counts the FLOPs of our call on the original model (torch.utils.flop_counter:
 convolutions and matrix multiplies, forward and input-backward), nominal (every path point a
-forward + input backward, what Captum runs) and executed (less the input layer's input gradient,
-which our sweep takes once per image instead of once per point), and compares the achieved
-FLOP/s with a fp32 matrix multiply measured in the same run. By default freed memory stays in the
-process (``keep_freed_memory``, for both sides). Run it on a quiet machine:
+forward + input backward, what Captum runs) and executed (our sweep runs the input layer, forward
+and input gradient, once per image instead of once per point), and compares the achieved FLOP/s
+with a fp32 matrix multiply measured in the same run. ``--keep-freed-memory`` runs both sides with
+``keep_freed_memory()`` (as the batch job's CPU workers do); by default glibc's malloc is left as
+it is. Run it on a quiet machine:
 
     python benchmarks/engine_vs_captum.py [--models resnet18,resnet50] [--rounds 5]
 """
@@ -102,20 +103,20 @@ def bench_model(arch: str, rounds: int) -> dict:
     with FlopCounterMode(display=False) as fc2:
         frozen(xi)[0, 0].backward()
     point_flops = fc2.get_total_flops()
-    # The sweep skips the input layer's input gradient at its STEPS points per image and runs it
-    # once per image instead (engine._ig_sweep; same multiply-adds as that layer's forward).
+    # The sweep runs the input layer once per image, not at its STEPS points (engine._ig_sweep):
+    # per image one forward of L(diff) and one input gradient (+ a forward on a zero probe), and
+    # once per call the layer at the baseline and at zero.
     first = input_layer(frozen)
     with FlopCounterMode(display=False) as fc3:
         if first is not None:
             with torch.no_grad():
                 frozen.get_submodule(first)(x[:1])
-    first_flops = fc3.get_total_flops()
+    first_flops = fc3.get_total_flops()  # the layer's forward = its input gradient, per image
     del frozen
     # nominal: what the issue counts, a forward + input backward per path point (Captum's work);
-    # executed: the multiply-adds our call really runs, less the input layer's forward on a zero
-    # probe once per image (wasted work, left out); the FLOP/s target is judged on this one
+    # executed: the multiply-adds our call really runs (the FLOP/s target is judged on this one)
     flops = BATCH * (STEPS + 1) * point_flops + fwd_flops
-    executed = flops - BATCH * (STEPS - 1) * first_flops
+    executed = flops - 2 * BATCH * STEPS * first_flops + (3 * BATCH + 2) * first_flops
 
     times = {"ours": [], "captum_nchw": [], "captum_cl": []}
     rates = []
@@ -160,13 +161,13 @@ def main(argv=None) -> None:
     p.add_argument("--models", default="resnet18,resnet50")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument(
-        "--return-freed-memory",
+        "--keep-freed-memory",
         action="store_true",
-        help="leave glibc malloc as it is (default: keep_freed_memory(), as the job's workers do; "
-        "it applies to Captum's calls in this process too)",
+        help="call keep_freed_memory() first, as the job's CPU workers do (it applies to "
+        "Captum's calls in this process too)",
     )
     args = p.parse_args(argv)
-    kept = False if args.return_freed_memory else keep_freed_memory()
+    kept = keep_freed_memory() if args.keep_freed_memory else False
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; batch {BATCH} x {SIZE}px, IG {STEPS} {METHOD} steps; "

@@ -343,7 +343,7 @@ def test_cam_is_gradcam_without_backward_on_gap_linear_models(x):
 def test_intermediate_gradcam_layers_equal_captum(x):
     model, _ = _model("resnet18")
     t = torch.tensor([0, 3, 6])
-    for layer in ("layer2.0.conv2", "layer3.1.bn1", "layer1", "conv1"):
+    for layer in ("layer2.0.conv2", "layer3.1.bn1", "layer1", "conv1", "relu", "maxpool"):
         ours = attribute(model, x, target=t, methods=("gradcam",), gradcam_layer=layer)
         ref = LayerGradCam(model, model.get_submodule(layer)).attribute(
             x, target=t, relu_attributions=True
@@ -351,8 +351,9 @@ def test_intermediate_gradcam_layers_equal_captum(x):
         ref = F.interpolate(ref, size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0]
         _close(ours["gradcam"], ref)
     net = prepare_model(model)
-    with pytest.raises(ValueError, match="folded"):
-        attribute(net, x, methods=("gradcam",), gradcam_layer="layer2.0.conv2")
+    for layer in ("layer2.0.conv2", "relu"):  # a folded conv, a ReLU run after its pool
+        with pytest.raises(ValueError, match="no longer its own"):
+            attribute(net, x, methods=("gradcam",), gradcam_layer=layer)
     with pytest.raises(KeyError, match="no layer named"):
         attribute(model, x, methods=("gradcam",), gradcam_layer="layer9")
 
@@ -419,6 +420,9 @@ def test_fast_form_is_exact():
     net = prepare_model(model)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 0
     assert isinstance(net.conv1, SpaceToDepthConv)
+    assert isinstance(net.relu, nn.Identity) and isinstance(net.maxpool[1], nn.ReLU)
+    kept = prepare_model(model, gradcam_layer="relu")  # a Grad-CAM layer keeps its own output
+    assert isinstance(kept.relu, nn.ReLU) and isinstance(kept.maxpool, nn.MaxPool2d)
     assert all(not p.requires_grad for p in net.parameters())
     x = torch.randn(2, 3, 61, 53, dtype=torch.float64)  # odd sizes exercise the stem's padding
     with torch.no_grad():

@@ -87,6 +87,20 @@ def test_matches_engine_on_same_inputs(model):
     assert w.counters["rows"] == 7 and w.counters["errors"] == 0
 
 
+def test_gradcam_at_a_conv_that_has_a_batchnorm(model):
+    """prepare_model folds BatchNorms into convs unless the conv is the Grad-CAM layer: the
+    worker must keep the named conv's own activations."""
+    x = _images(3)
+    layer = "features.block3.conv"
+    w = AttributionWorker(model, gradcam_layer=layer, methods=("gradcam",), **KW)
+    out = w(_batch(x))
+    assert out.column("status").to_pylist() == ["ok"] * 3
+    ref = attribute(model, torch.from_numpy(x), methods=("gradcam",), gradcam_layer=layer)
+    np.testing.assert_allclose(
+        S.tensor_to_numpy(out["gradcam"]), ref["gradcam"].numpy(), rtol=1e-4, atol=1e-6
+    )
+
+
 def test_bad_rows_become_error_rows(model):
     x = _images(6)
     x[4, 0, 0, 0] = np.nan

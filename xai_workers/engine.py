@@ -41,15 +41,18 @@ BF16_MAX_REL_DELTA = 0.05
 
 @dataclass(frozen=True)
 class _Form:
-    """What ``prepare_model`` did to a model: the convolutions that had a BatchNorm folded into
-    them, and the layer that alone reads the input (``input_layer``; None if there is none)."""
+    """What ``prepare_model`` did to a model: the layers whose output is no longer their own
+    (convolutions with a BatchNorm folded in, ReLUs now run after their max-pool), and the layer
+    that alone reads the input (``input_layer``; None if there is none)."""
 
-    folded: frozenset[str]
+    altered: frozenset[str]
     input_layer: str | None
 
 
 # prepared model -> its _Form
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# prepared model -> {(input shape, dtype, device): its default Grad-CAM layer}
+_DEFAULT_LAYER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,6 +106,51 @@ def fold_batchnorm(model: nn.Module, keep: Sequence[str] = ()) -> list[str]:
         setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
         folded.append(prev.target)
     return folded
+
+
+def pool_before_relu(model: nn.Module, keep: Sequence[str] = ()) -> list[str]:
+    """Run a ``MaxPool2d`` that directly follows a ``ReLU`` before it instead (in place).
+
+    max-pooling commutes with ReLU (both values and gradients, ties included: a window whose
+    maximum is <= 0 gets 0 and passes no gradient either way), and pooling first lets the ReLU
+    and its backward work on a quarter of the elements (ResNet's stem: 64 x 112 x 112 ->
+    64 x 56 x 56 per image). The ReLU becomes ``nn.Identity`` and the pool
+    ``nn.Sequential(pool, ReLU)`` under their own names, so the pool's output is what it was; a
+    ReLU named in ``keep`` (a Grad-CAM layer) stays. Only pairs torch.fx shows as ReLU -> pool
+    with nothing else reading the ReLU's output, each module running once, are changed.
+    Returns the names of the ReLUs moved.
+    """
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - untraceable models stay as they are
+        return []
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    moved = []
+    for node in graph.nodes:
+        pool = modules.get(node.target) if node.op == "call_module" else None
+        if type(pool) is not nn.MaxPool2d or pool.return_indices:
+            continue
+        prev = node.args[0] if node.args else None
+        if not isinstance(prev, torch.fx.Node) or prev.op != "call_module":
+            continue
+        relu = modules.get(prev.target)
+        if (
+            type(relu) is not nn.ReLU
+            or prev.target in keep
+            or len(prev.users) != 1
+            or calls[prev.target] != 1
+            or calls[node.target] != 1
+        ):
+            continue
+        for name, new in ((prev.target, nn.Identity()), (node.target, nn.Sequential(pool, relu))):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        moved.append(prev.target)
+    return moved
 
 
 class SpaceToDepthConv(nn.Module):
@@ -195,10 +243,11 @@ def prepare_model(
     """A frozen copy of ``model`` in its fastest exact form, for ``attribute``.
 
     The copy is in eval mode, its parameters have ``requires_grad=False``, eval-mode BatchNorm is
-    folded into the preceding convolutions (``fold_batchnorm``), strided stem convolutions run
-    as space-to-depth convolutions (``SpaceToDepthConv``) and its 4-D weights are channels_last;
-    it lives on ``device`` (default: where ``model`` is). A convolution named as
-    ``gradcam_layer`` keeps its BatchNorm apart, so its activations stay the conv's own. The
+    folded into the preceding convolutions (``fold_batchnorm``), a max-pool that follows a ReLU
+    runs before it (``pool_before_relu``), strided stem convolutions run as space-to-depth
+    convolutions (``SpaceToDepthConv``) and its 4-D weights are channels_last; it lives on
+    ``device`` (default: where ``model`` is). A layer named as ``gradcam_layer`` keeps its own
+    output (its BatchNorm apart, its ReLU before the pool). The
     caller's model is not touched. A model that is already prepared is returned as it is (moved
     to ``device``).
     """
@@ -208,15 +257,17 @@ def prepare_model(
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    folded = fold_batchnorm(net, keep=(gradcam_layer,) if gradcam_layer else ()) if fold_bn else []
+    keep = (gradcam_layer,) if gradcam_layer else ()
+    altered = fold_batchnorm(net, keep=keep) if fold_bn else []
     first = input_layer(net)
+    altered += pool_before_relu(net, keep=keep)
     if space_to_depth:
         space_to_depth_stems(net)
     if device is not None:
         net.to(device)
     if channels_last:
         net.to(memory_format=torch.channels_last)
-    _PREPARED[net] = _Form(folded=frozenset(folded), input_layer=first)
+    _PREPARED[net] = _Form(altered=frozenset(altered), input_layer=first)
     return net
 
 
@@ -447,11 +498,15 @@ def attribute(
     net = prepare_model(model, device=x.device, gradcam_layer=gradcam_layer)
     if "gradcam" in methods or "cam" in methods:
         if gradcam_layer is None:
-            gradcam_layer = default_gradcam_layer(net, x[:1])
-        if gradcam_layer in _PREPARED[net].folded:
+            key = (tuple(x.shape[1:]), x.dtype, x.device)
+            layers = _DEFAULT_LAYER.setdefault(net, {})
+            if key not in layers:  # a forward pass: once per prepared model and input shape
+                layers[key] = default_gradcam_layer(net, x[:1])
+            gradcam_layer = layers[key]
+        if gradcam_layer in _PREPARED[net].altered:
             raise ValueError(
-                f"layer {gradcam_layer!r} had its BatchNorm folded in by prepare_model, so its "
-                f"output is no longer the conv's own: prepare the model with "
+                f"prepare_model folded a BatchNorm into layer {gradcam_layer!r} or moved it after "
+                f"a pool, so its output is no longer its own: prepare the model with "
                 f"prepare_model(model, gradcam_layer={gradcam_layer!r})"
             )
     kwargs = dict(
@@ -660,9 +715,8 @@ class _PathRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, alpha, z_base, z_diff, b_img, img):
-        out = torch.empty(
-            (len(img), *z_diff.shape[1:]), dtype=z_diff.dtype, device=z_diff.device
-        ).contiguous(memory_format=torch.channels_last)
+        shape, fmt = (len(img), *z_diff.shape[1:]), torch.channels_last
+        out = torch.empty(shape, dtype=z_diff.dtype, device=z_diff.device, memory_format=fmt)
         keys = (img * z_base.shape[0] + b_img).tolist()
         start = 0
         for i in range(1, len(keys) + 1):
@@ -731,8 +785,9 @@ def _ig_sweep(
     w = torch.as_tensor(weights, dtype=x.dtype, device=device)
     sweep = torch.arange(len(alphas) - (1 if has_one else 0), device=device)
     pairs = n * kk
-    acc = torch.zeros((pairs, *x.shape[1:]), dtype=x.dtype, device=device)
-    acc = acc.contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last
+    acc = torch.empty((pairs, *x.shape[1:]), dtype=x.dtype, device=device, memory_format=fmt)
+    acc.zero_()
     if has_one:  # a = 1 is the pass at x: reuse its gradient
         acc += w[-1] * torch.stack(g_x, dim=1).reshape(acc.shape)
     base_score = torch.empty(pairs, dtype=x.dtype, device=device)
@@ -787,8 +842,9 @@ def _ig_sweep(
         else:
             g_z, g = torch.autograd.grad(s.sum(), (z_edge, inp), allow_unused=True)
             if acc_z is None:
-                acc_z = torch.zeros((pairs, *g_z.shape[1:]), dtype=x.dtype, device=device)
-                acc_z = acc_z.contiguous(memory_format=torch.channels_last)
+                acc_z = torch.empty(
+                    (pairs, *g_z.shape[1:]), dtype=x.dtype, device=device, memory_format=fmt
+                ).zero_()
             _add_weighted_rows(acc_z, pair, w[step], g_z)
         if g is not None:
             _add_weighted_rows(acc, pair, w[step], g)

@@ -216,7 +216,7 @@ class AttributionWorker:
         if self.mode == "label" and label_type is None:
             raise ValueError("target 'label' needs a label column")
 
-        self.net = prepare_model(module, device=self.device)
+        self.net = prepare_model(module, device=self.device, gradcam_layer=gradcam_layer)
         s = self.preprocessing.image_size
         self.methods = tuple(methods)
         if gradcam_layer is None and ("gradcam" in self.methods or "cam" in self.methods):
