@@ -41,7 +41,7 @@ import torch
 
 from jobs.attribute import run_job
 from jobs.config import JobConfig
-from xai_workers.engine import attribute, make_baseline, prepare_model
+from xai_workers.engine import attribute, keep_freed_memory, make_baseline, prepare_model
 from xai_workers.models import load_model
 from xai_workers.preprocess import preprocess_bytes
 from xai_workers.stats import row_statistics
@@ -90,6 +90,7 @@ def model_files(kind: str, root: str) -> tuple[str, str, dict]:
 def engine_rate(spec, weights, pre, dataset, n, args) -> tuple[float, float]:
     """(images/s of attribute, images/s of attribute + row_statistics) on n images."""
     torch.set_num_threads(available_cores())
+    keep_freed_memory()  # as the job's CPU workers do
     loaded = load_model(spec, weights, image_size=args.size, **pre)
     net = prepare_model(loaded.module)
     from xai_workers.hooks import default_gradcam_layer
