@@ -368,6 +368,9 @@ def _saved_bytes_counter(net: nn.Module):
     return total, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
+_MALLOC = {"kept": False}  # whether keep_freed_memory() took effect in this process
+
+
 def keep_freed_memory(top_pad_mb: int = 256) -> bool:
     """Make glibc's malloc keep freed memory in the process instead of returning it to the OS.
 
@@ -389,19 +392,23 @@ def keep_freed_memory(top_pad_mb: int = 256) -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # glibc <malloc.h>
-    return bool(
+    kept = bool(
         mallopt(m_mmap_max, 0)
         and mallopt(m_trim_threshold, 2**31 - 1)
         and mallopt(m_top_pad, int(top_pad_mb) * 2**20)
     )
+    _MALLOC["kept"] = _MALLOC["kept"] or kept
+    return kept
 
 
 def _default_budget_mb(device: torch.device) -> float:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return 0.35 * free / 2**20
-    # On a CPU, batches beyond a few hundred MB of saved activations stop paying off.
-    return 512.0
+    # On a CPU, chunks beyond a few hundred MB of saved activations stop paying off. Unless
+    # freed memory is kept (keep_freed_memory), glibc maps fresh zeroed pages for every block
+    # above 32 MB in every chunk: smaller chunks keep more blocks under that (docs/benchmarks.md).
+    return 512.0 if _MALLOC["kept"] else 256.0
 
 
 def _gradcam_map(act: torch.Tensor, grad: torch.Tensor, size) -> torch.Tensor:
@@ -456,7 +463,8 @@ def attribute(
         saliency_mode: "abs" (|dF/dx|) or "square" (the squared-gradient sensitivity map).
         saliency_channels: keep the channel axis of the saliency map instead of max over it.
         batch_budget_mb: memory for the activations autograd saves per chunk of path points;
-            None = 512 MB on a CPU, 35% of free memory on a GPU.
+            None = 512 MB on a CPU after ``keep_freed_memory()``, else 256 MB; 35% of free
+            memory on a GPU.
         precision: "fp32"; "bf16" (autocast on the device); or "auto": bf16 on CUDA with every
             row whose relative completeness error |ig_delta| / |F(x) - F(x')| exceeds
             ``BF16_MAX_REL_DELTA`` recomputed in fp32, fp32 elsewhere.
