@@ -60,6 +60,41 @@ _DEFAULT_LAYER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # --------------------------------------------------------------------------------------------
 
 
+def _traced(model: nn.Module) -> tuple[torch.fx.Graph, dict[str, int]] | None:
+    """``model``'s torch.fx graph and how often each module is called in it; None if torch.fx
+    cannot trace it (such models are simply left as they are)."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - any tracing failure means "leave the model alone"
+        return None
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return graph, calls
+
+
+def _chained_modules(model: nn.Module) -> list[tuple[str, str]]:
+    """(a, b) for every module b that torch.fx shows called on the output of module a, where
+    that output feeds nothing but b and both modules run exactly once."""
+    traced = _traced(model)
+    if traced is None:
+        return []
+    graph, calls = traced
+    pairs = []
+    for node in graph.nodes:
+        prev = node.args[0] if node.op == "call_module" and node.args else None
+        if (
+            isinstance(prev, torch.fx.Node)
+            and prev.op == "call_module"
+            and len(prev.users) == 1
+            and calls[prev.target] == 1
+            and calls[node.target] == 1
+        ):
+            pairs.append((prev.target, node.target))
+    return pairs
+
+
 def fold_batchnorm(model: nn.Module, keep: Sequence[str] = ()) -> list[str]:
     """Fold every eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` into that conv.
 
@@ -70,29 +105,13 @@ def fold_batchnorm(model: nn.Module, keep: Sequence[str] = ()) -> list[str]:
     (a Grad-CAM layer must output the conv's own activations) and models that torch.fx cannot
     trace are left as they are. Returns the names of the folded convolutions.
     """
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # noqa: BLE001 - untraceable models simply keep their BatchNorms
-        return []
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
     folded = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
-            continue
-        prev = node.args[0] if node.args else None
-        if not isinstance(prev, torch.fx.Node) or prev.op != "call_module":
-            continue
-        conv, bn = modules.get(prev.target), modules[node.target]
+    for conv_name, bn_name in _chained_modules(model):
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         if (
             not isinstance(conv, nn.Conv2d)
-            or prev.target in keep
-            or len(prev.users) != 1
-            or calls[prev.target] != 1
-            or calls[node.target] != 1
+            or not isinstance(bn, nn.BatchNorm2d)
+            or conv_name in keep
             or bn.running_mean is None
             or bn.training
             or conv.training
@@ -102,9 +121,8 @@ def fold_batchnorm(model: nn.Module, keep: Sequence[str] = ()) -> list[str]:
             conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
         )
         conv.weight, conv.bias = w, b
-        parent_name, _, child = node.target.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
-        folded.append(prev.target)
+        model.set_submodule(bn_name, nn.Identity())
+        folded.append(conv_name)
     return folded
 
 
@@ -120,36 +138,19 @@ def pool_before_relu(model: nn.Module, keep: Sequence[str] = ()) -> list[str]:
     with nothing else reading the ReLU's output, each module running once, are changed.
     Returns the names of the ReLUs moved.
     """
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # noqa: BLE001 - untraceable models stay as they are
-        return []
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
     moved = []
-    for node in graph.nodes:
-        pool = modules.get(node.target) if node.op == "call_module" else None
-        if type(pool) is not nn.MaxPool2d or pool.return_indices:
-            continue
-        prev = node.args[0] if node.args else None
-        if not isinstance(prev, torch.fx.Node) or prev.op != "call_module":
-            continue
-        relu = modules.get(prev.target)
+    for relu_name, pool_name in _chained_modules(model):
+        relu, pool = model.get_submodule(relu_name), model.get_submodule(pool_name)
         if (
             type(relu) is not nn.ReLU
-            or prev.target in keep
-            or len(prev.users) != 1
-            or calls[prev.target] != 1
-            or calls[node.target] != 1
+            or type(pool) is not nn.MaxPool2d
+            or pool.return_indices
+            or relu_name in keep
         ):
             continue
-        for name, new in ((prev.target, nn.Identity()), (node.target, nn.Sequential(pool, relu))):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        moved.append(prev.target)
+        model.set_submodule(relu_name, nn.Identity())
+        model.set_submodule(pool_name, nn.Sequential(pool, relu))
+        moved.append(relu_name)
     return moved
 
 
@@ -202,9 +203,7 @@ def space_to_depth_stems(model: nn.Module) -> int:
     ``SpaceToDepthConv`` under the same name. Returns the number replaced."""
     targets = [n for n, m in model.named_modules() if SpaceToDepthConv.applies_to(m)]
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, SpaceToDepthConv(getattr(parent, child)))
+        model.set_submodule(name, SpaceToDepthConv(model.get_submodule(name)))
     return len(targets)
 
 
@@ -217,18 +216,17 @@ def input_layer(model: nn.Module) -> str | None:
     weighted gradients at that layer's output and maps the sum back once per image instead of at
     every path point (``_ig_sweep``). Models that torch.fx cannot trace give None.
     """
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # noqa: BLE001 - untraceable models take the plain path
+    traced = _traced(model)
+    if traced is None:
         return None
+    graph, calls = traced
     inputs = [node for node in graph.nodes if node.op == "placeholder"]
     if len(inputs) != 1 or len(inputs[0].users) != 1:
         return None
     (user,) = inputs[0].users
     if user.op != "call_module" or type(model.get_submodule(user.target)) is not nn.Conv2d:
         return None
-    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == user.target]
-    return user.target if len(calls) == 1 else None
+    return user.target if calls[user.target] == 1 else None
 
 
 def prepare_model(
