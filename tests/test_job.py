@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from rowcheck import assert_rows_match_engine
 
 from jobs import output as out
 from jobs.attribute import run_job
@@ -30,7 +31,6 @@ from xai_workers import schema as S
 from xai_workers.demo import DEMO_MEAN, DEMO_STD, build_demo_model, write_demo_dataset
 from xai_workers.engine import attribute, make_baseline, prepare_model
 from xai_workers.preprocess import Preprocessing, preprocess_bytes
-from xai_workers.stats import row_statistics
 
 ray = pytest.importorskip("ray")
 
@@ -121,17 +121,7 @@ def test_end_to_end_equals_engine(ray_session, data, tmp_path):
     ref = attribute(
         net, x, ig_steps=4, baseline=make_baseline(x, "black", pre), gradcam_layer="features"
     )
-    stats = row_statistics(ref)
-    for name in ("saliency", "integrated_gradients", "gradcam"):
-        np.testing.assert_allclose(
-            S.tensor_to_numpy(got[name]), ref[name].numpy(), rtol=1e-4, atol=1e-6
-        )
-    np.testing.assert_array_equal(got["target"].to_numpy(), ref["target"].numpy())
-    for name in ("score", "baseline_score", "ig_delta", *stats):
-        want = (stats[name] if name in stats else ref[name]).numpy()
-        np.testing.assert_allclose(
-            got[name].to_numpy(zero_copy_only=False), want, rtol=1e-4, atol=1e-5, equal_nan=True
-        )
+    assert_rows_match_engine(got, ref)
     assert got["label"].to_pylist() == [int(v) for v in got["label"].to_pylist()]  # passed on
     assert set(got["source"].to_pylist()) == {"digits.parquet"}
     assert sorted(got["source_row"].to_pylist()) == list(range(N_DEMO))

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from rowcheck import assert_maps_close, assert_statistics_from_own_maps
 
 from jobs import sources
 from jobs.attribute import run_job
@@ -71,12 +72,14 @@ def test_two_nodes_same_rows_as_one_process(two_nodes, tmp_path):
     for name in ("id", "label", "status", "target", "pred_class", "source", "source_row"):
         assert got[name].to_pylist() == want[name].to_pylist(), name
     for name in ("saliency", "integrated_gradients", "gradcam"):
-        np.testing.assert_allclose(S.tensor_to_numpy(got[name]), S.tensor_to_numpy(want[name]),
-                                   rtol=1e-4, atol=1e-6)  # fmt: skip
-    for name in ("score", "ig_delta", "gradcam_border_frac", "ig_rel_error"):
-        np.testing.assert_allclose(got[name].to_numpy(zero_copy_only=False),
-                                   want[name].to_numpy(zero_copy_only=False),
-                                   rtol=1e-4, atol=1e-5, equal_nan=True)  # fmt: skip
+        assert_maps_close(S.tensor_to_numpy(got[name]), S.tensor_to_numpy(want[name]), name)
+    # logits from another batch composition and thread count: see tests/rowcheck.py
+    scale = np.maximum(np.abs(want["score"].to_numpy(zero_copy_only=False)), 1.0)
+    for name in ("score", "ig_delta"):
+        err = np.abs(got[name].to_numpy(zero_copy_only=False)
+                     - want[name].to_numpy(zero_copy_only=False))  # fmt: skip
+        assert (err <= 1e-4 * scale).all(), (name, err.max())
+    assert_statistics_from_own_maps(got)
 
 
 def test_cluster_files_are_valid():

@@ -6,13 +6,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from rowcheck import assert_maps_close, assert_rows_match_engine
 from torch import nn
 
 from xai_workers import schema as S
 from xai_workers.demo import DEMO_MEAN, DEMO_STD, build_demo_model
 from xai_workers.engine import attribute, make_baseline, prepare_model
 from xai_workers.preprocess import Preprocessing
-from xai_workers.stats import row_statistics
 from xai_workers.worker import AttributionWorker, available_cores, parse_target
 
 SIZE = 32
@@ -70,17 +70,7 @@ def test_matches_engine_on_same_inputs(model):
         baseline=make_baseline(xt, "blur", PRE),
         gradcam_layer=w.gradcam_layer,
     )
-    stats = row_statistics(ref)
-    for name in ("saliency", "integrated_gradients", "gradcam"):
-        np.testing.assert_allclose(
-            S.tensor_to_numpy(out[name]), ref[name].numpy(), rtol=1e-4, atol=1e-6
-        )
-    for name in ("target", "pred_class"):
-        np.testing.assert_array_equal(out[name].to_numpy(), ref[name].numpy())
-    for name in ("score", "baseline_score", "ig_delta", "pred_prob", *stats):
-        got = np.asarray(out[name].to_pylist(), dtype=np.float64)
-        want = (stats[name] if name in stats else ref[name]).numpy()
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, equal_nan=True)
+    assert_rows_match_engine(out, ref)
     np.testing.assert_array_equal(
         np.asarray(out["topk_classes"].to_pylist()), ref["topk_classes"].numpy()
     )
@@ -96,9 +86,7 @@ def test_gradcam_at_a_conv_that_has_a_batchnorm(model):
     out = w(_batch(x))
     assert out.column("status").to_pylist() == ["ok"] * 3
     ref = attribute(model, torch.from_numpy(x), methods=("gradcam",), gradcam_layer=layer)
-    np.testing.assert_allclose(
-        S.tensor_to_numpy(out["gradcam"]), ref["gradcam"].numpy(), rtol=1e-4, atol=1e-6
-    )
+    assert_maps_close(S.tensor_to_numpy(out["gradcam"]), ref["gradcam"].numpy(), "gradcam")
 
 
 def test_bad_rows_become_error_rows(model):
