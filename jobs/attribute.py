@@ -16,7 +16,8 @@ every written id in memory on resume and is beta. Here the output is its own che
 ``jobs.output``): parts are atomic and named after the row keys ``(source, source_row)`` they
 hold, a rerun with ``--resume`` reads those keys and skips the rows, and the end of every run
 checks that each input row is present exactly once. The sink is a plain ``ray.data.Datasink``:
-Ray Data bundles at least ``rows_per_file`` rows into each write task (files of a sensible size),
+Ray Data bundles at least ``rows_per_file`` rows into each write task, which writes parts of at most
+``rows_per_file`` rows (files of a sensible size),
 streams, backpressures and retries as for its own writers; the tensors keep Arrow's canonical
 ``fixed_shape_tensor`` type (``xai_workers.schema``). Progress comes from a tiny actor the
 write tasks report to.
@@ -104,8 +105,9 @@ class PartsDatasink(Datasink):
     """Ray Data sink writing each write task's rows as one atomic, keyed part file.
 
     ``min_rows_per_write`` makes Ray Data bundle at least ``rows_per_file`` rows into one write
-    task, so parts hold between ``rows_per_file`` and that plus one block of rows (the last one
-    fewer). Each write reports its counts to ``progress`` (an actor with ``add``), if given.
+    task (a task may get more: blocks are not split), and the task writes them as parts of
+    ``rows_per_file`` rows each, the last one fewer: no part holds more than ``rows_per_file``
+    rows. Each part reports its counts to ``progress`` (an actor with ``add``), if given.
     """
 
     def __init__(self, *, dest, output, s3_endpoint, rows_per_file, summary=True, progress=None):
@@ -127,11 +129,15 @@ class PartsDatasink(Datasink):
         if not tables:
             return []
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-        info = write_attributions(table, dest=self.dest, output=self.output,
-                                  s3_endpoint=self.s3_endpoint, summary=self.summary)  # fmt: skip
-        if self.progress is not None:
-            self.progress.add.remote(info["rows"], info["error"], info["bytes"])
-        return [info]
+        infos = []
+        for start in range(0, table.num_rows, self.rows_per_file):
+            part = table.slice(start, self.rows_per_file)
+            info = write_attributions(part, dest=self.dest, output=self.output,
+                                      s3_endpoint=self.s3_endpoint, summary=self.summary)  # fmt: skip
+            if self.progress is not None:
+                self.progress.add.remote(info["rows"], info["error"], info["bytes"])
+            infos.append(info)
+        return infos
 
 
 def _progress_actor_class():
@@ -609,7 +615,7 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> JobRes
             manifest["ray"] = resources.describe()
             log(
                 f"{todo} rows to explain in {len(shards)} shards on {resources.nodes} node(s), "
-                f"{resources.actors} {resources.device} actor(s); {prep.rows_per_file} rows per "
+                f"{resources.actors} {resources.device} actor(s); at most {prep.rows_per_file} rows per "
                 f"file -> {attr_uri}"
             )
             progress.start()

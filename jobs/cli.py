@@ -52,7 +52,7 @@ RUN_FLAGS = (
     ("--label-column", "NAME", "label column (default: 'label' when present)"),
     ("--batch-size", "B", "images per actor call and per attribution batch (default 64)"),
     ("--actors", "N", "attribution actors (default: one per GPU, else one per node)"),
-    ("--rows-per-file", "N", "rows per output file (default: ~128 MiB per file)"),
+    ("--rows-per-file", "N", "at most N rows per output file (default: ~128 MiB per file)"),
     ("--max-error-rate", "F", "exit 3 when more than this share of rows are errors"),
     ("--s3-endpoint", "URL", "S3-compatible endpoint (default $AWS_ENDPOINT_URL, else AWS)"),
     ("--address", "ADDR", "Ray cluster address (default: $RAY_ADDRESS, a running local "

@@ -46,6 +46,24 @@ def test_parts_are_atomic_keyed_and_idempotent(tmp_path):
     assert back.schema.field("saliency").type == S.tensor_type((4, 4))
 
 
+def test_sink_writes_at_most_rows_per_file(tmp_path):
+    """Ray Data hands a write task whole blocks (>= rows_per_file rows, maybe many more): the
+    sink cuts them into parts of --rows-per-file rows, so the flag is a maximum that holds."""
+    from jobs.attribute import PartsDatasink
+
+    dest = str(tmp_path / "attributions")
+    sink = PartsDatasink(dest=dest, output=str(tmp_path), s3_endpoint=None, rows_per_file=5,
+                         summary=False)  # fmt: skip
+    assert sink.min_rows_per_write == 5
+    infos = sink.write([_rows("a.parquet", range(13)), _rows("b.parquet", range(9))], ctx=None)
+    assert [i["rows"] for i in infos] == [5, 5, 5, 5, 2]
+    sizes = sorted(pq.read_metadata(f).num_rows for f in (tmp_path / "attributions").iterdir())
+    assert sizes == [2, 5, 5, 5, 5]
+    scanned = out.scan(dest, {"a.parquet": 13, "b.parquet": 9})
+    src = {"a.parquet": 13, "b.parquet": 9}
+    assert scanned.rows == 22 and not scanned.duplicates and scanned.missing(src) == 0
+
+
 def test_scan_finds_every_row_once_and_removes_duplicates(tmp_path):
     dest = str(tmp_path / "attributions")
     sizes = {"a.parquet": 10, "b.parquet": 4}

@@ -184,5 +184,4 @@ def test_model_spec_with_weights_file(model, tmp_path):
     x = _images(2)
     out = w(_batch(x))
     ref = attribute(prepare_model(model), torch.from_numpy(x), methods=("saliency",))
-    np.testing.assert_allclose(S.tensor_to_numpy(out["saliency"]), ref["saliency"].numpy(),
-                               rtol=1e-5, atol=1e-7)  # fmt: skip
+    assert_maps_close(S.tensor_to_numpy(out["saliency"]), ref["saliency"].numpy(), "saliency")
