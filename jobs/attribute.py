@@ -132,8 +132,10 @@ class PartsDatasink(Datasink):
         infos = []
         for start in range(0, table.num_rows, self.rows_per_file):
             part = table.slice(start, self.rows_per_file)
-            info = write_attributions(part, dest=self.dest, output=self.output,
-                                      s3_endpoint=self.s3_endpoint, summary=self.summary)  # fmt: skip
+            info = write_attributions(
+                part, dest=self.dest, output=self.output, s3_endpoint=self.s3_endpoint,
+                summary=self.summary,
+            )  # fmt: skip
             if self.progress is not None:
                 self.progress.add.remote(info["rows"], info["error"], info["bytes"])
             infos.append(info)
@@ -615,8 +617,8 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> JobRes
             manifest["ray"] = resources.describe()
             log(
                 f"{todo} rows to explain in {len(shards)} shards on {resources.nodes} node(s), "
-                f"{resources.actors} {resources.device} actor(s); at most {prep.rows_per_file} rows per "
-                f"file -> {attr_uri}"
+                f"{resources.actors} {resources.device} actor(s); at most "
+                f"{prep.rows_per_file} rows per file -> {attr_uri}"
             )
             progress.start()
             _run_pipeline(prep, shards, resources, attr_uri, progress)

@@ -242,8 +242,9 @@ def galleries_for(names: Sequence[str]) -> list[Gallery]:
 def _ig_error(c: dict) -> np.ndarray:
     if "ig_rel_error" in c:
         return c["ig_rel_error"]
-    change = np.maximum(np.abs(c["score"] - c["baseline_score"]), 1e-6)
-    return np.abs(c["ig_delta"]) / change
+    # xai_workers.stats.ig_relative_error, for outputs written without the column
+    scale = np.maximum(np.abs(c["score"] - c["baseline_score"]), np.abs(c["score"]))
+    return np.abs(c["ig_delta"]) / np.maximum(scale, 1e-6)
 
 
 class TopK:

@@ -207,6 +207,8 @@ def test_map_2d():
     sal = torch.rand(4, 5, 6)
     torch.testing.assert_close(stats.map_2d("saliency", sal), sal)
     torch.testing.assert_close(stats.map_2d("gradcam", sal), sal)
+    signed = torch.randn(4, 5, 6)  # CAM is signed: its map is the positive evidence
+    torch.testing.assert_close(stats.map_2d("cam", signed), signed.clamp(min=0))
     with pytest.raises(ValueError, match="unknown method"):
         stats.map_2d("lime", sal)
 
@@ -215,12 +217,14 @@ def test_map_2d():
 
 
 def test_ig_relative_error():
-    delta = torch.tensor([0.1, -0.2, 0.0, 0.5])
-    score = torch.tensor([3.0, 1.0, 2.0, 1.0])
-    base = torch.tensor([1.0, 3.0, 2.0, 1.0])
+    delta = torch.tensor([0.1, -0.2, 0.0, 0.5, 0.21, 0.5])
+    score = torch.tensor([3.0, 1.0, 2.0, 1.0, 4.93, 0.0])
+    base = torch.tensor([1.0, 3.0, 2.0, 1.0, 4.90, 0.0])
     got = stats.ig_relative_error(delta, score, base)
     assert got.dtype == torch.float32
-    expected = [0.05, 0.1, 0.0, 0.5 / stats.IG_REL_EPS]
+    # |delta| / max(|F(x) - F(x')|, |F(x)|, 1e-6). The 5th row is the issue's case: a baseline
+    # scoring 4.90 against 4.93 gave 700% relative to the change alone; 4.3% relative to 4.93.
+    expected = [0.1 / 3, 0.1, 0.0, 0.5, 0.21 / 4.93, 0.5 / stats.IG_REL_EPS]
     assert got.tolist() == pytest.approx(expected, rel=1e-6)
     assert torch.isfinite(got).all()
 
@@ -280,7 +284,7 @@ def test_row_statistics_columns_and_values():
         "baseline_score": torch.zeros(n),
     }
     out = stats.row_statistics(result)
-    expected = {f"{m}_{s}" for m in stats.METHODS for s in stats.MAP_STATS}
+    expected = {f"{m}_{s}" for m in result if m in stats.METHODS for s in stats.MAP_STATS}
     expected |= {
         "ig_rel_error",
         "agree_saliency_integrated_gradients",

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn.functional as F
 
 from xai_workers import schema as S
 from xai_workers import summary as SM
@@ -27,9 +28,12 @@ METHODS = ("saliency", "integrated_gradients", "gradcam")
 N_CLASSES = 5
 
 
-def make_rows(n: int, seed: int = 0, size: int = 12, offset: int = 0) -> pa.Table:
+def make_rows(
+    n: int, seed: int = 0, size: int = 12, offset: int = 0, target_is_label: bool = False
+) -> pa.Table:
     """``n`` attribution rows in the output schema: every 7th row an error row, every 5th label
-    null, every 11th Grad-CAM map all zero (NaN statistics), predictions right ~70% of the time."""
+    null, every 11th Grad-CAM map all zero (NaN statistics), predictions right ~70% of the time.
+    Targets are the predictions, or (``target_is_label``) the labels (``--target label``)."""
     rng = np.random.default_rng(seed)
     layout = output_layout(METHODS, size, 10, "predicted", label_type=pa.int64())
     schema = S.output_schema(layout)
@@ -52,7 +56,7 @@ def make_rows(n: int, seed: int = 0, size: int = 12, offset: int = 0) -> pa.Tabl
     label = rng.integers(0, N_CLASSES, n)
     pred = np.where(rng.random(n) < 0.7, label, rng.integers(0, N_CLASSES, n))
     values = {
-        "target": pred,
+        "target": label if target_is_label else pred,
         "pred_class": pred,
         "pred_prob": rng.random(n).astype(np.float32),
         "topk_classes": np.tile(np.arange(5), (n, 1)),
@@ -124,13 +128,16 @@ def test_counts_add_up_to_the_rows(rows):
         assert rl["errors"] == (~ok & lab_valid & (label == c)).sum()
         assert rl["correct"] == (ok & lab_valid & (label == c) & (pred == c)).sum()
     # group order: all, then pred_class by class, then label by class
-    assert t["group_by"].to_pylist() == ["all"] + ["pred_class"] * 5 + ["label"] * 5
-    assert t["class"].to_pylist() == [None, 0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
+    assert t["group_by"].to_pylist() == (
+        ["all"] + ["pred_class"] * 5 + ["label"] * 5 + ["target"] * 5
+    )
+    by_target = _group(t, "target")  # target = pred_class here: the same rows
+    for c in range(N_CLASSES):
+        assert by_target[c]["count"] == by_pred[c]["count"]
+    assert t["class"].to_pylist() == [None] + [0, 1, 2, 3, 4] * 3
 
 
 def test_means_and_maps_match_a_direct_computation(rows):
-    import torch.nn.functional as F
-
     t = SM.Summary().update(rows).to_table()
     assert t.schema.equals(
         SM.summary_schema(SM.statistic_columns(rows.schema), SM.MAP_METHODS), check_metadata=False
@@ -162,7 +169,7 @@ def test_means_and_maps_match_a_direct_computation(rows):
         share, (pooled[share_sel] / total[share_sel, None, None]).mean(0), rtol=1e-5
     )
     assert share.sum() == pytest.approx(1.0, abs=1e-5)
-    assert S.tensor_to_numpy(t["integrated_gradients_mean_map"]).shape == (11, 32, 32)
+    assert S.tensor_to_numpy(t["integrated_gradients_mean_map"]).shape == (16, 32, 32)
 
 
 def test_merge_is_exact_and_order_free(rows):
@@ -200,10 +207,32 @@ def test_merge_is_exact_and_order_free(rows):
     assert SM.Summary().update(rows.slice(0, 0)).rows == 0
 
 
+def test_maps_are_grouped_by_the_class_they_explain():
+    """--target label: a row's maps explain its label, not its prediction. The 'target' rows'
+    mean maps average exactly the maps that explain that class (the report draws those)."""
+    rows = make_rows(120, seed=3, target_is_label=True)
+    t = SM.Summary().update(rows).to_table()
+    ok = _np(rows, "status") == "ok"
+    target = np.asarray(rows["target"].fill_null(-1).to_numpy(), int)
+    pred = np.asarray(rows["pred_class"].fill_null(-1).to_numpy(), int)
+    assert (ok & (target >= 0) & (target != pred)).sum() > 10  # the groups differ
+    gc = S.tensor_to_numpy(rows["gradcam"])
+    pooled = F.adaptive_avg_pool2d(torch.from_numpy(gc[:, None]).double(), 32)[:, 0].numpy()
+    groups = t["group_by"].to_pylist()
+    classes = t["class"].to_pylist()
+    maps = S.tensor_to_numpy(t["gradcam_mean_map"])
+    for c in range(N_CLASSES):
+        i = [k for k, (g, cc) in enumerate(zip(groups, classes, strict=True))
+             if g == "target" and cc == c][0]  # fmt: skip
+        sel = ok & (target == c)
+        assert t["count"][i].as_py() == sel.sum()
+        np.testing.assert_allclose(maps[i], pooled[sel].mean(0), rtol=1e-5)  # float32 storage
+
+
 def test_partial_is_small_and_sparse(rows):
     part = SM.summarize_table(rows)
-    # one row per key: all + 5 predicted + 5 labels; histograms hold only nonzero bins
-    assert part.num_rows == 11
+    # one row per key: all + 5 predicted + 5 labels + 5 targets; only nonzero histogram bins
+    assert part.num_rows == 16
     bins = part["gradcam_gini__bins"].to_pylist()
     assert sum(len(b) for b in bins) <= 3 * rows.num_rows
     assert part.schema.metadata[b"xai_workers.summary_version"] == SM.SUMMARY_VERSION.encode()

@@ -6,13 +6,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from rowcheck import assert_maps_close, assert_rows_match_engine
+from rowcheck import assert_maps_close, assert_rows_match_engine, assert_statistics_from_own_maps
 from torch import nn
 
 from xai_workers import schema as S
 from xai_workers.demo import DEMO_MEAN, DEMO_STD, build_demo_model
 from xai_workers.engine import attribute, make_baseline, prepare_model
 from xai_workers.preprocess import Preprocessing
+from xai_workers.stats import gini as stats_gini
 from xai_workers.worker import AttributionWorker, available_cores, parse_target
 
 SIZE = 32
@@ -75,6 +76,23 @@ def test_matches_engine_on_same_inputs(model):
         np.asarray(out["topk_classes"].to_pylist()), ref["topk_classes"].numpy()
     )
     assert w.counters["rows"] == 7 and w.counters["errors"] == 0
+
+
+def test_cam_has_statistics(model):
+    """--methods cam: the rows get cam_{gini,...} statistics of ReLU(cam) (its 2-D map) and an
+    agreement with the other maps, like every other method."""
+    x = _images(4)
+    w = AttributionWorker(model, methods=("saliency", "cam"), **KW)
+    out = w(_batch(x))
+    assert out.column("status").to_pylist() == ["ok"] * 4
+    for s in ("gini", "entropy", "border_frac", "com_x", "com_y"):
+        assert f"cam_{s}" in out.column_names
+    assert "agree_saliency_cam" in out.column_names
+    cam = torch.from_numpy(S.tensor_to_numpy(out["cam"]))
+    assert (cam < 0).any()  # stored raw and signed
+    gini = stats_gini(cam.clamp(min=0).double()).numpy()
+    np.testing.assert_allclose(out["cam_gini"].to_numpy(), gini, rtol=1e-6)  # float32 cast
+    assert_statistics_from_own_maps(out)
 
 
 def test_gradcam_at_a_conv_that_has_a_batchnorm(model):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-METHODS = ("saliency", "integrated_gradients", "gradcam")
+METHODS = ("saliency", "integrated_gradients", "gradcam", "cam")
 MAP_STATS = ("gini", "entropy", "border_frac", "com_x", "com_y")
 
 #: Fraction of the width (height) that counts as border, on each side.
@@ -40,9 +40,12 @@ def map_2d(method: str, value: Tensor) -> Tensor:
     - ``saliency``: (..., H, W) -> itself.
     - ``integrated_gradients``: (..., C, H, W) -> ``sum_c |IG[c]|``, (..., H, W).
     - ``gradcam``: (..., H, W) -> itself.
+    - ``cam``: (..., H, W) -> ``ReLU(cam)``: the positive evidence for the class, the part
+      Grad-CAM keeps (on a GAP + linear model ``gradcam = ReLU(cam) / (h*w)``, so the two have
+      the same statistics there). The stored ``cam`` stays signed and raw.
 
     Leading axes (batch N, and a top-k axis K) are kept. Returns the input's dtype and device
-    (detached); values ``>= 0`` for the three methods' raw outputs.
+    (detached); values ``>= 0`` for the methods' raw outputs.
     """
     if method == "integrated_gradients":
         if value.dim() < 3:
@@ -50,10 +53,10 @@ def map_2d(method: str, value: Tensor) -> Tensor:
                 f"integrated_gradients must be (..., C, H, W); got {tuple(value.shape)}"
             )
         return value.detach().abs().sum(dim=-3)
-    if method in ("saliency", "gradcam"):
+    if method in ("saliency", "gradcam", "cam"):
         if value.dim() < 2:
             raise ValueError(f"{method} must be (..., H, W); got {tuple(value.shape)}")
-        return value.detach()
+        return value.detach().clamp(min=0) if method == "cam" else value.detach()
     raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
 
 
@@ -164,14 +167,18 @@ def map_statistics(m: Tensor) -> dict[str, Tensor]:
 def ig_relative_error(
     ig_delta: Tensor, score: Tensor, baseline_score: Tensor, eps: float = IG_REL_EPS
 ) -> Tensor:
-    """Completeness error of IG relative to the score change, float32, same shape as the inputs.
+    """Completeness error of IG relative to the score, float32, same shape as the inputs.
 
-    ``|ig_delta| / max(|score - baseline_score|, eps)``, with ``eps = 1e-6`` by default (scores are
-    logits or probabilities, so a change below 1e-6 is "no change"). Finite for finite inputs; when
-    the score does not change, a nonzero delta shows up as a large value, not a division by zero.
+    ``|ig_delta| / max(|score - baseline_score|, |score|, eps)``, ``eps = 1e-6`` by default.
+    Relative to the score change alone, an image whose baseline already scores almost as high
+    as the image (e.g. 4.90 vs 4.93) would show a tiny absolute error as hundreds of percent:
+    the larger of the change and the score itself keeps the figure meaningful there, and equals
+    the usual ``|delta| / |F(x) - F(x')|`` whenever the baseline scores 0 or opposite to the
+    image. Finite for finite inputs.
     """
-    change = (score.detach().double() - baseline_score.detach().double()).abs().clamp(min=eps)
-    return (ig_delta.detach().double().abs() / change).float()
+    s64, b64 = score.detach().double(), baseline_score.detach().double()
+    scale = torch.maximum((s64 - b64).abs(), s64.abs()).clamp(min=eps)
+    return (ig_delta.detach().double().abs() / scale).float()
 
 
 def _average_ranks(x: Tensor) -> Tensor:

@@ -31,6 +31,11 @@ Summary rows (``to_table``), in this order:
   ``sum(count) over pred_class == count of 'all' == rows with status ok``.
 - ``group_by = 'label'`` (integer labels only), one per label: ``count`` ok rows with that label,
   ``errors`` error rows with that label. Rows with a null label are in no label group.
+- ``group_by = 'target'``, one per class explained (the ``target`` column; the first target with
+  ``topk:K``): ``count`` ok rows whose maps explain ``class``. With ``--target predicted`` these
+  rows equal the ``pred_class`` ones; with ``label`` or a fixed class they differ, and the mean
+  maps of a ``target`` row are the ones that mean something: every map in them explains the
+  same class.
 
 Columns: ``labeled`` (ok rows with a label), ``correct`` (of those, ``pred_class == label``),
 ``accuracy = correct / labeled`` (null without labels; per predicted class this is the precision
@@ -86,8 +91,8 @@ MAP_SIZE = 32
 #: Methods whose per-class mean map is kept.
 MAP_METHODS = ("integrated_gradients", "gradcam")
 PERCENTILES = (5, 50, 95)
-GROUP_ALL, GROUP_PRED, GROUP_LABEL = "all", "pred_class", "label"
-GROUPS = (GROUP_ALL, GROUP_PRED, GROUP_LABEL)
+GROUP_ALL, GROUP_PRED, GROUP_LABEL, GROUP_TARGET = "all", "pred_class", "label", "target"
+GROUPS = (GROUP_ALL, GROUP_PRED, GROUP_LABEL, GROUP_TARGET)
 #: Folders and files under ``<output>`` (the same names as ``jobs.output``).
 ATTRIBUTIONS_DIR = "attributions"
 SUMMARY_DIR = "summary"
@@ -267,6 +272,18 @@ def _int_values(col) -> tuple[np.ndarray, np.ndarray]:
     return arr.astype(np.int64), np.ones(len(arr), dtype=bool)
 
 
+def _first_of_list(col):
+    """A target column: int (N,) as it is; a list column (``topk:K``) -> its first element."""
+    if isinstance(col, (pa.Array, pa.ChunkedArray)):
+        if pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type):
+            import pyarrow.compute as pc
+
+            return pc.list_element(col, 0)
+        return col
+    arr = np.asarray(col)
+    return arr[:, 0] if arr.ndim == 2 else arr
+
+
 def pooled_maps(method: str, value: np.ndarray, size: int = MAP_SIZE) -> np.ndarray:
     """A method's output tensor for N rows -> its 2-D maps pooled to (N, size, size) float64.
 
@@ -314,7 +331,8 @@ def correct_column(table: pa.Table | pa.RecordBatch) -> pa.Array:
 class Summary:
     """Mergeable per-class summary state (module docstring). Not thread-safe; cheap to create.
 
-    Keys are ``(group_by, class)``: ``("all", None)``, ``("pred_class", c)``, ``("label", c)``.
+    Keys are ``(group_by, class)``: ``("all", None)``, ``("pred_class", c)``, ``("label", c)``,
+    ``("target", c)``.
     Per key it holds the counts, and per statistic the finite count, sum, min, max and a fixed-bin
     histogram (int64 (bins + 2,)), and per map method the sums of the pooled maps and of their
     shares (float64 (32, 32)) with their row counts.
@@ -419,6 +437,10 @@ class Summary:
         ok = status == "ok"
         pred, pred_valid = _int_values(get("pred_class"))
         pred_valid &= ok
+        has_target = "target" in names
+        if has_target:
+            target, target_valid = _int_values(_first_of_list(get("target")))
+            target_valid &= ok
         if label_ok:
             self.has_label = True
             label, label_valid = _int_values(get("label"))
@@ -431,6 +453,7 @@ class Summary:
         for group, vals, valid in (
             (GROUP_PRED, pred, pred_valid),
             (GROUP_LABEL, label, label_valid),
+            *([(GROUP_TARGET, target, target_valid)] if has_target else []),
         ):
             pos = np.full(n, -1, np.int64)
             uniq = np.zeros(0, np.int64)
@@ -660,7 +683,7 @@ class Summary:
         )
 
     def to_table(self) -> pa.Table:
-        """The summary: one row per key, ordered all, pred_class, label (by class); schema
+        """The summary: one row per key, ordered all, pred_class, label, target (by class); schema
         :func:`summary_schema` (module docstring for the columns)."""
         if (GROUP_ALL, None) not in self._index:
             self.key_indices([(GROUP_ALL, None)])
