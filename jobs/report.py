@@ -60,13 +60,29 @@ STANDOUT_RATIO = 2.0
 STANDOUT_MIN_DIFF = 0.02
 #: ...and has at least this many rows.
 STANDOUT_MIN_COUNT = 5
-METHODS = ("saliency", "integrated_gradients", "gradcam")
-METHOD_TITLES = {"saliency": "Saliency", "integrated_gradients": "IG", "gradcam": "Grad-CAM"}
+#: A class whose mean border share is at least this stands out on its own, whatever the other
+#: classes do: the border band (outer 10% of each side) is 36% of a square image's area, so a map
+#: spread evenly puts 36% there, and 45% is 1.25x that.
+BORDER_ABSOLUTE = 0.45
+BORDER_AREA = 0.36
+#: Error rows above this share of all rows are a finding; every error row is listed (up to
+#: ERRORS_LISTED, the commonest messages first).
+ERROR_SHARE_FINDING = 0.01
+ERRORS_LISTED = 100
+#: IG completeness error (95th percentile) above this is a finding.
+IG_ERROR_FINDING = 0.1
+METHODS = ("saliency", "integrated_gradients", "gradcam", "cam")
+METHOD_TITLES = {
+    "saliency": "Saliency", "integrated_gradients": "IG", "gradcam": "Grad-CAM", "cam": "CAM",
+}  # fmt: skip
 METHOD_LONG = {
     "saliency": "Saliency",
     "integrated_gradients": "Integrated Gradients",
     "gradcam": "Grad-CAM",
+    "cam": "CAM",
 }
+#: Methods with per-class mean maps, in the order the page shows them.
+CLASS_MAP_METHODS = ("gradcam", "integrated_gradients", "cam")
 
 
 def _log(msg: str) -> None:
@@ -192,11 +208,9 @@ def _nanmean(arrs: list[np.ndarray]) -> np.ndarray:
 def galleries_for(names: Sequence[str]) -> list[Gallery]:
     """The galleries an output with columns ``names`` supports, in page order."""
     out = []
-    border = [
-        f"{m}_border_frac"
-        for m in ("gradcam", "integrated_gradients")
-        if f"{m}_border_frac" in names
-    ] or [c for c in names if c.endswith("_border_frac")]
+    border = [f"{m}_border_frac" for m in CLASS_MAP_METHODS if f"{m}_border_frac" in names] or [
+        c for c in names if c.endswith("_border_frac")
+    ]
     if border:
         out.append(Gallery(
             "border", "Largest border share",
@@ -223,9 +237,9 @@ def galleries_for(names: Sequence[str]) -> list[Gallery]:
         )
         out.append(Gallery(
             "completeness", "Largest IG completeness error",
-            "|sum(IG) - (F(x) - F(x'))| / |F(x) - F(x')|: where the Integrated Gradients do not "
-            "add up to the score change, the path integral is poorly resolved (more --ig-steps) "
-            "or the model is very non-linear along the path.",
+            "|sum(IG) - (F(x) - F(x'))| / max(|F(x) - F(x')|, |F(x)|): where the Integrated "
+            "Gradients do not add up to the score change, the path integral is poorly resolved "
+            "(more --ig-steps) or the model is very non-linear along the path.",
             cols, _ig_error,
         ))  # fmt: skip
     agree = tuple(c for c in names if c.startswith("agree_"))
@@ -585,6 +599,7 @@ class ReportResult:
     rows_scanned: int
     rows_total: int
     standouts: list[dict]
+    errors: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -726,6 +741,7 @@ def build_report(
     }
 
     class_maps = _class_maps(summary, max_classes, files_out)
+    errors = error_rows(fs, files, threads=threads) if all_row.get("errors") else None
     files_out["img/colorbar-inferno.png"] = _png(colorbar("inferno"))
     files_out["img/colorbar-viridis.png"] = _png(colorbar("viridis"))
     page = render_html(
@@ -740,6 +756,7 @@ def build_report(
         total_rows=total_rows,
         sample=sample,
         has_images=any(v is not None for v in images.values()),
+        errors=errors,
     )
     files_out["index.html"] = page.encode("utf-8")
     report_dir = join_uri(output, "report")
@@ -752,6 +769,7 @@ def build_report(
         rows_scanned=scanned,
         rows_total=total_rows,
         standouts=standouts(summary),
+        errors=errors or {"total": 0, "messages": [], "rows": []},
     )
 
 
@@ -794,25 +812,34 @@ def _rows(summary: pa.Table, group: str) -> list[dict]:
     return t.select(cols).to_pylist()
 
 
+def map_group(summary: pa.Table) -> str:
+    """The summary group whose maps the page draws: ``target`` (the class each map explains),
+    or ``pred_class`` for summaries written before the target group existed."""
+    return "target" if "target" in set(summary["group_by"].to_pylist()) else "pred_class"
+
+
 def standouts(summary: pa.Table) -> list[dict]:
-    """Classes whose mean border share (per method) is >= STANDOUT_RATIO x the median of the
-    other predicted classes and >= STANDOUT_MIN_DIFF above it, with >= STANDOUT_MIN_COUNT rows.
-    Returns dicts (class, method, value, others_median, ratio), largest ratio first."""
-    rows = [r for r in _rows(summary, "pred_class") if r["count"] >= STANDOUT_MIN_COUNT]
+    """Classes (grouped by the class their maps explain, :func:`map_group`) with at least
+    STANDOUT_MIN_COUNT rows whose mean border share (per method) either is >= BORDER_ABSOLUTE on
+    its own, or is >= STANDOUT_RATIO x the median of the other classes (3 or more) and
+    >= STANDOUT_MIN_DIFF above it. Returns dicts (class, method, value, others_median, ratio,
+    absolute), largest ratio first (``others_median`` and ``ratio`` NaN without 3 classes)."""
+    rows = [r for r in _rows(summary, map_group(summary)) if r["count"] >= STANDOUT_MIN_COUNT]
     out = []
     for m in METHODS:
         col = f"{m}_border_frac_mean"
         vals = [(r["class"], r.get(col)) for r in rows if r.get(col) is not None]
-        if len(vals) < 3:
-            continue
         for c, v in vals:
             others = [w for cc, w in vals if cc != c]
-            med = float(np.median(others))
-            ratio = v / med if med > 0 else math.inf
-            if ratio >= STANDOUT_RATIO and v - med >= STANDOUT_MIN_DIFF:
+            med = float(np.median(others)) if len(vals) >= 3 else math.nan
+            ratio = (v / med if med > 0 else math.inf) if len(vals) >= 3 else math.nan
+            relative = len(vals) >= 3 and ratio >= STANDOUT_RATIO and v - med >= STANDOUT_MIN_DIFF
+            absolute = v >= BORDER_ABSOLUTE
+            if relative or absolute:
                 out.append({"class": c, "method": m, "value": v, "others_median": med,
-                            "ratio": ratio})  # fmt: skip
-    return sorted(out, key=lambda d: (-d["ratio"], d["class"], d["method"]))
+                            "ratio": ratio, "absolute": absolute})  # fmt: skip
+    key = lambda d: (-(d["ratio"] if math.isfinite(d["ratio"]) else 0), -d["value"])  # noqa: E731
+    return sorted(out, key=lambda d: (*key(d), d["class"], d["method"]))
 
 
 def _class_maps(summary: pa.Table, max_classes: int, files_out: dict) -> dict:
@@ -820,10 +847,8 @@ def _class_maps(summary: pa.Table, max_classes: int, files_out: dict) -> dict:
     name}, "shown": n, "total": n}."""
     from xai_workers.schema import tensor_to_numpy
 
-    pred = summary.filter(pc.equal(summary["group_by"], "pred_class"))
-    methods = [
-        m for m in ("gradcam", "integrated_gradients") if f"{m}_share_map" in pred.column_names
-    ]
+    pred = summary.filter(pc.equal(summary["group_by"], map_group(summary)))
+    methods = [m for m in CLASS_MAP_METHODS if f"{m}_share_map" in pred.column_names]
     classes = pred["class"].to_pylist()
     counts = pred["count"].to_pylist()
     flagged = {d["class"] for d in standouts(summary)}
@@ -1045,44 +1070,74 @@ def _run_section(manifest: dict | None, output: str) -> tuple[str, str]:
     return strip, details
 
 
-def _findings(summary: pa.Table, stand: list[dict]) -> str:
+def _findings(
+    summary: pa.Table, stand: list[dict], manifest: dict | None = None, errors: dict | None = None
+) -> str:
+    """The findings box: red ("What stands out") when any finding holds, green otherwise.
+
+    Findings: a class whose maps put much mass in the border (:func:`standouts`: absolute or
+    relative to the other classes), error rows above ERROR_SHARE_FINDING of all rows, an IG
+    completeness error p95 above IG_ERROR_FINDING, a network with random weights."""
     all_row = (_rows(summary, "all") or [{}])[0]
-    items = []
+    cfg = (manifest or {}).get("config") or {}
+    hot_items, items = [], []
+    if cfg.get("weights") == "random":
+        hot_items.append(
+            '<li><b class="hot">Random weights</b>: this run explains a randomly initialised '
+            f"network (--weights random, seed {_e(cfg.get('seed'))}). Its maps say nothing about "
+            "a trained model.</li>"
+        )
     by_class: dict = {}
     for d in stand:
         by_class.setdefault(d["class"], []).append(d)
-    prefer = {"gradcam": 0, "integrated_gradients": 1, "saliency": 2}
+    prefer = {m: i for i, m in enumerate(CLASS_MAP_METHODS)}
     for c, ds in by_class.items():
         said = []
         for d in sorted(ds, key=lambda d: prefer.get(d["method"], 9)):
-            ratio = "" if not math.isfinite(d["ratio"]) else f", {d['ratio']:.1f}×"
+            if math.isfinite(d["others_median"]):
+                ratio = "" if not math.isfinite(d["ratio"]) else f", {d['ratio']:.1f}×"
+                other = f"other classes: median {_pct(d['others_median'])}{ratio}"
+            else:
+                other = "no other classes to compare with"
             said.append(
                 f"{METHOD_LONG[d['method']]} puts <b>{_pct(d['value'])}</b> of its mass in the "
-                f"border (other classes: median {_pct(d['others_median'])}{ratio})"
+                f"border ({other}; the band is {_pct(BORDER_AREA)} of the image)"
             )
-        items.append(
+        hot_items.append(
             f'<li><b class="hot">Class {_e(c)}</b>: ' + "; ".join(said) + ". Look at its mean "
             "maps below and at the border gallery: the model may be using something in the "
             "border (a mark, a frame, a watermark) rather than the object.</li>"
         )
-    calm = not items
+    count, n_err = all_row.get("count", 0) or 0, all_row.get("errors", 0) or 0
+    if n_err:
+        share = n_err / max(1, count + n_err)
+        text = (f"<b>{n_err:,}</b> rows ({_pct(share)}) could not be explained: they are listed "
+                'with their messages under <a href="#errors">Error rows</a>.')  # fmt: skip
+        if share > ERROR_SHARE_FINDING:
+            hot_items.append(f'<li><b class="hot">Error rows</b>: {text}</li>')
+        else:
+            items.append(f"<li>{text}</li>")
     acc = all_row.get("accuracy")
-    count, errors = all_row.get("count", 0), all_row.get("errors", 0)
     if acc is not None:
         items.append(f"<li>Accuracy against the labels: <b>{_pct(acc)}</b> of "
                      f"{all_row.get('labeled', 0):,} labelled rows.</li>")  # fmt: skip
-    if errors:
-        items.append(f"<li><b>{errors:,}</b> rows could not be explained (error rows; see the "
-                     "<code>error</code> column).</li>")  # fmt: skip
     p50, p95 = all_row.get("ig_rel_error_p50"), all_row.get("ig_rel_error_p95")
     if p50 is not None:
-        warn = p95 is not None and p95 > 0.1
-        hot = ' class="hot"' if warn else ""
+        line = (
+            f"IG completeness error (|sum(IG) − (F(x) − F(x'))| / max(|F(x) − F(x')|, |F(x)|)): "
+            f"median {_pct(p50)}, 95th percentile <b>{_pct(p95)}</b>"
+        )
+        if p95 is not None and p95 > IG_ERROR_FINDING:
+            hot_items.append(f'<li><b class="hot">IG</b>: {line} — above '
+                             f"{_pct(IG_ERROR_FINDING)}: more --ig-steps would make IG more "
+                             "faithful.</li>")  # fmt: skip
+        else:
+            items.append(f"<li>{line}.</li>")
+    if cfg.get("ig_baseline") == "black" and "integrated_gradients_border_frac_mean" in all_row:
         items.append(
-            f"<li>IG completeness error: median {_pct(p50)}, 95th percentile "
-            f"<b{hot}>{_pct(p95)}</b>"
-            + (" — above 10%: more --ig-steps would make IG more faithful." if warn else ".")
-            + "</li>"
+            "<li>IG's baseline is black: IG is zero wherever the image itself is black "
+            "(x = x' there), so on black borders IG's border share is 0 by construction; read "
+            "Grad-CAM's there.</li>"
         )
     agrees = [k for k in all_row if k.startswith("agree_") and k.endswith("_mean")]
     if agrees:
@@ -1090,17 +1145,88 @@ def _findings(summary: pa.Table, stand: list[dict]) -> str:
             f"{_agree_title(k[: -len('_mean')])} {_num(all_row[k], signed=True)}" for k in agrees
         )
         items.append(f"<li>Mean rank agreement between methods: {parts}.</li>")
-    title = "Nothing stands out in the border statistics" if calm else "What stands out"
+    calm = not hot_items
+    title = (
+        f"Nothing stands out (border share below {_pct(BORDER_ABSOLUTE)} and not unusual between "
+        f"classes, error rows at most {_pct(ERROR_SHARE_FINDING)}, IG error p95 at most "
+        f"{_pct(IG_ERROR_FINDING)})"
+        if calm
+        else "What stands out"
+    )
     return (
         f'<div class="findings{" calm" if calm else ""}"><h3>{title}</h3><ul>'
-        + "".join(items)
+        + "".join(hot_items + items)
         + f'</ul><p class="muted" style="margin:6px 0 0">{count:,} rows explained.</p></div>'
     )
 
 
-def _class_map_section(cm: dict) -> str:
+def error_rows(fs, files: list[str], limit: int = ERRORS_LISTED, threads: int = 8) -> dict:
+    """Every error row's id and message (reads only ``id``, ``status``, ``error``). Returns
+    {"total": n, "messages": [(message, count)] commonest first, "rows": [(id, message)] (the
+    first ``limit`` in file order)}."""
+    import pyarrow.parquet as pq
+
+    def one(path: str) -> pa.Table:
+        with fs.open_input_file(path) as f:
+            t = pq.read_table(f, columns=["id", "status", "error"])
+        return t.filter(pc.equal(t["status"], "error"))
+
+    with ThreadPoolExecutor(max(1, min(threads, len(files) or 1))) as ex:
+        tables = [t for t in ex.map(one, files) if t.num_rows]
+    if not tables:
+        return {"total": 0, "messages": [], "rows": []}
+    t = pa.concat_tables(tables)
+    msgs = t["error"].to_pylist()
+    counts: dict[str, int] = {}
+    for m in msgs:
+        counts[m] = counts.get(m, 0) + 1
+    return {
+        "total": t.num_rows,
+        "messages": sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])),
+        "rows": list(zip(t["id"].to_pylist()[:limit], msgs[:limit], strict=True)),
+    }
+
+
+def _errors_section(errors: dict | None) -> str:
+    if not errors or not errors["total"]:
+        return ""
+    common = "".join(f"<tr><td>{n:,}</td><td>{_e(m)}</td></tr>" for m, n in errors["messages"][:20])
+    rows = "".join(f"<tr><td><code>{_e(i)}</code></td><td>{_e(m)}</td></tr>"
+                   for i, m in errors["rows"])  # fmt: skip
+    more = (
+        f" The first {len(errors['rows'])} are listed; all are in the output "
+        "(<code>status = 'error'</code>)."
+        if errors["total"] > len(errors["rows"])
+        else ""
+    )
+    return (
+        f'<h2 id="errors">Error rows</h2><p class="lead">{errors["total"]:,} rows could not be '
+        f"explained; each is a row of the output with its message.{more}</p>"
+        f'<table class="classes"><tr><th>rows</th><th>message</th></tr>{common}</table>'
+        f'<details><summary>rows (id, message)</summary><table class="classes">'
+        f"<tr><th>id</th><th>message</th></tr>{rows}</table></details>"
+    )
+
+
+def _target_note(manifest: dict | None) -> str:
+    """What the drawn maps explain, from the run's --target."""
+    target = str(((manifest or {}).get("config") or {}).get("target") or "predicted")
+    if target.startswith("topk:"):
+        k = target.split(":", 1)[1]
+        return (f"With --target {target} every row has {k} maps per method, one per target; "
+                "this page draws and groups the first (each image's top-1 class). All "
+                f"{k} are in the output.")  # fmt: skip
+    if target == "predicted":
+        return "Maps explain each image's predicted class (--target predicted)."
+    if target == "label":
+        return ("Maps explain each image's label (--target label), which is not always the "
+                "predicted class: classes here are the labels.")  # fmt: skip
+    return f"Maps explain class {_e(target)} for every image (--target {_e(target)})."
+
+
+def _class_map_section(cm: dict, manifest: dict | None = None) -> str:
     if not cm["methods"]:
-        return '<p class="muted">The output has no Grad-CAM or IG maps.</p>'
+        return '<p class="muted">The output has no Grad-CAM, IG or CAM maps.</p>'
     parts = []
     note = (
         f" Showing {cm['shown']} of {cm['total']} classes (standouts and the largest border "
@@ -1109,9 +1235,10 @@ def _class_map_section(cm: dict) -> str:
         else ""
     )
     parts.append(
-        '<p class="lead">Where the model looks, per predicted class: the mean over the class\'s '
-        "images of each map, as a share of the map's total (32x32, every image weighs the same), "
-        "each tile scaled to its own maximum. The dotted line marks the border band (outer "
+        '<p class="lead">Where the model looks, per class explained: the mean over the images '
+        "whose maps explain that class (the target) of each map, as a share of the map's total "
+        f"(32x32, every image weighs the same). {_target_note(manifest)} Tiles are "
+        "scaled to their own maximum. The dotted line marks the border band (outer "
         f"10%) that the border share measures.{note}</p>"
         '<div class="legend">0<img src="img/colorbar-inferno.png" alt="colour scale">'
         "tile maximum</div>"
@@ -1125,7 +1252,7 @@ def _class_map_section(cm: dict) -> str:
             cells.append(
                 f'<div class="mapcell{" flag" if flag else ""}">'
                 f'<img src="{_e(cm["tiles"][(m, c)])}" alt="class {c} mean {m} map">'
-                f'<div class="c">class {c}</div>'
+                f'<div class="c">explains {c}</div>'
                 f'<div class="s">n={info["count"]:,}<br>border {_pct(b)}</div></div>'
             )
         parts.append(f'<h3>{METHOD_LONG[m]}</h3><div class="mapgrid">{"".join(cells)}</div>')
@@ -1147,8 +1274,16 @@ def _card(card: Card, methods: list[str], gallery: Gallery) -> str:
         lab = f"label <b>{_e(label)}</b> {verdict}"
     else:
         lab = "no label"
+    target = r.get("target")
+    if isinstance(target, (list, tuple)):
+        explains = f" · maps explain <b>{_e(_first(target))}</b> (1st of {len(target)} targets)"
+    elif target is not None and target != pred:
+        explains = f" · maps explain <b>{_e(target)}</b>"
+    else:
+        explains = ""
     head = (
-        f'<div class="head"><span>#{card.rank} · pred <b>{_e(pred)}</b> (p={_num(prob)}) · {lab}'
+        f'<div class="head"><span>#{card.rank} · pred <b>{_e(pred)}</b> (p={_num(prob)})'
+        f"{explains} · {lab}"
         f'</span><span class="id" title="{_e(r.get("id"))}">{_e(r.get("id"))}</span></div>'
     )
     hot = set(gallery.columns)
@@ -1205,7 +1340,7 @@ def _first(v):
 
 
 def _class_table(summary: pa.Table, stand: list[dict]) -> str:
-    rows = _rows(summary, "pred_class")
+    rows = _rows(summary, map_group(summary))
     if not rows:
         return '<p class="muted">No ok rows.</p>'
     flagged = {(d["class"], d["method"]) for d in stand}
@@ -1251,12 +1386,16 @@ def render_html(
     total_rows: int,
     sample: int | None,
     has_images: bool,
+    errors: dict | None = None,
 ) -> str:
     """The page: header and run KPIs, findings, class maps, galleries, class table, run details.
     Self-contained (inline CSS, relative image paths, no script)."""
     strip, details = _run_section(manifest, output)
     stand = standouts(summary)
     model = ((manifest or {}).get("model") or {}).get("spec") or "?"
+    cfg = (manifest or {}).get("config") or {}
+    if cfg.get("weights") == "random":
+        model += f" with RANDOM weights (seed {cfg.get('seed')})"
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sampled = (
         f"every row ({scanned:,})"
@@ -1296,18 +1435,21 @@ def render_html(
 <h1>xai-audit report</h1>
 <p class="lead">{_e(model)} · <code>{_e(output)}</code> · generated {_e(now)}</p>
 {strip}
-{_findings(summary, stand)}
-<h2 id="classes">Mean maps per predicted class</h2>
-{_class_map_section(class_maps)}
+{_findings(summary, stand, manifest, errors)}
+<h2 id="classes">Mean maps per class explained</h2>
+{_class_map_section(class_maps, manifest)}
 <h2 id="galleries" style="border:0;margin-bottom:0">Images that deserve a look</h2>
-<p class="lead">Ranked over {sampled}; error rows are left out.</p>
+<p class="lead">Ranked over {sampled}; error rows are left out (they are listed under
+<a href="#errors">Error rows</a>). {_target_note(manifest)}</p>
 {legend}{no_img}
 {"".join(gal_html)}
-<h2 id="table">Per predicted class</h2>
-<p class="lead">Means over the class's ok rows (accuracy: the share of rows predicted as the class
-whose label agrees). Red: a border share that stands out. The full table, with percentiles and
-the label view, is <code>summary/summary.parquet</code>.</p>
+<h2 id="table">Per class explained</h2>
+<p class="lead">Means over the ok rows whose maps explain the class (accuracy: the share of those
+rows whose prediction agrees with their label). Red: a border share that stands out. The full
+table, with percentiles and the predicted-class and label views, is
+<code>summary/summary.parquet</code>.</p>
 {_class_table(summary, stand)}
+{_errors_section(errors)}
 <h2 id="run">The run</h2>
 {details}
 <p class="muted">How to read this report: docs/report.md in xai-workers.</p>

@@ -140,7 +140,8 @@ def test_counts_add_up_to_the_rows(rows):
 def test_means_and_maps_match_a_direct_computation(rows):
     t = SM.Summary().update(rows).to_table()
     assert t.schema.equals(
-        SM.summary_schema(SM.statistic_columns(rows.schema), SM.MAP_METHODS), check_metadata=False
+        SM.summary_schema(SM.statistic_columns(rows.schema), SM.map_columns(rows.schema)),
+        check_metadata=False,
     )
     ok = _np(rows, "status") == "ok"
     pred = np.nan_to_num(_np(rows, "pred_class").astype(float), nan=-1).astype(int)

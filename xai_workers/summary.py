@@ -89,7 +89,7 @@ SUMMARY_VERSION = "1"
 #: Side of the per-class mean maps.
 MAP_SIZE = 32
 #: Methods whose per-class mean map is kept.
-MAP_METHODS = ("integrated_gradients", "gradcam")
+MAP_METHODS = ("integrated_gradients", "gradcam", "cam")
 PERCENTILES = (5, 50, 95)
 GROUP_ALL, GROUP_PRED, GROUP_LABEL, GROUP_TARGET = "all", "pred_class", "label", "target"
 GROUPS = (GROUP_ALL, GROUP_PRED, GROUP_LABEL, GROUP_TARGET)
@@ -194,9 +194,10 @@ def _percentiles(
             inner = (b > 0) & (lo > 0) & (hi > 0)
             with np.errstate(divide="ignore", invalid="ignore"):
                 geo = lo * (hi / lo) ** frac
-            val = np.where(inner, geo, lo + frac * (hi - lo))
+                val = np.where(inner, geo, lo + frac * (hi - lo))
         else:
-            val = lo + frac * (hi - lo)
+            with np.errstate(invalid="ignore"):  # empty rows (min inf, max -inf): NaN below
+                val = lo + frac * (hi - lo)
         val = np.clip(val, vmin, vmax)
         out.append(np.where(n > 0, val, np.nan))
     return out

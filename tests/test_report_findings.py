@@ -1,0 +1,137 @@
+"""What the report says, on small outputs made for each case (no Ray, no chromium): findings with
+absolute thresholds, error rows listed, maps grouped by the class they explain, top-k and CAM on
+the page, random weights in the headline, the black-baseline note."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from jobs import output as out
+from jobs import report as R
+from xai_workers import demo
+from xai_workers import schema as S
+from xai_workers import summary as SM
+from xai_workers.worker import AttributionWorker
+
+
+def _summary(n: int, classes, border: float, errors: int = 0) -> pa.Table:
+    """A summary of ``n`` ok rows (+ ``errors`` error rows) predicted (and explained) as
+    ``classes`` in turn, every Grad-CAM map with border share ``border``."""
+    status = np.array(["ok"] * n + ["error"] * errors)
+    pred = np.array([classes[i % len(classes)] for i in range(n + errors)], np.int64)
+    return (
+        SM.Summary()
+        .update(
+            {
+                "status": status,
+                "pred_class": pred,
+                "target": pred,
+                "gradcam_border_frac": np.full(n + errors, border),
+            }
+        )  # fmt: skip
+        .to_table()
+    )
+
+
+def test_one_class_with_most_of_its_mass_in_the_border_stands_out():
+    """The case a user met: one predicted class, Grad-CAM border share 49.4%: there is no other
+    class to compare with, but 49.4% in a band that is 36% of the image is a finding."""
+    s = _summary(40, [7], 0.494)
+    stand = R.standouts(s)
+    assert [(d["class"], d["method"], d["absolute"]) for d in stand] == [(7, "gradcam", True)]
+    box = R._findings(s, stand)
+    assert "What stands out" in box and 'class="findings calm"' not in box
+    assert "no other classes to compare with" in box and "49.4%" in box
+    calm = _summary(40, [7], 0.30)  # below the band's own share: a map spread evenly gives 36%
+    assert R.standouts(calm) == []
+    assert 'class="findings calm"' in R._findings(calm, [])
+
+
+def test_relative_rule_still_finds_a_class_among_others():
+    s = SM.Summary().update({
+        "status": np.array(["ok"] * 60), "pred_class": np.repeat([0, 1, 2], 20),
+        "target": np.repeat([0, 1, 2], 20),
+        "gradcam_border_frac": np.repeat([0.05, 0.06, 0.20], 20),
+    }).to_table()  # fmt: skip
+    stand = R.standouts(s)
+    assert [(d["class"], d["absolute"]) for d in stand] == [(2, False)]
+    assert stand[0]["ratio"] == pytest.approx(0.20 / 0.055)
+
+
+def test_many_error_rows_are_a_finding():
+    s = _summary(30, [1, 2, 3], 0.1, errors=11)  # 27% error rows
+    box = R._findings(s, R.standouts(s))
+    assert "What stands out" in box and "Error rows" in box and "26.8%" in box
+    few = _summary(300, [1, 2, 3], 0.1, errors=1)  # 0.3%: said, not a finding
+    box = R._findings(few, R.standouts(few))
+    assert 'class="findings calm"' in box and "could not be explained" in box
+
+
+def test_random_weights_and_black_baseline_are_said():
+    s = SM.Summary().update({
+        "status": np.array(["ok"] * 9), "pred_class": np.zeros(9, np.int64),
+        "target": np.zeros(9, np.int64),
+        "integrated_gradients_border_frac": np.zeros(9), "gradcam_border_frac": np.full(9, .2),
+    }).to_table()  # fmt: skip
+    manifest = {"config": {"weights": "random", "seed": 3, "ig_baseline": "black"}}
+    box = R._findings(s, [], manifest)
+    assert "Random weights" in box and "seed 3" in box and "What stands out" in box
+    assert "IG is zero wherever the image itself is black" in box
+    trained = {"config": {"weights": "w.pt", "ig_baseline": "gray"}}
+    box = R._findings(s, [], trained)
+    assert "Random weights" not in box and "black" not in box
+
+
+def _worker_output(tmp_path, n=16, errors=(), **kw) -> str:
+    """``n`` rows of the (untrained) demo net through the worker into ``tmp_path``'s layout."""
+    rng = np.random.default_rng(0)
+    w = AttributionWorker(
+        demo.build_demo_model(), image_size=32, mean=demo.DEMO_MEAN, std=demo.DEMO_STD,
+        ig_steps=2, num_threads=1, label_type=pa.int64(), **kw,
+    )  # fmt: skip
+    x = (rng.random((n, 3, 32, 32)) * 2 - 1).astype(np.float32)
+    err = [f"cannot decode image: row {i}" if i in errors else None for i in range(n)]
+    batch = pa.table({
+        "id": [f"i{i}" for i in range(n)], "label": pa.array(np.arange(n) % 3, pa.int64()),
+        "x": S.tensor_array(x), "error": pa.array(err, pa.string()), "source": ["s"] * n,
+        "source_row": np.arange(n),
+    })  # fmt: skip
+    out.write_part(w(batch), str(tmp_path / "attributions"))
+    return str(tmp_path)
+
+
+def test_label_targets_group_maps_by_the_class_they_explain(tmp_path):
+    output = _worker_output(tmp_path, target="label")
+    res = R.build_report(output, top=16, log=lambda m: None)
+    s = SM.read_summary(output)
+    target = s.filter(pa.compute.equal(s["group_by"], "target"))
+    assert target["class"].to_pylist() == [0, 1, 2]  # the labels, not the predictions
+    shown = sorted(int(f.rsplit("-", 1)[1][:-4]) for f in res.files if "class-gradcam-" in f)
+    assert shown == [0, 1, 2]
+    page = open(res.index, encoding="utf-8").read()
+    differ = [r for c in res.galleries.values() for r in c if r["target"] != r["pred_class"]]
+    assert differ and "maps explain <b>" in page
+
+
+def test_topk_says_which_target_is_drawn_and_cam_has_its_place(tmp_path):
+    output = _worker_output(tmp_path, target="topk:2",
+                            methods=("saliency", "gradcam", "cam"))  # fmt: skip
+    out.write_json(out.join(output, out.MANIFEST), {"config": {"target": "topk:2"}})
+    res = R.build_report(output, top=2, log=lambda m: None)
+    page = open(res.index, encoding="utf-8").read()
+    assert "draws and groups the first (each image's top-1 class)" in page
+    assert "(1st of 2 targets)" in page
+    assert any("class-cam-" in f for f in res.files) and any("-cam-overlay" in f for f in res.files)
+    assert "CAM" in page and "cam_border_frac" in set(res.galleries["border"][0])
+
+
+def test_error_rows_are_listed_with_their_messages(tmp_path):
+    output = _worker_output(tmp_path, n=11, errors=(2, 5, 9))
+    res = R.build_report(output, top=2, log=lambda m: None)
+    assert res.errors["total"] == 3
+    assert res.errors["rows"] == [(f"i{i}", f"cannot decode image: row {i}") for i in (2, 5, 9)]
+    page = open(res.index, encoding="utf-8").read()
+    assert 'id="errors"' in page and "cannot decode image: row 9" in page and "i5" in page
+    assert "What stands out" in page  # 27% error rows
