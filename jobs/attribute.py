@@ -224,6 +224,7 @@ class Prepared:
     schema: pa.Schema
     state: out.OutputState
     rows_per_file: int
+    duplicate_ids: int = 0
 
 
 def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepared:
@@ -252,6 +253,17 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
     )
     if plan.total_rows == 0:
         log(f"input {cfg.input} has no rows")
+    from jobs.ids import duplicate_ids
+
+    n_dup, dup_examples = duplicate_ids(plan, cfg.s3_endpoint)
+    if n_dup:
+        shown = ", ".join(f"{i!r} ({k}x)" for i, k in dup_examples)
+        what = (f"{n_dup} input rows repeat an id that an earlier row has (e.g. {shown}) in "
+                f"column {plan.id_column!r}")  # fmt: skip
+        if cfg.unique_ids:
+            raise ConfigError(f"--unique-ids: {what}; make the ids unique or drop --unique-ids")
+        log(f"warning: {what}; every row is still explained, but joins on id will match "
+            "several rows (--unique-ids makes this an error)")  # fmt: skip
 
     try:
         loaded = load_model(
@@ -347,7 +359,7 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
             )
     out.check_writable(cfg.output, cfg.s3_endpoint)
     rpf = cfg.rows_per_file or out.rows_per_file(schema, plan.total_rows)
-    return Prepared(cfg, plan, settings, model_info, layout, schema, state, rpf)
+    return Prepared(cfg, plan, settings, model_info, layout, schema, state, rpf, n_dup)
 
 
 def _inside(output: str, input_: str) -> bool:
@@ -660,6 +672,7 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> JobRes
         "rows_computed_this_run": computed,
         "files": final.files,
         "bytes": final.bytes,
+        "duplicate_ids": prep.duplicate_ids,
     }
     error_rate = final.error / plan.total_rows if plan.total_rows else 0.0
     complete = missing == 0 and final.duplicates == 0 and not final.unreadable

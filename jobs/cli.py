@@ -65,6 +65,7 @@ BOOL_FLAGS = (
     ("--resume", "finish an interrupted run in --output (rows written are kept)"),
     ("--overwrite", "replace what xai-audit wrote in --output before"),
     ("--no-summary", "skip the per-class summary (<output>/summary/)"),
+    ("--unique-ids", "fail (exit 2) when an id appears twice in the input (default: warn)"),
 )
 
 

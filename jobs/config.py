@@ -56,6 +56,7 @@ class JobConfig:
     rows_per_file: int | None = None
     resume: bool = False
     overwrite: bool = False
+    unique_ids: bool = False
     max_error_rate: float | None = None
     s3_endpoint: str | None = None
     address: str | None = None
@@ -177,7 +178,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             return int(float(value))
         if name in ("max_error_rate", "num_cpus", "progress_interval_s"):
             return float(value)
-        if name in ("resume", "overwrite", "summary"):
+        if name in ("resume", "overwrite", "summary", "unique_ids"):
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
                     raise ValueError("expected true or false")

@@ -167,3 +167,34 @@ def test_layers_command(capsys):
     text = capsys.readouterr().out
     assert "features.block4" in text and "(1, 64, 8, 8)" in text and "default" in text
     assert main(["layers", "--model", "torchvision:not_an_arch"]) == 2
+
+
+def test_duplicate_ids_warned_counted_or_refused(capsys, tmp_path):
+    """Two files of a Parquet input share ids: a warning names them and the count goes to the
+    manifest (Prepared.duplicate_ids); --unique-ids makes it a configuration error."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_demo_dataset(str(folder / "a.parquet"), n=6)
+    t = pq.read_table(folder / "a.parquet")
+    ids = t["id"].to_pylist()
+    dup = t.set_column(0, "id", pa.array(ids[:2] + ids[:2] + ids[:1] + ["fresh"]))
+    pq.write_table(dup, folder / "b.parquet")  # b repeats ids of a: ids[0] 4x in all
+    logs: list[str] = []
+    cfg = JobConfig(input=str(folder), output=str(tmp_path / "o"), model=SPEC, image_size=32)
+    prep = job.prepare(cfg, log=logs.append)
+    assert prep.duplicate_ids == 5  # 12 rows, 7 distinct ids
+    warning = [m for m in logs if m.startswith("warning:")]
+    assert len(warning) == 1 and f"{ids[0]!r} (4x)" in warning[0] and "--unique-ids" in warning[0]
+    _fails(capsys, _argv(str(folder), tmp_path / "o2", "--unique-ids"),
+           "--unique-ids", "5 input rows repeat an id", f"{ids[0]!r} (4x)")  # fmt: skip
+    one = job.prepare(
+        JobConfig(
+            input=str(folder / "a.parquet"),
+            output=str(tmp_path / "o3"),
+            model=SPEC,
+            image_size=32,
+            unique_ids=True,
+        ),
+        log=logs.append,
+    )
+    assert one.duplicate_ids == 0  # fmt: skip

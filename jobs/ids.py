@@ -1,0 +1,49 @@
+"""Duplicate ids in the input: counted before any heavy work (ids are what downstream joins use).
+
+Only a Parquet input with an id column can repeat an id: an image folder's ids are its paths,
+unique by construction. The id column alone is read (in parallel, one file per task), so the
+check costs a small share of reading the images (about 20 bytes per row in memory for short
+string ids).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def duplicate_ids(
+    plan, s3_endpoint: str | None = None, examples: int = 5, threads: int = 8
+) -> tuple[int, list[tuple[object, int]]]:
+    """``(rows whose id an earlier row already has, [(id, times it appears)] for up to
+    ``examples`` repeated ids, most repeated first)``. ``plan``: a ``jobs.sources.InputPlan``.
+    (0, []) for inputs whose ids cannot repeat."""
+    if plan.kind != "parquet" or not plan.sources:
+        return 0, []
+    import pyarrow.parquet as pq
+
+    from xai_workers.storage import pyarrow_filesystem
+
+    pafs, _ = pyarrow_filesystem(plan.sources[0].uri, s3_endpoint)
+
+    def ids(source) -> pa.ChunkedArray:
+        _, path = pyarrow_filesystem(source.uri, s3_endpoint)
+        with pafs.open_input_file(path) as f:
+            return pq.read_table(f, columns=[plan.id_column]).column(0)
+
+    with ThreadPoolExecutor(max(1, min(threads, len(plan.sources)))) as ex:
+        chunks = [c for col in ex.map(ids, plan.sources) for c in col.chunks]
+    if not chunks:
+        return 0, []
+    counts = pc.value_counts(pa.chunked_array(chunks, type=chunks[0].type))
+    n = counts.field("counts").to_numpy()
+    repeated = n > 1
+    if not repeated.any():
+        return 0, []
+    values = counts.field("values").to_pylist()
+    top = sorted(
+        ((values[i], int(n[i])) for i in repeated.nonzero()[0]), key=lambda kv: (-kv[1], str(kv[0]))
+    )
+    return int((n[repeated] - 1).sum()), top[:examples]
