@@ -31,13 +31,16 @@ Every check that can fail on a configuration mistake (:func:`prepare`) runs befo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -102,12 +105,12 @@ def write_attributions(
 
 
 class PartsDatasink(Datasink):
-    """Ray Data sink writing each write task's rows as one atomic, keyed part file.
+    """Ray Data sink writing each write task's rows as atomic, keyed part files.
 
     ``min_rows_per_write`` makes Ray Data bundle at least ``rows_per_file`` rows into one write
-    task (a task may get more: blocks are not split), and the task writes them as parts of
-    ``rows_per_file`` rows each, the last one fewer: no part holds more than ``rows_per_file``
-    rows. Each part reports its counts to ``progress`` (an actor with ``add``), if given.
+    task (a task may get more: blocks are not split), and the task writes them as the fewest
+    parts of equal size (within one row) that hold at most ``rows_per_file`` rows each. Each
+    part reports its counts to ``progress`` (an actor with ``add``), if given.
     """
 
     def __init__(self, *, dest, output, s3_endpoint, rows_per_file, summary=True, progress=None):
@@ -130,8 +133,10 @@ class PartsDatasink(Datasink):
             return []
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         infos = []
-        for start in range(0, table.num_rows, self.rows_per_file):
-            part = table.slice(start, self.rows_per_file)
+        n_parts = -(-table.num_rows // self.rows_per_file)  # as few parts as the maximum allows
+        bounds = [table.num_rows * i // n_parts for i in range(n_parts + 1)]
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+            part = table.slice(start, stop - start)
             info = write_attributions(
                 part, dest=self.dest, output=self.output, s3_endpoint=self.s3_endpoint,
                 summary=self.summary,
@@ -457,8 +462,35 @@ def _ray_init(cfg: JobConfig) -> bool:
     kwargs = dict(include_dashboard=False, logging_level=logging.WARNING)
     if address in (None, "local"):
         kwargs["num_cpus"] = cfg.num_cpus
+    # Ray 2.60 says at every start that token authentication is on (it is, and we keep it):
+    # not a warning for our users. Ray's own log files keep it.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR
+    )
     ray.init(address=address, **kwargs)
     return True
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as an interrupt: the manifest says 'interrupted', --resume continues."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """In the main thread: SIGTERM raises :class:`_Terminated` there (instead of Ray's handler,
+    which prints a C++ stack and shuts Ray down under the running pipeline). Restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -523,6 +555,7 @@ class Progress:
         self.first: tuple[float, int] | None = None
         self.last = 0.0
         self.rows = self.errors = self.files = self.bytes = 0
+        self.printed: tuple[int, int, int] | None = None
 
     def start(self) -> None:
         """Start the clock (after Ray is up)."""
@@ -536,8 +569,9 @@ class Progress:
         self.rows, self.errors, self.files, self.bytes = rows, errors, files, nbytes
         # before the first part (minutes, for big images on CPUs) a heartbeat every 30 s
         wait = self.interval if files else max(30.0, self.interval)
-        if force or now - self.last >= wait:
-            self.last = now
+        state = (rows, errors, files)
+        if (force and state != self.printed) or now - self.last >= wait:
+            self.last, self.printed = now, state
             self.log(self.line())
 
     def rate(self) -> float:
@@ -621,9 +655,11 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> JobRes
     started_ray = False
     progress = Progress(todo, before, log, cfg.progress_interval_s)
     t_pipe = time.monotonic()
+    stack = contextlib.ExitStack()
     try:
         if todo:
             started_ray = _ray_init(cfg)
+            stack.enter_context(_sigterm_interrupts())
             resources = plan_resources(cfg)
             t_pipe = time.monotonic()  # the pipeline's time leaves Ray's start-up out
             manifest["ray"] = resources.describe()
@@ -648,8 +684,18 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> JobRes
             out.write_json(manifest_uri, manifest, cfg.s3_endpoint)
         except Exception:  # noqa: BLE001 - the original error matters more
             pass
+        if isinstance(e, KeyboardInterrupt):
+            # Ray Data's executor thread is still running: once Ray is down it can only log
+            # tracebacks about it. The interruption is what the user needs to hear.
+            logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+        if isinstance(e, _Terminated):
+            # The process is ending: shutting Ray down under the running pipeline can make
+            # Ray's core worker exit the process (code 1, silently) before the caller reports.
+            # The caller exits instead (jobs.cli: code 143); a local Ray shares its fate.
+            started_ray = False
         raise
     finally:
+        stack.close()
         if started_ray:
             import ray
 
@@ -757,6 +803,8 @@ def _pipeline(
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(os.environ.get("XAI_AUDIT_RAY_PROGRESS"))
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if not ctx.enable_progress_bars:  # we print progress lines: Ray's note that its bars are off
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
     # Blocks of about one batch: each actor task is then one batch, so work spreads over the
     # actors and results stream on to the writer (Ray coalesces a task's outputs up to this

@@ -130,13 +130,19 @@ def config_from_args(ns: argparse.Namespace, base: JobConfig | None = None) -> J
 
 def _run(cfg: JobConfig) -> int:
     from jobs.attribute import EXIT_FAILED, run_job
+    from jobs.quiet import drop_stderr_lines
 
     try:
-        result = run_job(cfg)
+        with drop_stderr_lines():
+            result = run_job(cfg)
     except ConfigError:
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         _err("interrupted; run again with --resume to finish")
+        if type(e).__name__ == "_Terminated":  # SIGTERM: Ray is still up under us (run_job)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(143)
         return 130
     except Exception as e:  # noqa: BLE001 - report, point at the manifest, exit 1
         traceback.print_exc()
@@ -184,6 +190,9 @@ def _layers(ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``xai-audit``; returns the exit code (module docstring)."""
+    # Once the job shuts Ray down (end, error, SIGTERM), a Ray Data thread still running must not
+    # start a new local Ray: Ray reads this before its first import.
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:

@@ -106,7 +106,8 @@ def test_end_to_end_equals_engine(ray_session, data, tmp_path):
     assert manifest["config"]["ig_steps"] == 4
 
     parts = sorted((tmp_path / "out" / "attributions").glob("*.parquet"))
-    assert len(parts) == 3  # 40 rows, 16 per file: 16 + 16 + 8
+    sizes = [pq.ParquetFile(p).metadata.num_rows for p in parts]
+    assert sum(sizes) == N_DEMO and max(sizes) <= 16 and len(parts) >= 3  # --rows-per-file 16
     got = _read(tmp_path / "out" / "attributions")
     assert got.num_rows == N_DEMO
     assert got.column("id").to_pylist() == sorted(data["table"].column("id").to_pylist())
@@ -262,7 +263,7 @@ def test_s3_input_weights_and_output(ray_session, data, s3_server, s3_bucket):
     res = run_job(cfg, log=lambda m: None)
     assert res.exit_code == 0 and res.counts["rows_ok"] == N_DEMO
     keys = sorted(fs.ls(f"{s3_bucket}/runs/one/attributions/"))
-    assert len(keys) == 2 and all(k.rsplit("/", 1)[1].startswith("part-") for k in keys)
+    assert len(keys) >= 2 and all(k.rsplit("/", 1)[1].startswith("part-") for k in keys)
     with fs.open(f"{s3_bucket}/runs/one/manifest.json") as f:
         assert json.load(f)["status"] == "complete"
     t = pq.read_table(f"{s3_bucket}/runs/one/attributions/", filesystem=fs)

@@ -117,7 +117,10 @@ def test_resume_after_sigkill_neither_recomputes_nor_duplicates(tmp_path):
             break
         before = now
     rows_before = sum(pq.ParquetFile(attr / name).metadata.num_rows for name in before)
-    assert len(before) >= 2 and ROWS_PER_FILE * len(before) <= rows_before < N, (
+    assert len(before) >= 2 and len(before) <= rows_before <= ROWS_PER_FILE * len(before), (
+        "parts hold at most --rows-per-file rows"
+    )
+    assert rows_before < N, (
         "the first run should have been cut short after a few parts"
     )
     manifest = json.loads((output / "manifest.json").read_text())
@@ -135,6 +138,7 @@ def test_resume_after_sigkill_neither_recomputes_nor_duplicates(tmp_path):
     assert last.startswith(f"complete: {N}/{N} rows"), last
     assert f"{rows_before} from an earlier run" in last
     assert f"resuming: {rows_before} of {N} rows already written" in r.stderr
+    _assert_only_our_lines(r.stderr)
 
     after = _parts(attr)
     for name, stat in before.items():  # written parts untouched: not rewritten, not removed
@@ -149,6 +153,46 @@ def test_resume_after_sigkill_neither_recomputes_nor_duplicates(tmp_path):
     assert m["counts"]["rows_computed_this_run"] == N - rows_before  # nothing recomputed
     assert len(m["runs"]) == 2 and "finished_at" not in m["runs"][0]
     assert m["runs"][1]["resumed"] is True
+
+
+def _assert_only_our_lines(stderr: str) -> None:
+    """The user sees our progress lines, warnings and errors, and no Ray noise: no token-auth
+    notice, no core_worker.cc line about actor constructor arguments, no 'Progress bars
+    disabled', and the final 100% line once."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    noise = [ln for ln in lines if not ln.startswith(("[xai-audit] ", "xai-audit: "))]
+    assert not noise, noise
+    assert sum("(100%)" in ln for ln in lines) == 1, lines
+
+
+def test_sigterm_is_an_interruption_with_a_clean_message(tmp_path):
+    """SIGTERM (what a scheduler or `kill` sends): exit 143, manifest 'interrupted', one line
+    saying how to continue; no C++ stack, no traceback of Ray shutting down under the job."""
+    dataset = str(tmp_path / "digits.parquet")
+    write_demo_dataset(dataset, n=N)
+    weights = str(tmp_path / "model.pt")
+    torch.save(build_demo_model().state_dict(), weights)
+    output = tmp_path / "out"
+    proc = subprocess.Popen(
+        _args(dataset, weights, str(output)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not _parts(output / "attributions"):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGTERM)
+        out_, err = proc.communicate(timeout=120)
+    finally:
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)  # only what this test started
+    assert proc.returncode == 143, (out_, err)
+    assert "interrupted; run again with --resume to finish" in err
+    assert "Traceback" not in err and "SIGTERM received" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert all(ln.startswith(("[xai-audit] ", "xai-audit: ")) for ln in lines), lines
+    assert json.loads((output / "manifest.json").read_text())["status"] == "interrupted"
 
 
 if __name__ == "__main__":  # pragma: no cover
