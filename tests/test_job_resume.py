@@ -120,9 +120,7 @@ def test_resume_after_sigkill_neither_recomputes_nor_duplicates(tmp_path):
     assert len(before) >= 2 and len(before) <= rows_before <= ROWS_PER_FILE * len(before), (
         "parts hold at most --rows-per-file rows"
     )
-    assert rows_before < N, (
-        "the first run should have been cut short after a few parts"
-    )
+    assert rows_before < N, "the first run should have been cut short after a few parts"
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["status"] == "running"
 
