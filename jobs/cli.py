@@ -7,8 +7,8 @@
     xai-audit demo [--output demo-out]
     xai-audit summarize <output> | report <output>          (jobs.report)
 
-``run`` flags are listed by ``xai-audit run --help`` and in CONVENTIONS.md; a YAML file given with
-``--config`` takes the same keys (``ig-steps`` or ``ig_steps``) and flags override it.
+``run`` flags are listed by ``xai-audit run --help`` and in docs/conventions.md; a YAML file
+given with ``--config`` takes the same keys (``ig-steps`` or ``ig_steps``) and flags override it.
 
 Exit codes: 0 the job completed (also with row errors; the last line says how many), 1 it failed,
 2 a configuration mistake (reported before any heavy work), 3 it completed but the share of error

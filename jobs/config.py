@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class JobConfig:
-    """Settings of one attribution job (CONVENTIONS.md, "Command line").
+    """Settings of one attribution job (docs/conventions.md, "Command line").
 
     Results depend on: input and its columns, model/weights, preprocessing (image_size, mean,
     std), methods, target, score, ig_*, gradcam_layer, precision, seed. A resumed run must use the

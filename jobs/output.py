@@ -1,6 +1,6 @@
 """Output side of the job: the ``<output>`` layout, atomic part files, resume scan, manifest.
 
-Layout (CONVENTIONS.md, "Output")::
+Layout (docs/conventions.md, "Output")::
 
     <output>/manifest.json        config, model checksum, versions, counts, timings
     <output>/attributions/        part-<hash>.parquet files, rows in ``xai_workers.schema``

@@ -1,6 +1,6 @@
 """Input side of the job: find the input rows, cut them into shards, read and preprocess a shard.
 
-Inputs (CONVENTIONS.md, "Command line"):
+Inputs (docs/conventions.md, "Command line"):
 
 - Parquet: one file, or a folder/prefix holding ``*.parquet`` files (searched recursively), with
   an id column, an image column of encoded bytes and optionally a label column.

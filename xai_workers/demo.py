@@ -13,8 +13,9 @@ applies); at 32x32 its last block ``features.block4`` outputs 8x8. Build it untr
 spec ``xai_workers.demo:build_demo_model``; ``write_demo_model`` saves trained weights as a plain
 state_dict (``torch.load(path, weights_only=True)``).
 
-Preprocessing (CONVENTIONS.md "Input space"): the images are already ``DEMO_IMAGE_SIZE`` square, so
-no resize or crop; scale to [0, 1], normalise with ``DEMO_MEAN`` / ``DEMO_STD`` (0.5 per channel).
+Preprocessing (docs/conventions.md "Input space"): the images are already ``DEMO_IMAGE_SIZE``
+square, so no resize or crop; scale to [0, 1], normalise with ``DEMO_MEAN`` / ``DEMO_STD`` (0.5
+per channel).
 
 Held-out split: images whose load_digits index is a multiple of 5 (``is_held_out``) are never used
 to train the model that ``write_demo_model`` / ``ensure_demo`` save; the dataset file has them all.

@@ -5,7 +5,7 @@ baseline x' to the image x. Saliency is the input gradient at x itself, Grad-CAM
 layer's activations and gradients at x itself, and the prediction is the forward pass at x. So one
 forward + backward at x (with the Grad-CAM layer observed) followed by one batched sweep over the
 path points of all images serves every method; the point a = 1 of a rule that contains it is the
-pass at x, and the point a = 0 gives F(x') for free. Definitions: CONVENTIONS.md.
+pass at x, and the point a = 0 gives F(x') for free. Definitions: docs/conventions.md.
 
 Speed comes from the form of the model (``prepare_model``: a frozen copy, eval-mode BatchNorm
 folded into the preceding convolution, channels_last), from gradients taken with respect to the

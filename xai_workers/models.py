@@ -1,6 +1,6 @@
 """Load a model from a spec string: module (eval mode, CPU) + its preprocessing + named layers.
 
-Specs (see "Command line" in CONVENTIONS.md):
+Specs (see "Command line" in docs/conventions.md):
 
 - ``torchvision:<arch>``: a ``torchvision.models`` image classifier. ``weights`` is a state_dict
   file (``.pt``/``.pth``/``.safetensors``, local or ``s3://``; the number of classes follows the

@@ -1,4 +1,4 @@
-"""Encoded image bytes -> the model input ``x`` (see "Input space" in CONVENTIONS.md).
+"""Encoded image bytes -> the model input ``x`` (see "Input space" in docs/conventions.md).
 
 The pipeline, in order:
 

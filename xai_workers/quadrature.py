@@ -1,7 +1,7 @@
 """Integrated Gradients path points and weights.
 
 ``path_points(n, method)`` returns the points a_k in [0, 1] and the weights w_k of the quadrature
-rule, with ``sum(w_k) == 1`` for every rule (CONVENTIONS.md, "Integrated Gradients").
+rule, with ``sum(w_k) == 1`` for every rule (docs/conventions.md, "Integrated Gradients").
 """
 
 from __future__ import annotations

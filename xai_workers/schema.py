@@ -1,6 +1,6 @@
 """The explicit pyarrow schema of the ``attributions/`` output, and how tables in it are built.
 
-One output row per input row (CONVENTIONS.md, "Output rows"). Column order:
+One output row per input row (docs/conventions.md, "Output rows"). Column order:
 
 ====================  ===============================================  =========================
 column                type                                             meaning

@@ -1,6 +1,6 @@
 """Per-image summary statistics of attribution maps: pure, batched torch functions.
 
-Definitions follow CONVENTIONS.md ("Output rows"). Every function takes maps with any number of
+Definitions follow docs/conventions.md ("Output rows"). Every function takes maps with any number of
 leading axes (``(N, H, W)``, or ``(N, K, H, W)`` with a top-k axis) and returns one value per map,
 shape ``(N,)`` or ``(N, K)``, dtype float32, on the maps' device. Sums are accumulated in float64
 and cast to float32 at the end.

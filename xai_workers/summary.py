@@ -13,7 +13,7 @@ workers can fill independently and merge in any order with the same result:
     acc = Summary.from_partial(part)
     table = acc.to_table()           # the final summary, schema ``summary_schema(...)``
 
-In the job (``<output>`` layout of CONVENTIONS.md), each attribution part file
+In the job (``<output>`` layout of docs/conventions.md), each attribution part file
 ``<output>/attributions/part-X.parquet`` gets one partial,
 ``<output>/summary/partials/part-X.parquet`` (:func:`write_partial`, written by the task that
 writes the part, right after it, from the same in-memory rows: no second read).

@@ -1,0 +1,68 @@
+"""The docs a newcomer follows: README command 1 installs what README's examples import, and every
+relative link in README.md and docs/*.md leads to a file that exists."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+#: import name -> distribution name, where they differ
+DIST = {"yaml": "pyyaml", "PIL": "pillow", "sklearn": "scikit-learn"}
+
+
+def _readme() -> str:
+    return (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def _section(text: str, title: str) -> str:
+    start = text.index(f"## {title}")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end > 0 else None]
+
+
+def _extras_of_command_1() -> set[str]:
+    first = next(ln for ln in _readme().splitlines() if "xai-audit demo" in ln and "pip" in ln)
+    for part in first.split("&&"):
+        words = shlex.split(part)
+        if "install" in words and "-e" in words:
+            spec = words[words.index("-e") + 1]
+            m = re.fullmatch(r"\.(?:\[(.*)\])?", spec)
+            assert m, spec
+            return set(filter(None, (m.group(1) or "").split(",")))
+    raise AssertionError(f"no 'pip install -e' in command 1: {first}")
+
+
+def _names(reqs) -> set[str]:
+    return {re.split(r"[<>=\[;~! ]", r, maxsplit=1)[0].lower() for r in reqs}
+
+
+def test_command_1_installs_what_reading_the_output_imports():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    installed = _names(project["dependencies"])
+    for extra in _extras_of_command_1():
+        installed |= _names(project["optional-dependencies"][extra])
+    code = "\n".join(re.findall(r"```python\n(.*?)```", _section(_readme(), "Reading the output"),
+                                re.S))  # fmt: skip
+    imported = set()
+    for m in re.finditer(r"^\s*(?:import|from)\s+(.+?)$", code, re.M):
+        for item in m.group(1).split(","):
+            imported.add(item.split()[0].split(".")[0])
+    imported -= {"xai_workers", "jobs"}
+    assert {"pandas", "duckdb", "pyarrow"} <= imported  # the section is what we think it is
+    missing = {i for i in imported if DIST.get(i, i).lower() not in installed}
+    assert not missing, f"README command 1 does not install {sorted(missing)}"
+
+
+def test_relative_links_resolve():
+    broken = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text(encoding="utf-8")):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            if not (doc.parent / target).exists():
+                broken.append(f"{doc.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
