@@ -65,4 +65,7 @@ def test_relative_links_resolve():
                 continue
             if not (doc.parent / target).exists():
                 broken.append(f"{doc.relative_to(ROOT)} -> {target}")
+        text = doc.read_text(encoding="utf-8").split("\n", 1)[-1]  # conventions.md's 1st line
+        if "CONVENTIONS.md" in text:  # the team's copy outside the repository
+            broken.append(f"{doc.relative_to(ROOT)} names CONVENTIONS.md, not docs/conventions.md")
     assert not broken, broken
