@@ -1397,6 +1397,11 @@ def render_html(
     if cfg.get("weights") == "random":
         model += f" with RANDOM weights (seed {cfg.get('seed')})"
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    errors_note = (
+        ' (they are listed under <a href="#errors">Error rows</a>)'
+        if errors and errors.get("total")
+        else ""
+    )
     sampled = (
         f"every row ({scanned:,})"
         if scanned >= total_rows
@@ -1439,8 +1444,8 @@ def render_html(
 <h2 id="classes">Mean maps per class explained</h2>
 {_class_map_section(class_maps, manifest)}
 <h2 id="galleries" style="border:0;margin-bottom:0">Images that deserve a look</h2>
-<p class="lead">Ranked over {sampled}; error rows are left out (they are listed under
-<a href="#errors">Error rows</a>). {_target_note(manifest)}</p>
+<p class="lead">Ranked over {sampled}; error rows are left out{errors_note}.
+{_target_note(manifest)}</p>
 {legend}{no_img}
 {"".join(gal_html)}
 <h2 id="table">Per class explained</h2>
