@@ -129,7 +129,7 @@ def trace_layers(model: nn.Module, x: torch.Tensor) -> list[LayerInfo]:
 def default_gradcam_layer(model: nn.Module, x: torch.Tensor) -> str:
     """The default Grad-CAM layer: the last convolutional map, or a transformer's last block.
 
-    - Convolutional: the last layer whose output is (N, K, h, w) with h * w > 1, before the
+    - Convolutional: the last layer whose output is (N, K, h, w) with h, w > 1, before the
       classifier head. Of several modules that end with the very same tensor (``layer4.1.relu``,
       ``layer4.1`` and ``layer4`` in a ResNet) the outermost one is returned.
     - Transformer: the output of the first LayerNorm of the last block (a module with two or more
@@ -153,10 +153,10 @@ def default_gradcam_layer(model: nn.Module, x: torch.Tensor) -> str:
                 t = _first_tensor(out)
                 if t is None:
                     return
-                if isinstance(m, nn.LayerNorm) and grid_layout(t.shape) is not None:
-                    if grid_layout(t.shape)[0] != "nchw":
-                        norms.append((order, name))
-                if t.dim() != 4 or t.shape[2] * t.shape[3] <= 1:
+                grid = grid_layout(t.shape)
+                if isinstance(m, nn.LayerNorm) and grid is not None and grid[0] != "nchw":
+                    norms.append((order, name))
+                if grid is None or grid[0] != "nchw":
                     return
                 if t is last["t"] and last["name"] is not None:
                     # same tensor as the module that just finished inside this one: outermost wins
