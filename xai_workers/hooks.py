@@ -55,23 +55,26 @@ def grid_layout(shape) -> tuple[str, int, int, int] | None:
 
     Returns ``(kind, h, w, cls)``, always with h > 1 and w > 1 (a 1 x 1 map is constant):
 
-    - ``("nchw", h, w, 0)``: (N, K, h, w), a convolutional map (also when h != w, as long as the
-      last two axes are the spatial ones: they are taken so whenever they are equal);
+    - ``("nchw", h, w, 0)``: (N, K, h, w), a convolutional map: the last two axes are equal;
     - ``("nhwc", h, w, 0)``: (N, h, w, D), channels-last blocks (Swin, ConvNeXt's inner
-      LayerNorm): read when the middle axes are equal and the last two are not;
+      LayerNorm): the middle axes are equal and the last two are not;
     - ``("tokens", h, w, cls)``: (N, T, D) with T = h*w (``cls`` 0) or 1 + h*w (``cls`` 1: a class
       token first, dropped), h = w = sqrt(T - cls): a vision transformer's tokens.
 
-    This is pytorch-grad-cam's ``reshape_transform`` convention; inputs are square, so grids are.
+    This is pytorch-grad-cam's ``reshape_transform`` convention. Inputs are square (S x S), so
+    every spatial grid is square; a 4-D output without two equal axes in one of these places
+    (attention's (N, heads, T, head_dim)) is no grid.
     """
     if shape is None:
         return None
     shape = tuple(shape)
     if len(shape) == 4:
         _, a, b, c = shape
-        if b == c or a != b:
-            return ("nchw", b, c, 0) if b > 1 and c > 1 else None
-        return ("nhwc", a, b, 0) if a > 1 else None
+        if b == c:
+            return ("nchw", b, c, 0) if b > 1 else None
+        if a == b:
+            return ("nhwc", a, b, 0) if a > 1 else None
+        return None  # e.g. attention's (N, heads, T, head_dim): no square grid
     if len(shape) == 3:
         t = shape[1]
         for cls in (0, 1):
