@@ -208,8 +208,8 @@ def main(argv=None) -> None:
     p.add_argument("--models", default="resnet18,resnet50")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--size", type=int, default=SIZE, help="image side (default 224)")
-    p.add_argument("--steps", type=int, default=STEPS, help="IG steps (default 32)")
-    p.add_argument("--batch", type=int, default=BATCH, help="images per call (default 4)")
+    p.add_argument("--steps", type=int, default=32, help="IG steps (default 32)")
+    p.add_argument("--batch", type=int, default=4, help="images per call (default 4)")
     p.add_argument(
         "--keep-freed-memory",
         action="store_true",
@@ -217,8 +217,7 @@ def main(argv=None) -> None:
         "Captum's calls in this process too)",
     )
     args = p.parse_args(argv)
-    global STEPS, BATCH
-    STEPS, BATCH = args.steps, args.batch  # smaller only to check that the script runs
+    globals().update(STEPS=args.steps, BATCH=args.batch)  # smaller only to check that it runs
     kept = keep_freed_memory() if args.keep_freed_memory else False
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
