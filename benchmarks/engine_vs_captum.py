@@ -1,14 +1,19 @@
 """The fused engine against Captum's three calls, side by side in one run.
 
-For each model (ResNet-18 and ResNet-50 at 224 px, random weights, eval mode) and a batch of 4
-images, IG with 32 Gauss-Legendre steps, it times:
+For each model (ResNet-18 and ResNet-50 at 224 px by default; any torchvision classifier such as
+``vit_b_16``, or ``timm:<name>``; random weights, eval mode) and a batch of 4 images, IG with 32
+Gauss-Legendre steps, it times:
 
 - ours: ``xai_workers.attribute`` (saliency + IG + Grad-CAM, predicted target) on a model prepared
   once (``prepare_model``, as the batch job does per actor), NCHW contiguous input;
 - captum: on an untouched copy of the same model, the predicted target (one forward), then
   ``Saliency``, ``IntegratedGradients`` (internal_batch_size = the whole batch x steps,
   return_convergence_delta) and ``LayerGradCam`` + bilinear upsampling; once with contiguous NCHW
-  inputs (what a DataLoader delivers) and once with channels_last inputs.
+  inputs (what a DataLoader delivers) and once with channels_last inputs. The Grad-CAM layer is
+  ours by default (``hooks.default_gradcam_layer``: ``layer4`` of a ResNet, the last block's first
+  LayerNorm of a ViT); for a token layer, which Captum's LayerGradCam cannot read as a grid, the
+  reference is pytorch-grad-cam's ``GradCAM`` with the ViT ``reshape_transform`` (its maps are
+  min-max scaled, so the reported Grad-CAM error is on min-max scaled maps there).
 
 Runs alternate (ours, captum NCHW, captum channels_last) after one warm-up round; the figures are
 medians. It also counts the FLOPs of our call on the original model (torch.utils.flop_counter:
@@ -19,7 +24,8 @@ with a fp32 matrix multiply measured in the same run. ``--keep-freed-memory`` ru
 ``keep_freed_memory()`` (as the batch job's CPU workers do); by default glibc's malloc is left as
 it is. Run it on a quiet machine:
 
-    python benchmarks/engine_vs_captum.py [--models resnet18,resnet50] [--rounds 5]
+    python benchmarks/engine_vs_captum.py [--models resnet18,resnet50,vit_b_16,timm:NAME]
+                                          [--rounds 5] [--size 224]
 """
 
 from __future__ import annotations
@@ -38,12 +44,21 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from xai_workers import attribute, keep_freed_memory, prepare_model
 from xai_workers.engine import input_layer
+from xai_workers.hooks import default_gradcam_layer, grid_layout, trace_layers
 
 STEPS, METHOD, BATCH, SIZE = 32, "gausslegendre", 4, 224
 
 
+def _tokens_to_grid(t):
+    """pytorch-grad-cam's ViT reshape_transform: drop the class token, (N, D, h, w)."""
+    from xai_workers.hooks import as_grid, grid_layout
+
+    return as_grid(t, grid_layout(t.shape))
+
+
 def captum_three(model, x, layer):
-    """Captum's three calls with the predicted target; returns the maps."""
+    """Captum's three calls with the predicted target (Grad-CAM on a token layer: pytorch-grad-cam
+    with a reshape_transform, min-max scaled); returns the maps."""
     with torch.no_grad():
         target = model(x).argmax(dim=1)
     sal = Saliency(model).attribute(x, target=target, abs=True).amax(dim=1)
@@ -56,9 +71,32 @@ def captum_three(model, x, layer):
         internal_batch_size=x.shape[0] * STEPS,
         return_convergence_delta=True,
     )
-    gc = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True)
-    gc = F.interpolate(gc, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    if isinstance(layer, tuple):  # a token layer: (module, reshape_transform)
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        with GradCAM(model=model, target_layers=[layer[0]], reshape_transform=layer[1]) as cam:
+            gc = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in target])
+        gc = torch.from_numpy(gc)
+    else:
+        gc = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True)
+        gc = F.interpolate(gc, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     return {"saliency": sal, "integrated_gradients": ig, "gradcam": gc, "ig_delta": delta}
+
+
+def build(arch: str) -> torch.nn.Module:
+    """A torchvision classifier (``vit_b_16``) or ``timm:<name>``, seeded random weights, eval."""
+    torch.manual_seed(0)
+    if arch.startswith("timm:"):
+        import timm
+
+        return timm.create_model(arch[5:], pretrained=False).eval()
+    return torchvision.models.get_model(arch, weights=None).eval()
+
+
+def _minmax(m):
+    lo = m.amin(dim=(-2, -1), keepdim=True)
+    return (m - lo) / (1e-7 + (m - lo).amax(dim=(-2, -1), keepdim=True))
 
 
 def matmul_rate(n=4096, reps=3) -> float:
@@ -74,18 +112,24 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def bench_model(arch: str, rounds: int) -> dict:
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, arch)().eval()
+def bench_model(arch: str, rounds: int, size: int = SIZE) -> dict:
+    model = build(arch)
     reference = copy.deepcopy(model)  # untouched copy for Captum
-    layer = reference.layer4
-    x = torch.randn(BATCH, 3, SIZE, SIZE)
+    x = torch.randn(BATCH, 3, size, size, generator=torch.Generator().manual_seed(1))
+    name = default_gradcam_layer(model, x[:1])
+    tokens = grid_layout(dict((i.name, i.output_shape) for i in trace_layers(model, x[:1]))[name])
+    tokens = tokens is not None and tokens[0] != "nchw"
+    layer = reference.get_submodule(name)
+    if tokens:
+        layer = (layer, _tokens_to_grid)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     t_prep = _timed(lambda: prepare_model(model))
     net = prepare_model(model)
 
-    ours = attribute(net, x, ig_steps=STEPS, ig_method=METHOD)
+    ours = attribute(net, x, ig_steps=STEPS, ig_method=METHOD, gradcam_layer=name)
     ref = captum_three(reference, x, layer)
+    if tokens:
+        ours["gradcam"] = _minmax(ours["gradcam"])
     err = {
         k: ((ours[k] - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-12)).item()
         for k in ("saliency", "integrated_gradients", "gradcam")
@@ -121,7 +165,9 @@ def bench_model(arch: str, rounds: int) -> dict:
     times = {"ours": [], "captum_nchw": [], "captum_cl": []}
     rates = []
     for r in range(rounds + 1):
-        t_ours = _timed(lambda: attribute(net, x, ig_steps=STEPS, ig_method=METHOD))
+        t_ours = _timed(
+            lambda: attribute(net, x, ig_steps=STEPS, ig_method=METHOD, gradcam_layer=name)
+        )
         t_nchw = _timed(lambda: captum_three(reference, x, layer))
         t_cl = _timed(lambda: captum_three(reference, x_cl, layer))
         rates.append(matmul_rate())
@@ -141,6 +187,7 @@ def bench_model(arch: str, rounds: int) -> dict:
     mm = statistics.median(rates)
     return {
         "arch": arch,
+        "gradcam_layer": name + (" (tokens; reference pytorch-grad-cam)" if tokens else ""),
         "per_image": {k: v / BATCH for k, v in med.items()},
         "ratio_nchw": statistics.median(ratios_nchw),
         "ratio_cl": statistics.median(ratios_cl),
@@ -160,6 +207,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="resnet18,resnet50")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--size", type=int, default=SIZE, help="image side (default 224)")
+    p.add_argument("--steps", type=int, default=32, help="IG steps (default 32)")
+    p.add_argument("--batch", type=int, default=4, help="images per call (default 4)")
     p.add_argument(
         "--keep-freed-memory",
         action="store_true",
@@ -167,17 +217,20 @@ def main(argv=None) -> None:
         "Captum's calls in this process too)",
     )
     args = p.parse_args(argv)
+    globals().update(STEPS=args.steps, BATCH=args.batch)  # smaller only to check that it runs
     kept = keep_freed_memory() if args.keep_freed_memory else False
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; batch {BATCH} x {SIZE}px, IG {STEPS} {METHOD} steps; "
+        f"{torch.get_num_threads()} threads; batch {BATCH} x {args.size}px, "
+        f"IG {STEPS} {METHOD} steps; "
         f"freed memory kept in the process (both sides): {kept}"
     )
     for arch in args.models.split(","):
-        r = bench_model(arch, args.rounds)
+        r = bench_model(arch, args.rounds, args.size)
         pi = r["per_image"]
         print(
-            f"{arch}: per image ours {pi['ours']:.3f} s | captum NCHW {pi['captum_nchw']:.3f} s "
+            f"{arch} (Grad-CAM at {r['gradcam_layer']}): per image ours {pi['ours']:.3f} s "
+            f"| captum NCHW {pi['captum_nchw']:.3f} s "
             f"| captum channels_last {pi['captum_cl']:.3f} s\n"
             f"  speed-up vs captum NCHW {r['ratio_nchw']:.2f}x, vs captum channels_last "
             f"{r['ratio_cl']:.2f}x (median of per-round ratios)\n"

@@ -232,6 +232,50 @@ class Prepared:
     duplicate_ids: int = 0
 
 
+def _check_gradcam_layer(cfg: JobConfig, loaded) -> str:
+    """The Grad-CAM/CAM layer (``cfg.gradcam_layer`` or the model's default), checked against
+    the traced layers; ConfigError naming the layer, its output shape and the usable ones."""
+    import torch
+
+    from xai_workers.hooks import default_gradcam_layer
+    from xai_workers.models import is_gradcam_layer
+
+    asked = [m for m in cfg.methods if m in ("gradcam", "cam")]
+    if not loaded.layers:
+        rest = [m for m in cfg.methods if m not in ("gradcam", "cam")]
+        raise ConfigError(
+            f"model {cfg.model} cannot be hooked (TorchScript), so {', '.join(asked)} "
+            "cannot run on it; the methods that do work: "
+            f"--methods {','.join(rest or ['saliency', 'integrated_gradients'])}"
+        )
+    layer = cfg.gradcam_layer
+    if layer is None:
+        try:
+            s = loaded.preprocessing.image_size
+            return default_gradcam_layer(loaded.module, torch.zeros(1, 3, s, s))
+        except ValueError as e:
+            raise ConfigError(f"no default Grad-CAM layer: {e}; pass --gradcam-layer") from None
+    info = {i.name: i for i in loaded.layers}.get(layer)
+    if info is not None and is_gradcam_layer(info):
+        return layer
+    usable = [i.name for i in loaded.layers if is_gradcam_layer(i)]
+    shown = ", ".join(usable[-12:]) or "none"
+    if len(usable) > 12:
+        shown = f"the last 12 of {len(usable)}: {shown}"
+    if info is None:
+        why = f"has no layer named {layer!r}"
+    elif info.calls != 1:
+        why = f"runs the layer {layer!r} {info.calls} times per forward pass"
+    else:
+        why = (
+            f"cannot use for Grad-CAM the layer {layer!r}: its output "
+            f"{tuple(info.output_shape) if info.output_shape else None} does not read as a grid "
+            "with h, w > 1 ((N, K, h, w), (N, h, w, D), or tokens (N, T, D) with T = h*w or "
+            "1 + h*w)"
+        )
+    raise ConfigError(f"model {cfg.model} {why}; usable layers ({shown}) (see `xai-audit layers`)")
+
+
 def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepared:
     """Run every check that a configuration mistake can fail, before any heavy work.
 
@@ -239,8 +283,7 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
     Grad-CAM layer, target against its classes); the output (not inside the input, existing
     output needs --resume or --overwrite and the same settings, writable). Raises ConfigError.
     """
-    from xai_workers.hooks import default_gradcam_layer
-    from xai_workers.models import ModelSpecError, is_gradcam_layer, load_model
+    from xai_workers.models import ModelSpecError, load_model
     from xai_workers.worker import output_layout, parse_target
 
     cfg.validate()
@@ -277,6 +320,10 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
             image_size=cfg.image_size,
             mean=cfg.mean,
             std=cfg.std,
+            resize_size=cfg.resize_size,
+            crop_pct=cfg.crop_pct,
+            interpolation=cfg.interpolation,
+            seed=cfg.seed,
             s3_endpoint=cfg.s3_endpoint,
         )
     except ModelSpecError as e:
@@ -290,29 +337,7 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
         raise ConfigError(f"--target topk:{tval} > the model's {loaded.num_classes} classes")
     layer = cfg.gradcam_layer
     if "gradcam" in cfg.methods or "cam" in cfg.methods:
-        if not loaded.layers:
-            raise ConfigError(
-                f"model {cfg.model} has no traceable layers (TorchScript?): Grad-CAM/CAM are not "
-                "available; drop them from --methods"
-            )
-        if layer is None:
-            import torch
-
-            try:
-                s = pre.image_size
-                layer = default_gradcam_layer(loaded.module, torch.zeros(1, 3, s, s))
-            except ValueError as e:
-                raise ConfigError(f"no default Grad-CAM layer: {e}; pass --gradcam-layer") from None
-        else:
-            by_name = {info.name: info for info in loaded.layers}
-            info = by_name.get(layer)
-            if info is None or not is_gradcam_layer(info):
-                usable = [i.name for i in loaded.layers if is_gradcam_layer(i)]
-                why = "has no layer named" if info is None else "cannot use for Grad-CAM the layer"
-                raise ConfigError(
-                    f"model {cfg.model} {why} {layer!r}; usable layers: "
-                    f"{', '.join(usable[-12:]) or 'none'} (see `xai-audit layers`)"
-                )
+        layer = _check_gradcam_layer(cfg, loaded)
     label_column = plan.label_column
     cfg = dataclasses.replace(
         cfg,
@@ -327,9 +352,15 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
         "weights": cfg.weights,
         "checksum_sha256": loaded.checksum,
         "num_classes": loaded.num_classes,
+        "class_names": list(loaded.class_names) if loaded.class_names else None,
         "gradcam_layer": layer,
+        "preprocessing_from": loaded.preprocessing_from,
         "preprocessing": {
             "image_size": pre.image_size,
+            "resize_size": pre.resize_size or pre.image_size,
+            "resize_mode": pre.resize_mode,
+            "interpolation": pre.interpolation,
+            "crop_anchor": pre.crop_anchor,
             "mean": list(pre.mean),
             "std": list(pre.std),
             "max_pixels": pre.max_pixels,
@@ -853,6 +884,8 @@ def _pipeline(
             precision=cfg.precision,
             batch_size=cfg.batch_size,
             image_size=cfg.image_size,
+            resize_size=pre["resize_size"],
+            interpolation=pre["interpolation"],
             mean=cfg.mean,
             std=cfg.std,
             s3_endpoint=cfg.s3_endpoint,

@@ -3,7 +3,7 @@
 ::
 
     xai-audit run --input URI --output URI --model SPEC [--weights URI] [...]
-    xai-audit layers --model SPEC [--weights URI] [--image-size S]
+    xai-audit layers --model SPEC [--weights URI|random] [--image-size S] [--seed N]
     xai-audit demo [--output demo-out]
     xai-audit summarize <output> | report <output>          (jobs.report)
 
@@ -30,9 +30,10 @@ RUN_FLAGS = (
     ("--input", "URI", "Parquet file, folder or s3:// prefix (id/image[/label] columns), "
                        "or a folder/prefix of image files (id = path)"),
     ("--output", "URI", "output folder or s3:// prefix: attributions/, manifest.json"),
-    ("--model", "SPEC", "torchvision:<arch> | torchscript:<uri> | <module>:<callable>"),
-    ("--weights", "URI", "state_dict (.pt/.pth/.safetensors, local or s3://) or a "
-                         "torchvision weights name"),
+    ("--model", "SPEC", "torchvision:<arch> | timm:<name> | hf:<folder or repo id> | "
+                        "torchscript:<uri> | <module>:<callable>"),
+    ("--weights", "URI", "state_dict (.pt/.pth/.safetensors, local or s3://), a "
+                         "torchvision weights name, or 'random' (seeded by --seed; for tests)"),
     ("--methods", "LIST", "comma-separated: saliency,integrated_gradients,gradcam[,cam]"),
     ("--target", "T", "predicted (default) | label | <class index> | topk:K"),
     ("--score", "S", "logit (default) or prob"),
@@ -44,7 +45,12 @@ RUN_FLAGS = (
                                 "`xai-audit layers`)"),
     ("--precision", "P", "auto (default: bf16 on GPU where IG completeness holds, else fp32) "
                          "| fp32 | bf16"),
-    ("--image-size", "S", "input side S (default: the model's, 224)"),
+    ("--image-size", "S", "input side S (default: the model's own, else 224)"),
+    ("--resize-size", "R", "resize the shorter side to R before the centre crop S "
+                           "(default: the model's own, else S)"),
+    ("--crop-pct", "F", "R = floor(S / F), timm's crop_pct (instead of --resize-size)"),
+    ("--interpolation", "NAME", "bilinear | bicubic | nearest (default: the model's own, "
+                                "else bilinear)"),
     ("--mean", "R,G,B", "normalization mean (default ImageNet's)"),
     ("--std", "R,G,B", "normalization std (default ImageNet's)"),
     ("--id-column", "NAME", "id column of a Parquet input (default id)"),
@@ -58,7 +64,7 @@ RUN_FLAGS = (
     ("--address", "ADDR", "Ray cluster address (default: $RAY_ADDRESS, a running local "
                           "cluster, else a new local Ray); 'local' forces a new one"),
     ("--num-cpus", "N", "CPUs of a new local Ray (default: all)"),
-    ("--seed", "N", "seed of the uniform baseline (default 0)"),
+    ("--seed", "N", "seed of the uniform baseline and of --weights random (default 0)"),
     ("--progress-interval-s", "SEC", "seconds between progress lines (default 5)"),
 )  # fmt: skip
 BOOL_FLAGS = (
@@ -99,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_layers.add_argument("--model", required=True, metavar="SPEC")
     p_layers.add_argument("--weights", metavar="URI")
     p_layers.add_argument("--image-size", type=int, metavar="S")
+    p_layers.add_argument("--seed", type=int, default=0, metavar="N",
+                          help="seed of --weights random (default 0)")  # fmt: skip
     p_layers.add_argument("--s3-endpoint", metavar="URL")
     p_demo = sub.add_parser(
         "demo",
@@ -180,7 +188,11 @@ def _layers(ns: argparse.Namespace) -> int:
 
     try:
         loaded = load_model(
-            ns.model, ns.weights, image_size=ns.image_size, s3_endpoint=ns.s3_endpoint
+            ns.model,
+            ns.weights,
+            image_size=ns.image_size,
+            seed=ns.seed,
+            s3_endpoint=ns.s3_endpoint,
         )
     except ModelSpecError as e:
         raise ConfigError(f"model: {e}") from None

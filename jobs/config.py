@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xai_workers.engine import BASELINES, DEFAULT_METHODS, METHODS
+from xai_workers.preprocess import INTERPOLATIONS
 from xai_workers.quadrature import QUADRATURES
 
 PRECISIONS = ("fp32", "bf16", "auto")
@@ -28,8 +29,9 @@ class ConfigError(ValueError):
 class JobConfig:
     """Settings of one attribution job (docs/conventions.md, "Command line").
 
-    Results depend on: input and its columns, model/weights, preprocessing (image_size, mean,
-    std), methods, target, score, ig_*, gradcam_layer, precision, seed. A resumed run must use the
+    Results depend on: input and its columns, model/weights, preprocessing (image_size,
+    resize_size, crop_pct, interpolation, mean, std), methods, target, score, ig_*,
+    gradcam_layer, precision, seed (also of ``--weights random``). A resumed run must use the
     same values for these (:meth:`result_settings`).
     """
 
@@ -46,6 +48,9 @@ class JobConfig:
     gradcam_layer: str | None = None
     precision: str = "auto"
     image_size: int | None = None
+    resize_size: int | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     id_column: str = "id"
@@ -102,7 +107,8 @@ class JobConfig:
         """The settings the output's numbers depend on (compared when resuming)."""
         keys = (
             "input", "model", "weights", "methods", "target", "score", "ig_steps", "ig_method",
-            "ig_baseline", "gradcam_layer", "precision", "image_size", "mean", "std",
+            "ig_baseline", "gradcam_layer", "precision", "image_size", "resize_size", "crop_pct",
+            "interpolation", "mean", "std",
             "id_column", "image_column", "label_column", "seed",
         )  # fmt: skip
         d = self.as_dict()
@@ -144,6 +150,17 @@ class JobConfig:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}")
         if self.image_size is not None and self.image_size < 1:
             raise ConfigError(f"--image-size must be >= 1, got {self.image_size}")
+        if self.resize_size is not None and self.resize_size < 1:
+            raise ConfigError(f"--resize-size must be >= 1, got {self.resize_size}")
+        if self.resize_size is not None and self.crop_pct is not None:
+            raise ConfigError("give --resize-size or --crop-pct, not both")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise ConfigError(f"--crop-pct must lie in (0, 1], got {self.crop_pct}")
+        if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(
+                f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                f"got {self.interpolation!r}"
+            )
         if self.std is not None and any(not s > 0 for s in self.std):
             raise ConfigError(f"--std values must be > 0, got {self.std}")
         if self.batch_size < 1:
@@ -172,11 +189,14 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             if len(vals) != 3 or not all(math.isfinite(v) for v in vals):
                 raise ValueError("expected three numbers R,G,B")
             return vals
-        if name in ("ig_steps", "image_size", "batch_size", "actors", "rows_per_file", "seed"):
+        if name in (
+            "ig_steps", "image_size", "resize_size", "batch_size", "actors", "rows_per_file",
+            "seed",
+        ):  # fmt: skip
             if isinstance(value, bool) or float(value) != int(float(value)):
                 raise ValueError("expected an integer")
             return int(float(value))
-        if name in ("max_error_rate", "num_cpus", "progress_interval_s"):
+        if name in ("max_error_rate", "num_cpus", "progress_interval_s", "crop_pct"):
             return float(value)
         if name in ("resume", "overwrite", "summary", "unique_ids"):
             if isinstance(value, str):

@@ -80,6 +80,39 @@ def test_wrong_layer_name(capsys, dataset, tmp_path):
            "cannot use for Grad-CAM")  # fmt: skip
 
 
+def test_one_pixel_layer_is_refused_and_a_cut_list_says_so(capsys, dataset, tmp_path):
+    # issue 8 item 4: a 1x1 map gives a constant Grad-CAM; the demo has 17 usable layers, 12 shown
+    _fails(capsys, _argv(dataset, tmp_path / "o", "--gradcam-layer", "pool"),
+           "cannot use for Grad-CAM the layer 'pool'", "(1, 64, 1, 1)", "h, w > 1",
+           "the last 12 of 17", "features.block4")  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_torchscript_with_gradcam_names_the_methods_that_work(capsys, dataset, tmp_path):
+    import torch
+
+    from xai_workers.demo import build_demo_model
+
+    path = tmp_path / "demo_ts.pt"
+    torch.jit.save(torch.jit.script(build_demo_model().eval()), str(path))
+    argv = _argv(dataset, tmp_path / "o", "--methods", "saliency,gradcam")
+    argv[argv.index(SPEC)] = f"torchscript:{path}"
+    _fails(capsys, argv, "cannot be hooked (TorchScript)", "gradcam", "--methods saliency")
+    argv = _argv(dataset, tmp_path / "o2", "--methods", "cam")
+    argv[argv.index(SPEC)] = f"torchscript:{path}"
+    _fails(capsys, argv, "--methods saliency,integrated_gradients")
+
+
+def test_preprocessing_flags_checked_before_heavy_work(capsys, dataset, tmp_path):
+    _fails(capsys, _argv(dataset, tmp_path / "o", "--interpolation", "lanczos"),
+           "--interpolation must be one of bilinear, bicubic, nearest")  # fmt: skip
+    _fails(capsys, _argv(dataset, tmp_path / "o", "--crop-pct", "1.5"), "--crop-pct")
+    _fails(capsys, _argv(dataset, tmp_path / "o", "--crop-pct", "0.9", "--resize-size", "40"),
+           "not both")  # fmt: skip
+    _fails(capsys, _argv(dataset, tmp_path / "o", "--resize-size", "16"),
+           "resize_size must be an int >= image_size (32)")  # fmt: skip
+
+
 def test_output_not_writable_or_inside_input(capsys, dataset, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")

@@ -171,7 +171,7 @@ def test_missing_weights_file(tmp_path):
 
 
 def test_random_init_and_layers_at_224():
-    loaded = load_model("torchvision:resnet18")
+    loaded = load_model("torchvision:resnet18", "random")
     assert loaded.num_classes == 1000
     assert loaded.preprocessing == Preprocessing()
     shapes = {layer.name: layer.output_shape for layer in loaded.layers}
@@ -185,7 +185,10 @@ def test_random_init_and_layers_at_224():
     lines = {line.split()[0]: line for line in text.splitlines()[2:] if line.strip()}
     assert "1000 classes" in text.splitlines()[0]
     assert "Sequential" in lines["layer4"] and "(1, 512, 7, 7)" in lines["layer4"]
-    assert lines["layer4"].endswith("yes (default)")
+    assert lines["layer4"].endswith("yes, 7x7 (default)")
+    assert lines["layer3"].endswith("yes, 14x14")
+    # issue 8 item 4: a 1x1 map is constant, so global pooling is no Grad-CAM layer
+    assert "(1, 512, 1, 1)" in lines["avgpool"] and lines["avgpool"].endswith("no")
     assert lines["layer1.0.relu"].endswith("no (runs 2x)")
     assert lines["fc"].endswith("no")
     assert "usable for Grad-CAM" in text
@@ -193,12 +196,16 @@ def test_random_init_and_layers_at_224():
 
 def test_preprocessing_options():
     loaded = load_model(
-        "torchvision:squeezenet1_1", image_size=48, mean=[0.5, 0.5, 0.5], std=(0.2, 0.2, 0.2)
+        "torchvision:squeezenet1_1",
+        "random",
+        image_size=48,
+        mean=[0.5, 0.5, 0.5],
+        std=(0.2, 0.2, 0.2),
     )
     assert loaded.preprocessing == Preprocessing(48, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
     assert loaded.num_classes == 1000
     with pytest.raises(ModelSpecError, match="3 values"):
-        load_model("torchvision:resnet18", mean=(0.5, 0.5))
+        load_model("torchvision:resnet18", "random", mean=(0.5, 0.5))
 
 
 def test_squeezenet_conv_head_classes(tmp_path):
@@ -256,7 +263,7 @@ def test_torchscript_round_trip(resnet10, scripted_file):
     with torch.no_grad():
         x = _x()
         torch.testing.assert_close(loaded.module(x), resnet10(x))
-    assert "Grad-CAM is not available" in describe_layers(loaded)
+    assert "Grad-CAM and CAM are not available" in describe_layers(loaded)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -439,3 +446,41 @@ def test_state_dict_sha256_is_deterministic(resnet10):
     a = state_dict_sha256(resnet10)
     b = state_dict_sha256(torchvision.models.resnet18(num_classes=10))
     assert a == state_dict_sha256(resnet10) and a != b
+
+
+# --- weights: none is an error, "random" is seeded (issue 8 item 2) -----------------------------
+
+
+def test_torchvision_without_weights_is_an_error_naming_the_choices():
+    with pytest.raises(ModelSpecError) as info:
+        load_model("torchvision:resnet18")
+    msg = str(info.value)
+    assert "needs weights" in msg and "state_dict" in msg and "'random'" in msg
+    assert "IMAGENET1K_V1" in msg  # the torchvision weights names of this architecture
+
+
+def test_random_weights_are_seeded_and_leave_the_global_rng_alone():
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = load_model("torchvision:squeezenet1_1", "random", image_size=S)
+    b = load_model("torchvision:squeezenet1_1", "random", image_size=S)
+    c = load_model("torchvision:squeezenet1_1", "random", image_size=S, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a.checksum == b.checksum == state_dict_sha256(b.module)
+    assert c.checksum != a.checksum
+    # the checksum is of the actual tensors: equal checksums mean equal networks
+    _same_outputs(a, b.module)
+
+
+def test_cli_layers_without_weights_exits_2_and_random_is_reproducible(capsys):
+    from jobs.cli import main
+
+    assert main(["layers", "--model", "torchvision:squeezenet1_1"]) == 2
+    assert "--weights" not in capsys.readouterr().out
+    args = ["layers", "--model", "torchvision:squeezenet1_1", "--weights", "random"]
+    assert main([*args, "--image-size", str(S)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert main([*args, "--image-size", str(S)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == first
+    assert main([*args, "--image-size", str(S), "--seed", "7"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] != first

@@ -26,7 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xai_workers.hooks import capture_activation, default_gradcam_layer, hooks_removed_after
+from xai_workers.hooks import (
+    as_grid,
+    capture_activation,
+    default_gradcam_layer,
+    grid_layout,
+    hooks_removed_after,
+)
 from xai_workers.quadrature import path_points
 
 METHODS = ("saliency", "integrated_gradients", "gradcam", "cam")
@@ -455,8 +461,10 @@ def attribute(
         ig_steps, ig_method: the IG quadrature (``quadrature.path_points``).
         baseline: x' broadcastable to x ((1, C, H, W) or (N, C, H, W)); None means zeros in
             input space. ``make_baseline`` builds the named ones.
-        gradcam_layer: dotted name of a layer with a (N, K, h, w) output; None picks the last
-            such layer before the head (``hooks.default_gradcam_layer``). Also CAM's layer.
+        gradcam_layer: dotted name of a layer whose output reads as a grid with h, w > 1
+            (``hooks.grid_layout``: (N, K, h, w), (N, h, w, D), or tokens (N, T, D) with T = h*w
+            or 1 + h*w, a class token dropped); None picks the last (N, K, h, w) layer before the
+            head, or a transformer's last block (``hooks.default_gradcam_layer``). Also CAM's.
         score: "logit" (default) or "prob" (softmax probability of the target).
         saliency_mode: "abs" (|dF/dx|) or "square" (the squared-gradient sensitivity map).
         saliency_channels: keep the channel axis of the saliency map instead of max over it.
@@ -627,6 +635,14 @@ def _run(
 
     sal, gc, g_x, cam = [], [], [], []
     act = store["act"] if store is not None else None
+    layout = None
+    if act is not None:
+        layout = grid_layout(act.shape)
+        if layout is None:
+            raise ValueError(
+                f"layer {layer!r} outputs {tuple(act.shape)}, which does not read as a grid with "
+                "h, w > 1: (N, K, h, w), (N, h, w, D) or tokens (N, T, D) with T = h*w or 1 + h*w"
+            )
     for j in range(kk):
         if grad_at_x:
             inputs = [xin] + ([act] if want_gc else [])
@@ -638,9 +654,11 @@ def _run(
                 s = gx.abs() if saliency_mode == "abs" else gx * gx
                 sal.append(s if saliency_channels else s.amax(dim=1))
             if want_gc:
-                gc.append(_gradcam_map(act.detach(), grads[1], size))
+                gc.append(
+                    _gradcam_map(as_grid(act.detach(), layout), as_grid(grads[1], layout), size)
+                )
         if want_cam:
-            a = _wide(act.detach())
+            a = _wide(as_grid(act.detach(), layout))
             pooled, head_in = a.mean(dim=(2, 3)), _wide(fc_in["x"].detach())
             if head_in.shape != pooled.shape or not torch.allclose(
                 pooled, head_in, rtol=1e-3, atol=1e-4

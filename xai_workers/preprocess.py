@@ -6,8 +6,10 @@ The pipeline, in order:
    refused from the declared size before any pixel is decoded; every mode Pillow reads is converted
    to RGB (alpha composited on black, 16-bit scaled, EXIF orientation applied); the image is decoded
    in full here, so a truncated file fails here and nowhere later.
-2. :func:`to_input`: RGB image -> float32 tensor (3, S, S): shorter side resized to S (bilinear,
-   antialiased, by Pillow), center crop S x S, scaled to [0, 1], normalized with mean/std.
+2. :func:`to_input`: RGB image -> float32 tensor (3, S, S): shorter side resized to R (default S;
+   Pillow's bilinear, bicubic or nearest filter, antialiased when shrinking), center crop S x S,
+   scaled to [0, 1], normalized with mean/std. Or, for models evaluated that way (Hugging Face's
+   ViT processor), the whole image squashed to R x R before the crop.
 
 Every failure of step 1 is an :class:`ImageDecodeError` (a ``ValueError``) with a message for a
 person, so a bad image becomes an error row rather than a crash.
@@ -27,6 +29,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+#: ``Preprocessing.interpolation`` -> Pillow's filter (the same names torchvision and timm use).
+INTERPOLATIONS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+RESIZE_MODES = ("shorter_side", "squash")
+CROP_ANCHORS = ("round", "floor")
+
 # Formats whose decoders run an external program (EPS runs Ghostscript) are never opened.
 _REFUSED_FORMATS = frozenset({"EPS"})
 _EXIF_ORIENTATION = 0x0112
@@ -44,12 +55,23 @@ class Preprocessing:
     - ``max_pixels``: the largest ``width * height`` an encoded image may DECLARE in its header;
       larger images are refused before decoding (decompression-bomb guard). The default equals
       Pillow's own default limit.
+    - ``resize_size``: R, pixels, >= S; None means S. ``resize_mode`` ``shorter_side``: the shorter
+      side is resized to R (aspect ratio kept, torchvision's ``Resize(R)``); ``squash``: the whole
+      image is resized to R x R (aspect ratio not kept, Hugging Face's ``size={"height": R,
+      "width": R}``). Then the centre S x S is kept. ``crop_pct`` S / R is timm's name for it.
+    - ``interpolation``: ``bilinear``, ``bicubic`` or ``nearest`` (Pillow's filters).
+    - ``crop_anchor``: where an odd margin puts the extra pixel: ``round`` (torchvision, timm:
+      ``int(round((L - S) / 2))``) or ``floor`` (Hugging Face: ``(L - S) // 2``).
     """
 
     image_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     max_pixels: int = 89_478_485
+    resize_size: int | None = None
+    resize_mode: str = "shorter_side"
+    interpolation: str = "bilinear"
+    crop_anchor: str = "round"
 
     def __post_init__(self):
         if not isinstance(self.image_size, int) or self.image_size < 1:
@@ -63,6 +85,27 @@ class Preprocessing:
             raise ValueError(f"std values must be > 0, got {self.std!r}")
         if not isinstance(self.max_pixels, int) or self.max_pixels < 1:
             raise ValueError(f"max_pixels must be a positive int, got {self.max_pixels!r}")
+        if self.resize_size is not None and (
+            not isinstance(self.resize_size, int) or self.resize_size < self.image_size
+        ):
+            raise ValueError(
+                f"resize_size must be an int >= image_size ({self.image_size}), "
+                f"got {self.resize_size!r}"
+            )
+        for name, allowed in (
+            ("resize_mode", RESIZE_MODES),
+            ("interpolation", tuple(INTERPOLATIONS)),
+            ("crop_anchor", CROP_ANCHORS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+
+    @property
+    def crop_pct(self) -> float:
+        """S / R: the share of the resized image's shorter side that the crop keeps."""
+        return self.image_size / (self.resize_size or self.image_size)
 
 
 class ImageDecodeError(ValueError):
@@ -214,48 +257,64 @@ def decode_rgb(data: bytes, max_pixels: int = Preprocessing.max_pixels) -> Image
 
 
 def resized_crop_box(
-    width: int, height: int, size: int
+    width: int, height: int, size: int, crop: int | None = None, anchor: str = "round"
 ) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
-    """Where "resize the shorter side to ``size``, then center crop ``size`` x ``size``" lands.
+    """Where "resize the shorter side to ``size``, then center crop ``crop`` x ``crop``" lands.
 
-    Returns ``(left, top, right, bottom)`` of the crop in the RESIZED image and the resized
-    ``(width, height)``, with torchvision's rounding: long side ``int(size * long / short)``,
-    crop anchor ``int(round((L - size) / 2))``.
+    Returns ``(left, top, right, bottom)`` of the crop (``crop`` defaults to ``size``) in the
+    RESIZED image and the resized ``(width, height)``, with torchvision's rounding: long side
+    ``int(size * long / short)``, crop anchor ``int(round((L - crop) / 2))`` (``anchor="round"``)
+    or Hugging Face's ``(L - crop) // 2`` (``anchor="floor"``).
     """
+    crop = size if crop is None else crop
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(size * long / short)
     new_w, new_h = (size, new_long) if width <= height else (new_long, size)
-    top = int(round((new_h - size) / 2.0))
-    left = int(round((new_w - size) / 2.0))
-    return (left, top, left + size, top + size), (new_w, new_h)
+    if anchor == "floor":
+        top, left = (new_h - crop) // 2, (new_w - crop) // 2
+    else:
+        top = int(round((new_h - crop) / 2.0))
+        left = int(round((new_w - crop) / 2.0))
+    return (left, top, left + crop, top + crop), (new_w, new_h)
 
 
 def to_input(img: Image.Image, cfg: Preprocessing) -> torch.Tensor:
     """RGB image -> model input ``x``, float32 (3, S, S), normalized with ``cfg.mean``/``cfg.std``.
 
-    The shorter side is resized to S = ``cfg.image_size`` and the center S x S is kept, with the
-    numbers of torchvision's ``Resize(S) + CenterCrop(S)`` on the PIL image (the classic ImageNet
-    eval pipeline): Pillow's bilinear filter, antialiased when shrinking. An image whose shorter
-    side already is S is only cropped; an S x S image is left exactly as it is. For extreme aspect
-    ratios (the resized image over ``_FULL_RESIZE_LIMIT`` times S x S, e.g. 4000 x 3, which would
+    With ``cfg.resize_mode == "shorter_side"`` the shorter side is resized to R =
+    ``cfg.resize_size`` (default S = ``cfg.image_size``) and the center S x S is kept, with the
+    numbers of torchvision's ``Resize(R) + CenterCrop(S)`` on the PIL image (the classic ImageNet
+    eval pipeline; timm's eval transform is the same with R = floor(S / crop_pct)): Pillow's
+    ``cfg.interpolation`` filter, antialiased when shrinking. An image whose shorter side already
+    is R is only cropped; an S x S image with R = S is left exactly as it is. For extreme aspect
+    ratios (the resized image over ``_FULL_RESIZE_LIMIT`` times R x R, e.g. 4000 x 3, which would
     become 298666 x 224) only the kept box is resampled (``Image.resize(box=...)``), which stays
-    within one 8-bit level of the full resize. Then ``x = (p / 255 - mean) / std``, so values lie
-    in [-mean/std, (1 - mean)/std].
+    within one 8-bit level of the full resize. With ``"squash"`` the image is resized to R x R
+    and then center-cropped to S. Then ``x = (p / 255 - mean) / std``, so values lie in
+    [-mean/std, (1 - mean)/std].
     """
     if img.mode != "RGB":
         raise ValueError(f"to_input expects an RGB image (use decode_rgb), got mode {img.mode}")
-    s = cfg.image_size
-    box, (new_w, new_h) = resized_crop_box(img.width, img.height, s)
-    if (new_w, new_h) == img.size:
-        if img.size != (s, s):
-            img = img.crop(box)
-    elif new_w * new_h <= _FULL_RESIZE_LIMIT * s * s:
-        img = img.resize((new_w, new_h), resample=Image.Resampling.BILINEAR)
-        img = img.crop(box)
+    s, r = cfg.image_size, cfg.resize_size or cfg.image_size
+    resample = INTERPOLATIONS[cfg.interpolation]
+    if cfg.resize_mode == "squash":
+        if img.size != (r, r):
+            img = img.resize((r, r), resample=resample)
+        if r != s:
+            a = (r - s) // 2 if cfg.crop_anchor == "floor" else int(round((r - s) / 2.0))
+            img = img.crop((a, a, a + s, a + s))
     else:
-        sx, sy = img.width / new_w, img.height / new_h
-        src_box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-        img = img.resize((s, s), resample=Image.Resampling.BILINEAR, box=src_box)
+        box, (new_w, new_h) = resized_crop_box(img.width, img.height, r, s, cfg.crop_anchor)
+        if (new_w, new_h) == img.size:
+            if img.size != (s, s):
+                img = img.crop(box)
+        elif new_w * new_h <= _FULL_RESIZE_LIMIT * r * r:
+            img = img.resize((new_w, new_h), resample=resample)
+            img = img.crop(box)
+        else:
+            sx, sy = img.width / new_w, img.height / new_h
+            src_box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+            img = img.resize((s, s), resample=resample, box=src_box)
     pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
     return pixels_to_input(pixels.float().div(255), cfg)
 

@@ -129,15 +129,17 @@ class AttributionWorker:
         model: a model spec for ``models.load_model`` (``torchvision:resnet18``,
             ``torchscript:<uri>``, ``<module>:<callable>``), or an ``nn.Module`` (tests,
             notebooks; then ``image_size``/``mean``/``std`` describe its preprocessing).
-        weights: state_dict (local or ``s3://``) or torchvision weights name, for a spec.
+        weights: state_dict (local or ``s3://``), torchvision weights name or ``random``
+            (seeded by ``seed``), for a spec.
         methods: maps to compute, any of saliency, integrated_gradients, gradcam, cam.
         target: ``predicted`` (default), ``label`` (the row's label), a class index, ``topk:K``.
         ig_steps, ig_method: the IG quadrature; ig_baseline: black | gray | blur | uniform |
-            zeros (``engine.make_baseline``, seeded with ``seed``).
+            zeros (``engine.make_baseline``, seeded with ``seed``; so is ``weights="random"``).
         gradcam_layer: dotted layer name; None: ``hooks.default_gradcam_layer``, found once here.
         score: ``logit`` or ``prob``; precision: ``fp32`` | ``bf16`` | ``auto`` (engine).
         batch_size: images per ``attribute`` call (a bigger Ray batch is cut into these).
-        image_size, mean, std: preprocessing overrides (default: the model's).
+        image_size, resize_size, interpolation, mean, std: preprocessing overrides (default:
+            the model's own).
         s3_endpoint: S3 endpoint for the weights (else ``$AWS_ENDPOINT_URL``).
         device: ``cuda``/``cpu``/...; None: CUDA if available, else CPU.
         num_threads: torch threads on the CPU; None: every core of the affinity mask.
@@ -161,6 +163,8 @@ class AttributionWorker:
         batch_size: int = 16,
         batch_budget_mb: float | None = None,
         image_size: int | None = None,
+        resize_size: int | None = None,
+        interpolation: str | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         s3_endpoint: str | None = None,
@@ -191,6 +195,8 @@ class AttributionWorker:
             module = model
             self.preprocessing = Preprocessing(
                 image_size=image_size or 224,
+                resize_size=resize_size,
+                interpolation=interpolation or "bilinear",
                 mean=tuple(mean) if mean is not None else IMAGENET_MEAN,
                 std=tuple(std) if std is not None else IMAGENET_STD,
             )
@@ -202,7 +208,15 @@ class AttributionWorker:
             from xai_workers.models import load_model
 
             loaded = load_model(
-                model, weights, image_size=image_size, mean=mean, std=std, s3_endpoint=s3_endpoint
+                model,
+                weights,
+                image_size=image_size,
+                resize_size=resize_size,
+                interpolation=interpolation,
+                mean=mean,
+                std=std,
+                seed=seed,
+                s3_endpoint=s3_endpoint,
             )
             module, self.preprocessing = loaded.module, loaded.preprocessing
             self.num_classes, self.checksum = loaded.num_classes, loaded.checksum
