@@ -310,7 +310,6 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
             "max_pixels": pre.max_pixels,
         },
     }
-    settings = {**cfg.result_settings(), "model_checksum": loaded.checksum}
     layout = output_layout(
         cfg.methods,
         pre.image_size,
@@ -318,7 +317,14 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
         cfg.target,
         id_type=plan.id_type,
         label_type=plan.label_type,
+        store=cfg.store,
+        map_size=cfg.map_size,
     )
+    if layout.map_size != cfg.map_size and cfg.store == "compact":
+        log(f"--map-size {cfg.map_size} is above the image size: compact maps are "
+            f"{layout.map_size}x{layout.map_size}")  # fmt: skip
+    cfg = dataclasses.replace(cfg, map_size=layout.map_size)
+    settings = {**cfg.result_settings(), "model_checksum": loaded.checksum}
     from xai_workers.schema import output_schema
 
     schema = output_schema(layout)
@@ -540,6 +546,15 @@ class Progress:
         )
 
 
+def _size(n: float) -> str:
+    """Bytes for a person: 866.4 KB, 1.1 TB (powers of 1000)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"  # pragma: no cover
+
+
 def _hms(s: float) -> str:
     if not math.isfinite(s):
         return "?"
@@ -575,6 +590,15 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> JobRes
         before = int(sum(d.sum() for d in done.values()))
         log(f"resuming: {before} of {plan.total_rows} rows already written in {scan0.files} files")
     shards, todo = sources.make_shards(plan, done)
+    per_row = out.row_bytes(prep.schema)
+    maps = "no maps" if cfg.store == "stats" else ", ".join(
+        f"{f.name} {f.type.value_type}{list(f.type.shape)}"
+        for f in prep.schema if f.name in prep.layout.methods
+    )  # fmt: skip
+    log(
+        f"storage profile {cfg.store} ({maps}): expect about {todo} rows x {_size(per_row)} = "
+        f"{_size(todo * per_row)} before compression (zstd usually writes less)"
+    )
 
     manifest = {
         "tool": "xai-audit",
@@ -588,6 +612,9 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> JobRes
             "attributions": attr_uri,
             "rows_per_file": prep.rows_per_file,
             "columns": prep.schema.names,
+            "store": cfg.store,
+            "map_size": cfg.map_size if cfg.store == "compact" else None,
+            "expected_bytes_per_row": out.row_bytes(prep.schema),
         },
         "versions": _versions(),
         "counts": {"rows_total": plan.total_rows, "rows_written": before},
@@ -652,6 +679,7 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> JobRes
         "rows_computed_this_run": computed,
         "files": final.files,
         "bytes": final.bytes,
+        "bytes_per_row": round(final.bytes / final.rows, 1) if final.rows else None,
     }
     error_rate = final.error / plan.total_rows if plan.total_rows else 0.0
     complete = missing == 0 and final.duplicates == 0 and not final.unreadable
@@ -791,6 +819,9 @@ def _pipeline(
             id_type=plan.id_type,
             label_type=plan.label_type,
             seed=cfg.seed,
+            store=cfg.store,
+            map_size=cfg.map_size,
+            pooled_columns=True,  # the summary's maps from the full maps (write_attributions)
         ),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",

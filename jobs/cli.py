@@ -50,6 +50,9 @@ RUN_FLAGS = (
     ("--id-column", "NAME", "id column of a Parquet input (default id)"),
     ("--image-column", "NAME", "encoded-image column (default image)"),
     ("--label-column", "NAME", "label column (default: 'label' when present)"),
+    ("--store", "PROFILE", "compact (default: float16 maps at --map-size, IG summed over "
+                           "channels) | full (float32 at the input size) | stats (no maps)"),
+    ("--map-size", "M", "side of compact maps (default 64; never above the image size)"),
     ("--batch-size", "B", "images per actor call and per attribution batch (default 64)"),
     ("--actors", "N", "attribution actors (default: one per GPU, else one per node)"),
     ("--rows-per-file", "N", "rows per output file (default: ~128 MiB per file)"),

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xai_workers.engine import BASELINES, DEFAULT_METHODS, METHODS
+from xai_workers.profiles import DEFAULT_MAP_SIZE, DEFAULT_PROFILE, PROFILES
 from xai_workers.quadrature import QUADRATURES
 
 PRECISIONS = ("fp32", "bf16", "auto")
@@ -63,6 +64,8 @@ class JobConfig:
     seed: int = 0
     progress_interval_s: float = 5.0
     summary: bool = True
+    store: str = DEFAULT_PROFILE
+    map_size: int = DEFAULT_MAP_SIZE
 
     # ---------------------------------------------------------------------------------------
 
@@ -102,7 +105,7 @@ class JobConfig:
         keys = (
             "input", "model", "weights", "methods", "target", "score", "ig_steps", "ig_method",
             "ig_baseline", "gradcam_layer", "precision", "image_size", "mean", "std",
-            "id_column", "image_column", "label_column", "seed",
+            "id_column", "image_column", "label_column", "seed", "store", "map_size",
         )  # fmt: skip
         d = self.as_dict()
         return {k: d[k] for k in keys}
@@ -153,6 +156,10 @@ class JobConfig:
             raise ConfigError(f"--rows-per-file must be >= 1, got {self.rows_per_file}")
         if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
             raise ConfigError(f"--max-error-rate must be in [0, 1], got {self.max_error_rate}")
+        if self.store not in PROFILES:
+            raise ConfigError(f"--store must be one of {', '.join(PROFILES)}, got {self.store!r}")
+        if self.map_size < 1:
+            raise ConfigError(f"--map-size must be >= 1, got {self.map_size}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
 
@@ -171,7 +178,9 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             if len(vals) != 3 or not all(math.isfinite(v) for v in vals):
                 raise ValueError("expected three numbers R,G,B")
             return vals
-        if name in ("ig_steps", "image_size", "batch_size", "actors", "rows_per_file", "seed"):
+        if name in (
+            "ig_steps", "image_size", "batch_size", "actors", "rows_per_file", "seed", "map_size",
+        ):  # fmt: skip
             if isinstance(value, bool) or float(value) != int(float(value)):
                 raise ValueError("expected an integer")
             return int(float(value))

@@ -215,17 +215,33 @@ def rows_per_file(schema: pa.Schema, total_rows: int, target_bytes: int = TARGET
 
 
 def row_bytes(schema: pa.Schema) -> int:
-    """Approximate in-memory bytes of one output row (tensors dominate)."""
+    """Approximate in-memory (uncompressed) bytes of one output row (tensors dominate)."""
     total = 64
     for f in schema:
         t = f.type
         if isinstance(t, pa.FixedShapeTensorType):
-            total += int(np.prod(t.shape)) * 4
+            total += int(np.prod(t.shape)) * t.value_type.bit_width // 8
         elif pa.types.is_fixed_size_list(t):
             total += t.list_size * 8
         else:
             total += 16
     return total
+
+
+def float_leaves(schema: pa.Schema) -> list[str]:
+    """Parquet leaf paths of the float columns of ``schema``: ``name`` for a float column,
+    ``name.list.element`` for a tensor or fixed-size list of floats (what
+    ``use_byte_stream_split`` takes)."""
+    out = []
+    for f in schema:
+        t = f.type
+        if isinstance(t, pa.FixedShapeTensorType):
+            t = t.storage_type
+        if pa.types.is_fixed_size_list(t) and pa.types.is_floating(t.value_type):
+            out.append(f"{f.name}.list.element")
+        elif pa.types.is_floating(t):
+            out.append(f.name)
+    return out
 
 
 def part_name(sources: pa.Array, rows: pa.Array) -> str:
@@ -245,12 +261,15 @@ def write_part(
 ) -> dict:
     """Write ``table`` (rows in the output schema) as one part under folder ``dest``, atomically.
 
-    Rows are sorted by (source, source_row). Returns ``{"file", "rows", "ok", "error",
-    "bytes"}`` (bytes on disk).
+    Rows are sorted by (source, source_row); in-flight columns (name starting with ``_``, e.g.
+    the worker's ``_pooled_*``) are dropped. Float columns, tensors included, are written with
+    Parquet's BYTE_STREAM_SPLIT encoding (then zstd): on maps it takes about an eighth off.
+    Returns ``{"file", "rows", "ok", "error", "bytes"}`` (bytes on disk).
     """
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    table = table.select([n for n in table.column_names if not n.startswith("_")])
     table = table.sort_by([("source", "ascending"), ("source_row", "ascending")])
     name = part_name(table.column("source").combine_chunks(), table.column("source_row"))
     fs, folder = _fs(dest, s3_endpoint)
@@ -265,6 +284,7 @@ def write_part(
         row_group_size=row_group,
         write_statistics=False,
         use_dictionary=strings,
+        use_byte_stream_split=float_leaves(table.schema) or False,
     )
     if _is_local(fs):
         fs.create_dir(folder, recursive=True)

@@ -79,6 +79,7 @@ def _cfg(data, output, **kw) -> JobConfig:
         ig_steps=4,
         batch_size=8,
         progress_interval_s=0.0,
+        store="full",  # these tests compare full-resolution maps with the engine's
     )
     base.update(kw)
     return JobConfig(**base)

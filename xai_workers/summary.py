@@ -85,6 +85,10 @@ SUMMARY_VERSION = "1"
 MAP_SIZE = 32
 #: Methods whose per-class mean map is kept.
 MAP_METHODS = ("integrated_gradients", "gradcam")
+#: A column ``_pooled_<method>`` (float64 (N, MAP_SIZE, MAP_SIZE), :func:`pooled_maps` of the
+#: full map) is used instead of the method's tensor column when a batch has it: the job's worker
+#: adds it, so the summary's maps come from the full maps under every storage profile.
+POOLED_PREFIX = "_pooled_"
 PERCENTILES = (5, 50, 95)
 GROUP_ALL, GROUP_PRED, GROUP_LABEL = "all", "pred_class", "label"
 GROUPS = (GROUP_ALL, GROUP_PRED, GROUP_LABEL)
@@ -219,10 +223,21 @@ def statistic_columns(schema: pa.Schema) -> tuple[str, ...]:
 
 
 def map_columns(schema: pa.Schema) -> tuple[str, ...]:
-    """The methods of ``MAP_METHODS`` whose tensor column ``schema`` has."""
-    return tuple(
-        m for m in MAP_METHODS if m in schema.names and is_tensor_type(schema.field(m).type)
-    )
+    """The methods of ``MAP_METHODS`` whose full-resolution maps ``schema`` holds: a
+    ``_pooled_<method>`` column (the worker's), or the method's tensor column stored ``full``
+    (float32; a ``compact`` map, float16 and reduced, is not the map the summary averages)."""
+    out = []
+    for m in MAP_METHODS:
+        if POOLED_PREFIX + m in schema.names:
+            out.append(m)
+        elif m in schema.names and is_full_map(schema.field(m).type):
+            out.append(m)
+    return tuple(out)
+
+
+def is_full_map(t: pa.DataType) -> bool:
+    """True for a map column stored at full resolution (the ``full`` profile: float32)."""
+    return is_tensor_type(t) and t.value_type == pa.float32()
 
 
 def needed_columns(schema: pa.Schema, maps: bool = True) -> list[str]:
@@ -402,12 +417,13 @@ class Summary:
         else:
             names = list(batch)
             get = batch.__getitem__
-            map_names = tuple(m for m in MAP_METHODS if m in batch)
+            map_names = tuple(m for m in MAP_METHODS if m in batch or POOLED_PREFIX + m in batch)
             stat_names = tuple(
                 k
                 for k in batch
                 if k not in NOT_STATISTICS
                 and k not in map_names
+                and not k.startswith(POOLED_PREFIX)
                 and k not in ("status", "pred_class", "label", "target", "id", "error")
                 and np.issubdtype(np.asarray(batch[k]).dtype, np.floating)
             )
@@ -476,9 +492,20 @@ class Summary:
             sel_rows = np.flatnonzero(ok)
             if len(sel_rows) == 0:
                 continue
-            col = get(method)
-            value = tensor_to_numpy(col) if isinstance(col, (pa.Array, pa.ChunkedArray)) else col
-            pooled = pooled_maps(method, np.asarray(value)[sel_rows], self.map_size)
+            pooled = None
+            if POOLED_PREFIX + method in names:  # pooled from the full map by the worker
+                col = get(POOLED_PREFIX + method)
+                if isinstance(col, (pa.Array, pa.ChunkedArray)):
+                    col = tensor_to_numpy(col, dtype=np.float64)
+                col = np.asarray(col, dtype=np.float64)
+                if col.shape[1:] == (self.map_size, self.map_size):
+                    pooled = col[sel_rows].copy()
+            if pooled is None:
+                col = get(method)
+                value = (
+                    tensor_to_numpy(col) if isinstance(col, (pa.Array, pa.ChunkedArray)) else col
+                )
+                pooled = pooled_maps(method, np.asarray(value)[sel_rows], self.map_size)
             fin = np.isfinite(pooled).all(axis=(1, 2))
             pooled[~fin] = 0.0
             total = pooled.sum(axis=(1, 2))

@@ -27,6 +27,10 @@ import torch
 from torch import nn
 
 from xai_workers import schema as S
+from xai_workers.profiles import DEFAULT_MAP_SIZE, DEFAULT_PROFILE, check_profile
+from xai_workers.summary import MAP_METHODS as SUMMARY_MAP_METHODS
+from xai_workers.summary import MAP_SIZE as SUMMARY_MAP_SIZE
+from xai_workers.summary import POOLED_PREFIX
 
 #: Columns an input batch carries (``label`` only with a label column).
 BATCH_COLUMNS = ("id", "label", "x", "error", "source", "source_row")
@@ -106,6 +110,8 @@ def output_layout(
     *,
     id_type: pa.DataType | None = None,
     label_type: pa.DataType | None = None,
+    store: str = DEFAULT_PROFILE,
+    map_size: int = DEFAULT_MAP_SIZE,
 ) -> S.OutputLayout:
     """The output layout a worker with these settings produces (the driver uses it too)."""
     mode, value = parse_target(target)
@@ -119,6 +125,8 @@ def output_layout(
         num_reported=min(5, int(num_classes)),
         id_type=id_type if id_type is not None else pa.string(),
         label_type=label_type,
+        store=store,
+        map_size=map_size,
     )
 
 
@@ -143,6 +151,18 @@ class AttributionWorker:
         num_threads: torch threads on the CPU; None: every core of the affinity mask.
         id_type, label_type: Arrow types of the passed-through ``id`` and ``label`` columns
             (``label_type`` None: the input has no label column).
+        store: storage profile of the maps, ``compact`` (default: float16 ``map_size`` x
+            ``map_size``, IG summed over channels), ``full`` (float32 as computed) or ``stats``
+            (no maps); ``xai_workers.profiles``. Statistics come from the full maps under
+            every profile.
+        map_size: side of compact maps (default 64; never above the image size).
+
+        pooled_columns: when True (the job sets it), the returned table also carries, per method
+            of ``summary.MAP_METHODS`` computed, a column ``_pooled_<method>`` (float64
+            (32, 32): the row's 2-D map pooled from the full map, what ``summary.Summary``
+            accumulates), so the summary is the same under every profile. Columns whose name
+            starts with ``_`` are in-flight only: the job's writer drops them. Default False:
+            the table is exactly ``self.schema``.
     """
 
     def __init__(
@@ -169,6 +189,9 @@ class AttributionWorker:
         id_type: pa.DataType | None = None,
         label_type: pa.DataType | None = None,
         seed: int = 0,
+        store: str = DEFAULT_PROFILE,
+        map_size: int = DEFAULT_MAP_SIZE,
+        pooled_columns: bool = False,
     ):
         from xai_workers.engine import BASELINES, keep_freed_memory, prepare_model
         from xai_workers.hooks import default_gradcam_layer, get_submodule
@@ -186,6 +209,7 @@ class AttributionWorker:
             raise ValueError(f"unknown IG baseline {ig_baseline!r}; one of {', '.join(BASELINES)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_profile(store, map_size)
 
         if isinstance(model, nn.Module):
             module = model
@@ -230,8 +254,11 @@ class AttributionWorker:
         self.score, self.precision = score, precision
         self.batch_size, self.batch_budget_mb, self.seed = int(batch_size), batch_budget_mb, seed
         self.layout = output_layout(
-            self.methods, s, self.num_classes, target, id_type=id_type, label_type=label_type
-        )
+            self.methods, s, self.num_classes, target, id_type=id_type, label_type=label_type,
+            store=store, map_size=map_size,
+        )  # fmt: skip
+        self.store, self.map_size = self.layout.store, self.layout.map_size
+        self.pooled_columns = bool(pooled_columns)
         self.schema = S.output_schema(self.layout)
         #: rows seen, rows in error, seconds inside ``attribute`` (for the curious)
         self.counters = {"rows": 0, "errors": 0, "compute_s": 0.0}
@@ -269,15 +296,30 @@ class AttributionWorker:
                 )
         self.counters["rows"] += n
         self.counters["errors"] += sum(e is not None for e in errors)
-        return S.build_table(
+        names = set(self.schema.names)
+        table = S.build_table(
             self.schema,
             ids=batch.column("id").combine_chunks(),
             labels=labels.combine_chunks() if has_label else None,
             sources=batch.column("source").combine_chunks(),
             source_rows=batch.column("source_row").combine_chunks(),
             errors=errors,
-            values=values,
+            values={k: v for k, v in values.items() if k in names},
         )
+        valid = np.array([e is None for e in errors], dtype=bool)
+        for m in self.pooled_methods:
+            key = POOLED_PREFIX + m
+            size = SUMMARY_MAP_SIZE
+            v = values.get(key, np.zeros((n, size, size)))
+            table = table.append_column(key, S.tensor_array(v, valid, None, pa.float64()))
+        return table
+
+    @property
+    def pooled_methods(self) -> tuple[str, ...]:
+        """The methods whose ``_pooled_<method>`` column the worker adds (class docstring)."""
+        if not self.pooled_columns:
+            return ()
+        return tuple(m for m in SUMMARY_MAP_METHODS if m in self.methods)
 
     # ----------------------------------------------------------------------------------------
 
@@ -310,7 +352,9 @@ class AttributionWorker:
     def _attribute(self, x: torch.Tensor, targets: torch.Tensor | None) -> dict[str, np.ndarray]:
         """One ``attribute`` call + statistics on CPU tensors -> numpy arrays per column."""
         from xai_workers.engine import attribute, make_baseline
+        from xai_workers.profiles import reduce_maps
         from xai_workers.stats import row_statistics
+        from xai_workers.summary import pooled_maps
 
         x = x.to(self.device)
         if self.mode == "topk":
@@ -338,11 +382,17 @@ class AttributionWorker:
             batch_budget_mb=self.batch_budget_mb,
             precision=self.precision,
         )
-        stats = row_statistics(result)
+        stats = row_statistics(result)  # from the full maps, under every profile
+        pooled = {
+            POOLED_PREFIX + m: pooled_maps(m, result[m].detach().cpu().numpy())
+            for m in self.pooled_methods
+        }
+        result = reduce_maps(result, self.store, self.map_size)
         self.counters["compute_s"] += time.perf_counter() - t0
         names = set(self.schema.names)
         out = {k: v.detach().cpu().numpy() for k, v in result.items() if k in names}
         out.update({k: v.detach().cpu().numpy() for k, v in stats.items() if k in names})
+        out.update(pooled)
         return out
 
     def _explain(self, x, targets, rows, n, errors) -> dict[str, np.ndarray]:
