@@ -707,7 +707,7 @@ def build_report(
             value = row.get(m)
             if value is None:
                 continue
-            m2 = _map2d(m, value)
+            m2 = _map2d(m, value, (manifest or {}).get("output", {}).get("store", "full"))
             files_out[f"{name}-{m}-overlay.png"] = _png(overlay(image, display_scale(m2)))
             files_out[f"{name}-{m}-dev.png"] = _png(
                 overlay(image, deviation(m2), cmap="viridis", alpha=0.8)
@@ -754,13 +754,17 @@ def build_report(
     )
 
 
-def _map2d(method: str, value: np.ndarray) -> np.ndarray:
-    """A row's tensor -> its 2-D map (first target with topk)."""
+def _map2d(method: str, value: np.ndarray, store: str = "full") -> np.ndarray:
+    """A row's tensor -> its 2-D map (first target with topk). Under the ``compact`` profile IG
+    is stored summed over channels (signed): shown as ``|sum_c IG[c]|``."""
     import torch
 
     from xai_workers.stats import map_2d
 
     v = np.asarray(value, np.float32)
+    if store == "compact":  # (M, M), or (K, M, M) with topk
+        v = v[0] if v.ndim == 3 else v
+        return np.abs(v) if method == "integrated_gradients" else v
     base = 3 if method == "integrated_gradients" else 2
     if v.ndim == base + 1:
         v = v[0]

@@ -343,3 +343,42 @@ def test_ray_write_parquet_keeps_canonical_tensor_type(ray_session, tmp_path):
     assert back.schema.field("saliency").type == S.tensor_type((4, 4))
     assert back.column("saliency").null_count == 1
     assert out.exists(str(tmp_path / "w"))
+
+
+def test_storage_profiles_keep_statistics_summary_and_report(ray_session, data, tmp_path):
+    from jobs.report import build_report
+
+    runs = {}
+    for store in ("compact", "full", "stats"):
+        logs: list[str] = []
+        res = run_job(_cfg(data, tmp_path / store, store=store, map_size=16), log=logs.append)
+        assert res.exit_code == 0 and res.counts["rows_ok"] == N_DEMO
+        assert any(f"storage profile {store}" in m and "expect about 40 rows" in m for m in logs)
+        assert res.manifest["output"]["store"] == store
+        assert res.manifest["counts"]["bytes_per_row"] > 0
+        runs[store] = res
+    assert JobConfig().store == "compact" and JobConfig().map_size == 64
+    tables = {s: _read(tmp_path / s / "attributions") for s in runs}
+    assert tables["compact"].schema.field("gradcam").type == S.tensor_type((16, 16), pa.float16())
+    assert not any(m in tables["stats"].column_names for m in ("saliency", "gradcam"))
+    sizes = {s: r.manifest["counts"]["bytes_per_row"] for s, r in runs.items()}
+    assert sizes["stats"] < sizes["compact"] < sizes["full"], sizes
+
+    # statistics byte-identical (exact equality of the Arrow columns), summaries equal
+    full = tables["full"]
+    stat_cols = [c for c in full.column_names if not S.is_tensor_type(full.schema.field(c).type)]
+    for s in ("compact", "stats"):
+        for c in stat_cols:
+            assert tables[s][c].equals(full[c]), (s, c)
+    summaries = {s: pq.read_table(tmp_path / s / "summary" / "summary.parquet") for s in runs}
+    assert "gradcam_mean_map" in summaries["compact"].column_names
+    for s in ("compact", "stats"):
+        assert summaries[s].equals(summaries["full"]), s
+
+    # the report flags the same images, whatever the profile
+    flagged = {}
+    for s in runs:
+        rep = build_report(str(tmp_path / s), log=lambda m: None)
+        flagged[s] = {k: [r["id"] for r in v] for k, v in rep.galleries.items()}
+    assert flagged["full"] and any(flagged["full"].values())
+    assert flagged["compact"] == flagged["full"] == flagged["stats"]

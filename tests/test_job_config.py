@@ -114,6 +114,9 @@ def test_flag_values_checked_on_their_face(capsys, dataset, tmp_path):
     _fails(capsys, _argv(dataset, o, "--label-column", "species"), "species")
     _fails(capsys, _argv(dataset, o, "--id-column", "key"), "'key'")
     _fails(capsys, _argv(dataset, o, "--max-error-rate", "2"), "max-error-rate")
+    _fails(capsys, _argv(dataset, o, "--store", "tiny"), "compact, full, stats")
+    _fails(capsys, _argv(dataset, o, "--map-size", "0"), "--map-size")
+    _fails(capsys, _argv(dataset, o, "--map-size", "1.5"), "map-size")
     with pytest.raises(SystemExit):
         main(["run", "--no-such-flag"])
     assert "unrecognized arguments" in capsys.readouterr().err
