@@ -337,6 +337,8 @@ class Summary:
 
     def __init__(self, map_size: int = MAP_SIZE):
         self.map_size = int(map_size)
+        #: map methods a file stored only compact, so left out of the mean maps (summarize_file)
+        self.maps_left_out: list[str] = []
         self.keys: list[tuple[str, int | None]] = []
         self._index: dict[tuple[str, int | None], int] = {}
         self.counts = {c: np.zeros(0, np.int64) for c in _COUNTS}
@@ -915,6 +917,7 @@ def summarize_file(
         pf = pq.ParquetFile(f)
         schema = pf.schema_arrow
         cols = needed_columns(schema)
+        acc.maps_left_out = [m for m in MAP_METHODS if m in schema.names and m not in cols]
         if batch_rows is None:
             per_row = sum(
                 4 * int(np.prod(schema.field(c).type.shape))
@@ -980,7 +983,13 @@ def summarize_output(
                     return Summary.from_partial(pq.read_table(f)), True
             except (OSError, ValueError, pa.ArrowException) as e:
                 log(f"partial {name} unusable ({type(e).__name__}: {e}); reading the part")
-        return summarize_file(fs, path, batch_rows), False
+        acc = summarize_file(fs, path, batch_rows)
+        if acc.maps_left_out:
+            log(
+                f"part {name} has no partial and stores compact maps: its rows are not in the "
+                f"mean maps of {', '.join(acc.maps_left_out)} (statistics are complete)"
+            )
+        return acc, False
 
     total = Summary()
     used = 0
