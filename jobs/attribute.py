@@ -236,6 +236,8 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
     plan = sources.discover(
         cfg.input,
         id_column=cfg.id_column,
+        input_format=cfg.input_format,
+        labels_from=cfg.labels_from,
         image_column=cfg.image_column,
         label_column=cfg.label_column,
         need_label=mode == "label",

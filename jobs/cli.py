@@ -28,7 +28,7 @@ from jobs.config import ConfigError, JobConfig, load_yaml, merge
 #: (flag, metavar, help) of every ``run`` setting; the YAML keys are the same names.
 RUN_FLAGS = (
     ("--input", "URI", "Parquet file, folder or s3:// prefix (id/image[/label] columns), "
-                       "or a folder/prefix of image files (id = path)"),
+                       "a folder/prefix of image files (id = path) or of WebDataset tars"),
     ("--output", "URI", "output folder or s3:// prefix: attributions/, manifest.json"),
     ("--model", "SPEC", "torchvision:<arch> | torchscript:<uri> | <module>:<callable>"),
     ("--weights", "URI", "state_dict (.pt/.pth/.safetensors, local or s3://) or a "
@@ -47,7 +47,12 @@ RUN_FLAGS = (
     ("--image-size", "S", "input side S (default: the model's, 224)"),
     ("--mean", "R,G,B", "normalization mean (default ImageNet's)"),
     ("--std", "R,G,B", "normalization std (default ImageNet's)"),
-    ("--id-column", "NAME", "id column of a Parquet input (default id)"),
+    ("--input-format", "F", "auto (default: from the files) | parquet (bytes, Hugging Face "
+                            "image structs or paths/URIs) | images | webdataset (*.tar)"),
+    ("--labels-from", "L", "image folders: auto (default: class folders when every image is "
+                           "one folder down) | folders | none"),
+    ("--id-column", "NAME", "id column of a Parquet input (default: id when present, else "
+                            "<file>#<row>)"),
     ("--image-column", "NAME", "encoded-image column (default image)"),
     ("--label-column", "NAME", "label column (default: 'label' when present)"),
     ("--store", "PROFILE", "compact (default: float16 maps at --map-size, IG summed over "

@@ -49,7 +49,7 @@ class JobConfig:
     image_size: int | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
-    id_column: str = "id"
+    id_column: str | None = None
     image_column: str = "image"
     label_column: str | None = None
     batch_size: int = 64
@@ -66,6 +66,8 @@ class JobConfig:
     summary: bool = True
     store: str = DEFAULT_PROFILE
     map_size: int = DEFAULT_MAP_SIZE
+    input_format: str = "auto"
+    labels_from: str = "auto"
 
     # ---------------------------------------------------------------------------------------
 
@@ -106,6 +108,7 @@ class JobConfig:
             "input", "model", "weights", "methods", "target", "score", "ig_steps", "ig_method",
             "ig_baseline", "gradcam_layer", "precision", "image_size", "mean", "std",
             "id_column", "image_column", "label_column", "seed", "store", "map_size",
+            "input_format", "labels_from",
         )  # fmt: skip
         d = self.as_dict()
         return {k: d[k] for k in keys}
@@ -160,6 +163,12 @@ class JobConfig:
             raise ConfigError(f"--store must be one of {', '.join(PROFILES)}, got {self.store!r}")
         if self.map_size < 1:
             raise ConfigError(f"--map-size must be >= 1, got {self.map_size}")
+        from jobs.sources import INPUT_FORMATS, LABELS_FROM
+
+        if self.input_format not in INPUT_FORMATS:
+            raise ConfigError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}")
+        if self.labels_from not in LABELS_FROM:
+            raise ConfigError(f"--labels-from must be one of {', '.join(LABELS_FROM)}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
 
