@@ -382,3 +382,84 @@ def test_storage_profiles_keep_statistics_summary_and_report(ray_session, data, 
         flagged[s] = {k: [r["id"] for r in v] for k, v in rep.galleries.items()}
     assert flagged["full"] and any(flagged["full"].values())
     assert flagged["compact"] == flagged["full"] == flagged["stats"]
+
+
+def test_every_input_format_end_to_end(ray_session, data, tmp_path, s3_server, s3_bucket,
+                                       monkeypatch):  # fmt: skip
+    """HF Parquet, class folders, WebDataset tars (written by their libraries) and a Parquet of
+    references on S3: rows in = rows out, ids and labels as each format defines them, bad rows
+    are error rows that name the row."""
+    import datasets
+    import s3fs
+    import webdataset as wds
+
+    blobs = data["table"]["image"].to_pylist()[:6]
+    labels = data["table"]["label"].to_pylist()[:6]
+
+    def check(res, n_rows, n_errors):
+        assert res.exit_code == 0, res.summary
+        assert res.counts["rows_written"] == res.counts["rows_total"] == n_rows
+        assert res.counts["rows_error"] == n_errors and res.counts["rows_missing"] == 0
+
+    # Hugging Face datasets Parquet: image structs, no id column, ClassLabel names
+    monkeypatch.chdir(tmp_path)
+    names = [f"digit-{i}" for i in range(10)]
+    feats = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=names)}
+    )
+    images = [Image.open(io.BytesIO(b)) for b in blobs] + [None]
+    (tmp_path / "hf").mkdir()
+    datasets.Dataset.from_dict({"image": images, "label": labels + [0]}, features=feats).to_parquet(
+        str(tmp_path / "hf" / "train.parquet")
+    )
+    res = run_job(_cfg(data, tmp_path / "o-hf", input=str(tmp_path / "hf"), target="label"),
+                  log=lambda m: None)  # fmt: skip
+    check(res, 7, 1)
+    got = _read(tmp_path / "o-hf" / "attributions")
+    assert sorted(got["id"].to_pylist()) == sorted(f"train.parquet#{i}" for i in range(7))
+    assert res.manifest["input"]["image_kind"] == "struct"
+    assert res.manifest["input"]["class_names"] == 10
+    bad = got.filter(pa.compute.equal(got["status"], "error"))
+    assert (
+        bad["id"].to_pylist() == ["train.parquet#6"] and bad["error"][0].as_py() == "image is null"
+    )
+
+    # class folders: labels from sorted folder names
+    root = tmp_path / "folders"
+    for i, (b, lab) in enumerate(zip(blobs, labels, strict=True)):
+        (root / f"class{lab}").mkdir(parents=True, exist_ok=True)
+        (root / f"class{lab}" / f"{i}.png").write_bytes(b)
+    res = run_job(_cfg(data, tmp_path / "o-dir", input=str(root)), log=lambda m: None)
+    check(res, 6, 0)
+    got = _read(tmp_path / "o-dir" / "attributions")
+    order = sorted({f"class{lab}" for lab in labels})
+    want = {f"class{lab}/{i}.png": order.index(f"class{lab}") for i, lab in enumerate(labels)}
+    assert dict(zip(got["id"].to_pylist(), got["label"].to_pylist(), strict=True)) == want
+
+    # WebDataset tars: sample keys as ids, cls labels, a sample without an image
+    (tmp_path / "wds").mkdir()
+    with wds.ShardWriter(str(tmp_path / "wds" / "part-%03d.tar"), maxcount=4) as sink:
+        for i, (b, lab) in enumerate(zip(blobs, labels, strict=True)):
+            sink.write({"__key__": f"k{i}", "png": b, "cls": str(lab).encode()})
+        sink.write({"__key__": "kz", "txt": "no image"})
+    res = run_job(_cfg(data, tmp_path / "o-wds", input=str(tmp_path / "wds")), log=lambda m: None)
+    check(res, 7, 1)
+    got = _read(tmp_path / "o-wds" / "attributions")
+    assert got["id"].to_pylist() == sorted([f"k{i}" for i in range(6)] + ["kz"])
+    assert got["label"].to_pylist()[:6] == labels
+    assert "kz has no image member" in got["error"][6].as_py()
+
+    # a Parquet of references on S3 (relative keys), one object missing
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    for i, b in enumerate(blobs):
+        fs.pipe(f"{s3_bucket}/refs/img/{i}.png", b)
+    refs = [f"img/{i}.png" for i in range(6)] + ["img/missing.png"]
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(7)], "image": refs}), buf)
+    fs.pipe(f"{s3_bucket}/refs/index.parquet", buf.getvalue())
+    res = run_job(_cfg(data, tmp_path / "o-refs", input=f"s3://{s3_bucket}/refs/index.parquet",
+                       s3_endpoint=s3_server), log=lambda m: None)  # fmt: skip
+    check(res, 7, 1)
+    got = _read(tmp_path / "o-refs" / "attributions")
+    assert got["status"].to_pylist() == ["ok"] * 6 + ["error"]
+    assert "refs/img/missing.png" in got["error"][6].as_py()
