@@ -406,6 +406,7 @@ def load_images(
     ``model.preprocessing``)."""
     import pyarrow.parquet as pq
 
+    from jobs.sources.parquet import image_bytes
     from xai_workers.preprocess import Preprocessing, input_to_pixels, preprocess_bytes
     from xai_workers.storage import filesystem, join_uri, pyarrow_filesystem, read_bytes
 
@@ -444,12 +445,22 @@ def load_images(
 
     kind = inp.get("kind", "parquet")
     image_col = inp.get("image_column") or "image"
+    image_kind = inp.get("image_kind") or "binary"  # HF structs, references (jobs.sources)
     by_source: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
         if r.get("source") is not None:
             by_source.setdefault(r["source"], []).append(i)
     for rel, idxs in by_source.items():
         try:
+            if kind == "webdataset":
+                from jobs.sources.webdataset import sample_images
+
+                got = sample_images(uri_of(rel), {int(rows[i]["source_row"]) for i in idxs},
+                                    s3_endpoint)  # fmt: skip
+                for i in idxs:
+                    data = got.get(int(rows[i]["source_row"]))
+                    out[i] = decode(data) if data is not None else None
+                continue
             if kind == "images":
                 data = read_bytes(uri_of(rel), s3_endpoint)
                 for i in idxs:
@@ -468,7 +479,10 @@ def load_images(
                     if not 0 <= g < md.num_row_groups:
                         continue
                     t = pf.read_row_group(g, columns=[image_col])
-                    out[i] = decode(t.column(0)[r - int(starts[g])].as_py())
+                    value = t.column(0)[r - int(starts[g])].as_py()
+                    data, _ = image_bytes(value, image_kind, uri_of(rel).rsplit("/", 1)[0],
+                                          s3_endpoint)  # fmt: skip
+                    out[i] = decode(data) if data is not None else None
         except Exception:  # noqa: BLE001 - a missing input file costs its pictures only
             continue
     return out

@@ -393,6 +393,10 @@ def test_every_input_format_end_to_end(ray_session, data, tmp_path, s3_server, s
     import s3fs
     import webdataset as wds
 
+    from jobs.report import load_images
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+
     blobs = data["table"]["image"].to_pylist()[:6]
     labels = data["table"]["label"].to_pylist()[:6]
 
@@ -400,6 +404,11 @@ def test_every_input_format_end_to_end(ray_session, data, tmp_path, s3_server, s
         assert res.exit_code == 0, res.summary
         assert res.counts["rows_written"] == res.counts["rows_total"] == n_rows
         assert res.counts["rows_error"] == n_errors and res.counts["rows_missing"] == 0
+        # the report finds every ok row's image again, as the model saw it
+        t = pq.read_table(res.manifest["output"]["attributions"])
+        ok = t.filter(pa.compute.equal(t["status"], "ok")).select(["source", "source_row"])
+        pics = load_images(res.manifest, ok.to_pylist(), s3_server)
+        assert len(pics) == ok.num_rows and all(p is not None for p in pics)
 
     # Hugging Face datasets Parquet: image structs, no id column, ClassLabel names
     monkeypatch.chdir(tmp_path)
@@ -450,7 +459,6 @@ def test_every_input_format_end_to_end(ray_session, data, tmp_path, s3_server, s
     assert "kz has no image member" in got["error"][6].as_py()
 
     # a Parquet of references on S3 (relative keys), one object missing
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
     for i, b in enumerate(blobs):
         fs.pipe(f"{s3_bucket}/refs/img/{i}.png", b)
     refs = [f"img/{i}.png" for i in range(6)] + ["img/missing.png"]

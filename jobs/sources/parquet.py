@@ -171,34 +171,29 @@ def make_shards(plan: InputPlan, done: Mapping[str, np.ndarray], shard_rows: int
     return shards, todo
 
 
+def image_bytes(value, kind: str, base: str, s3_endpoint=None) -> tuple[bytes | None, str | None]:
+    """One row's image column value -> (encoded bytes, None) or (None, why not), for an image
+    column of ``kind`` in a Parquet file in folder ``base`` (module docstring)."""
+    if value is None:
+        return None, "image is null"
+    if kind == "binary":
+        return value, None
+    if kind == "struct" and value.get("bytes") is not None:
+        return value["bytes"], None
+    ref = value if kind == "string" else value.get("path")
+    if not ref:
+        return None, "image has neither bytes nor a path"
+    return read_uri(resolve(ref, base), s3_endpoint)
+
+
 def _fetch_all(
     values: list, kind: str, base: str, s3_endpoint, pool
 ) -> list[tuple[bytes | None, str | None]]:
-    """Each row's image value -> (encoded bytes, None) or (None, why not); references are read
-    by ``pool`` (bounded concurrency), in row order."""
-
-    def ref_of(v):
-        if kind == "string":
-            return v
-        if isinstance(v, dict) and v.get("bytes") is None and v.get("path"):
-            return v["path"]
-        return None
-
-    def one(v):
-        if v is None:
-            return None, "image is null"
-        if kind == "binary":
-            return v, None
-        if kind == "struct" and v.get("bytes") is not None:
-            return v["bytes"], None
-        ref = ref_of(v)
-        if not ref:
-            return None, "image has neither bytes nor a path"
-        return read_uri(resolve(ref, base), s3_endpoint)
-
+    """``image_bytes`` of each value, in row order; references are read by ``pool`` (bounded
+    concurrency)."""
     if kind == "binary" or pool is None:
-        return [one(v) for v in values]
-    return list(pool.map(one, values))
+        return [image_bytes(v, kind, base, s3_endpoint) for v in values]
+    return list(pool.map(lambda v: image_bytes(v, kind, base, s3_endpoint), values))
 
 
 def read_shard(

@@ -135,6 +135,22 @@ def _label(key: str, parts: dict) -> tuple[int | None, str | None]:
     return None, None
 
 
+def sample_images(uri: str, rows: set[int], s3_endpoint=None) -> dict[int, bytes]:
+    """The image bytes of samples ``rows`` (indices) of one tar, streamed up to the last one."""
+    from xai_workers.storage import open_file
+
+    out: dict[int, bytes] = {}
+    last = max(rows, default=-1)
+    with open_file(uri, "rb", s3_endpoint=s3_endpoint) as f:
+        for r, (_, parts) in enumerate(iter_samples(f)):
+            if r > last:
+                break
+            image = next((parts[e] for e in IMAGE_EXTS if parts.get(e) is not None), None)
+            if r in rows and image is not None:
+                out[r] = image
+    return out
+
+
 def read_shard(
     shard: Mapping, *, preprocessing, label_column, id_type, label_type, s3_endpoint=None,
     block_rows=None, **_,
