@@ -265,6 +265,7 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
         )
     if mode == "topk" and tval > loaded.num_classes:
         raise ConfigError(f"--target topk:{tval} > the model's {loaded.num_classes} classes")
+    classes = _class_names(cfg, loaded, plan, log)
     layer = cfg.gradcam_layer
     if "gradcam" in cfg.methods or "cam" in cfg.methods:
         if not loaded.layers:
@@ -304,6 +305,7 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
         "weights": cfg.weights,
         "checksum_sha256": loaded.checksum,
         "num_classes": loaded.num_classes,
+        "class_names": classes,
         "gradcam_layer": layer,
         "preprocessing": {
             "image_size": pre.image_size,
@@ -321,6 +323,7 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
         label_type=plan.label_type,
         store=cfg.store,
         map_size=cfg.map_size,
+        has_names=classes is not None,
     )
     if layout.map_size != cfg.map_size and cfg.store == "compact":
         log(f"--map-size {cfg.map_size} is above the image size: compact maps are "
@@ -348,6 +351,41 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
     out.check_writable(cfg.output, cfg.s3_endpoint)
     rpf = cfg.rows_per_file or out.rows_per_file(schema, plan.total_rows)
     return Prepared(cfg, plan, settings, model_info, layout, schema, state, rpf)
+
+
+def _class_names(cfg: JobConfig, loaded, plan, log) -> dict | None:
+    """``{"source", "names"}`` of the model's classes, or None when unknown.
+
+    In order: ``--class-names FILE|imagenet`` (its length must be the model's classes, else a
+    ConfigError naming the file); the model's own (``loaded.class_names``: torchvision weights'
+    ``meta["categories"]``, timm, Hugging Face); the input's (Hugging Face ``ClassLabel`` names,
+    class folders) when there is one per class of the model (else they are only logged)."""
+    from xai_workers.classnames import load_class_names
+
+    n = loaded.num_classes
+    if cfg.class_names:
+        try:
+            names = load_class_names(cfg.class_names, cfg.s3_endpoint)
+        except ValueError as e:
+            raise ConfigError(f"--class-names: {e}") from None
+        if len(names) != n:
+            raise ConfigError(
+                f"--class-names {cfg.class_names} has {len(names)} names but the model has {n} "
+                "classes"
+            )
+        return {"source": cfg.class_names, "names": list(names)}
+    own = getattr(loaded, "class_names", None)  # models from timm/HF/torchvision weights
+    if own is not None and len(own) == n:
+        return {"source": "model", "names": [str(c) for c in own]}
+    if plan.class_names:
+        source = "folders" if plan.kind == "images" else "huggingface"
+        if len(plan.class_names) == n:
+            return {"source": source, "names": list(plan.class_names)}
+        log(
+            f"the input names {len(plan.class_names)} classes ({source}) but the model has {n}: "
+            "not used as the model's class names (pass --class-names)"
+        )
+    return None
 
 
 def _inside(output: str, input_: str) -> bool:
@@ -824,6 +862,7 @@ def _pipeline(
             store=cfg.store,
             map_size=cfg.map_size,
             pooled_columns=True,  # the summary's maps from the full maps (write_attributions)
+            class_names=(prep.model_info["class_names"] or {}).get("names"),
         ),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",

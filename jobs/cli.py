@@ -51,6 +51,8 @@ RUN_FLAGS = (
                             "image structs or paths/URIs) | images | webdataset (*.tar)"),
     ("--labels-from", "L", "image folders: auto (default: class folders when every image is "
                            "one folder down) | folders | none"),
+    ("--class-names", "FILE", "class names: a file (one per line, a JSON list or a JSON object "
+                              "index -> name) or 'imagenet' (torchvision's list)"),
     ("--id-column", "NAME", "id column of a Parquet input (default: id when present, else "
                             "<file>#<row>)"),
     ("--image-column", "NAME", "encoded-image column (default image)"),

@@ -68,6 +68,7 @@ class JobConfig:
     map_size: int = DEFAULT_MAP_SIZE
     input_format: str = "auto"
     labels_from: str = "auto"
+    class_names: str | None = None
 
     # ---------------------------------------------------------------------------------------
 
@@ -108,7 +109,7 @@ class JobConfig:
             "input", "model", "weights", "methods", "target", "score", "ig_steps", "ig_method",
             "ig_baseline", "gradcam_layer", "precision", "image_size", "mean", "std",
             "id_column", "image_column", "label_column", "seed", "store", "map_size",
-            "input_format", "labels_from",
+            "input_format", "labels_from", "class_names",
         )  # fmt: skip
         d = self.as_dict()
         return {k: d[k] for k in keys}

@@ -866,6 +866,7 @@ def _class_maps(summary: pa.Table, max_classes: int, files_out: dict) -> dict:
     for i in order:
         info[classes[i]] = {
             "count": counts[i],
+            "name": pred["name"][i].as_py() if "name" in pred.column_names else None,
             "border": {
                 m: pred[f"{m}_border_frac_mean"][i].as_py()
                 for m in methods
@@ -1142,7 +1143,7 @@ def _class_map_section(cm: dict) -> str:
             cells.append(
                 f'<div class="mapcell{" flag" if flag else ""}">'
                 f'<img src="{_e(cm["tiles"][(m, c)])}" alt="class {c} mean {m} map">'
-                f'<div class="c">class {c}</div>'
+                f'<div class="c">class {_e(_cls(c, info.get("name")))}</div>'
                 f'<div class="s">n={info["count"]:,}<br>border {_pct(b)}</div></div>'
             )
         parts.append(f'<h3>{METHOD_LONG[m]}</h3><div class="mapgrid">{"".join(cells)}</div>')
@@ -1165,7 +1166,8 @@ def _card(card: Card, methods: list[str], gallery: Gallery) -> str:
     else:
         lab = "no label"
     head = (
-        f'<div class="head"><span>#{card.rank} · pred <b>{_e(pred)}</b> (p={_num(prob)}) · {lab}'
+        f'<div class="head"><span>#{card.rank} · pred <b>{_e(_cls(pred, r.get("pred_name")))}</b> '
+        f"(p={_num(prob)}) · {lab}"
         f'</span><span class="id" title="{_e(r.get("id"))}">{_e(r.get("id"))}</span></div>'
     )
     hot = set(gallery.columns)
@@ -1221,6 +1223,11 @@ def _first(v):
     return v
 
 
+def _cls(index, name: str | None = None) -> str:
+    """A class for people: ``name (index)`` when its name is known, else the index."""
+    return f"{name} ({index})" if name else str(index)
+
+
 def _class_table(summary: pa.Table, stand: list[dict]) -> str:
     rows = _rows(summary, "pred_class")
     if not rows:
@@ -1244,7 +1251,7 @@ def _class_table(summary: pa.Table, stand: list[dict]) -> str:
     head = "<tr><th>class</th>" + "".join(f"<th>{_e(t)}</th>" for _, t, _, _ in cols) + "</tr>"
     body = []
     for r in rows:
-        cells = [f"<td><b>{_e(r['class'])}</b></td>"]
+        cells = [f"<td><b>{_e(_cls(r['class'], r.get('name')))}</b></td>"]
         for k, _, fmt, m in cols:
             v = r.get(k)
             flag = m is not None and (r["class"], m) in flagged

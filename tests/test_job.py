@@ -428,6 +428,14 @@ def test_every_input_format_end_to_end(ray_session, data, tmp_path, s3_server, s
     assert sorted(got["id"].to_pylist()) == sorted(f"train.parquet#{i}" for i in range(7))
     assert res.manifest["input"]["image_kind"] == "struct"
     assert res.manifest["input"]["class_names"] == 10
+    # ClassLabel names: the model has 10 classes, so they name its predictions and targets
+    assert res.manifest["model"]["class_names"] == {"source": "huggingface", "names": names}
+    ok = got.filter(pa.compute.equal(got["status"], "ok"))
+    assert ok["pred_name"].to_pylist() == [names[c] for c in ok["pred_class"].to_pylist()]
+    assert ok["target_name"].to_pylist() == [names[c] for c in ok["label"].to_pylist()]
+    summary = pq.read_table(tmp_path / "o-hf" / "summary" / "summary.parquet")
+    for c, name in zip(summary["class"].to_pylist(), summary["name"].to_pylist(), strict=True):
+        assert name == (None if c is None else names[c])
     bad = got.filter(pa.compute.equal(got["status"], "error"))
     assert (
         bad["id"].to_pylist() == ["train.parquet#6"] and bad["error"][0].as_py() == "image is null"

@@ -170,3 +170,19 @@ def test_layers_command(capsys):
     text = capsys.readouterr().out
     assert "features.block4" in text and "(1, 64, 8, 8)" in text and "default" in text
     assert main(["layers", "--model", "torchvision:not_an_arch"]) == 2
+
+
+def test_class_names_file_must_match_the_model(capsys, dataset, tmp_path):
+    short = tmp_path / "names.txt"
+    short.write_text("cat\ndog\n")
+    _fails(capsys, _argv(dataset, tmp_path / "o", "--class-names", str(short)),
+           str(short), "2 names", "10 classes")  # fmt: skip
+    _fails(capsys, _argv(dataset, tmp_path / "o", "--class-names", str(tmp_path / "nope.txt")),
+           "not found")  # fmt: skip
+    good = tmp_path / "names.json"
+    good.write_text(json.dumps({str(i): f"digit {i}" for i in range(10)}))
+    cfg = JobConfig(input=dataset, output=str(tmp_path / "o"), model=SPEC, image_size=32,
+                    class_names=str(good))  # fmt: skip
+    prep = job.prepare(cfg, log=lambda m: None)
+    assert prep.model_info["class_names"]["names"][3] == "digit 3"
+    assert {"pred_name", "target_name"} <= set(prep.schema.names)

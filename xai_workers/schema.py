@@ -11,7 +11,9 @@ correct               bool (integer labels only)                       pred_clas
 status                string, never null                               ``ok`` or ``error``
 error                 string, null when ok                             what went wrong
 target                int64 (fixed_size_list<int64>[K] with topk:K)    class(es) explained
+target_name           dictionary<int32, string> (list [K] of string)   its name (names known)
 pred_class            int64                                            argmax of the logits
+pred_name             dictionary<int32, string>                        its name (names known)
 pred_prob             float32                                          its softmax probability
 topk_classes          fixed_size_list<int64>[R]                        R = min(5, classes)
 topk_probs            fixed_size_list<float32>[R]
@@ -54,6 +56,8 @@ SCHEMA_VERSION = "1"
 MAP_METHODS = ("saliency", "integrated_gradients", "gradcam", "cam")
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+#: Type of the class-name columns: dictionary-encoded strings (few distinct values).
+NAME_TYPE = pa.dictionary(pa.int32(), pa.string())
 #: Columns every output file has, whatever the configuration (besides ``label``).
 KEY_COLUMNS = ("source", "source_row")
 
@@ -64,6 +68,8 @@ _DESCRIPTIONS = {
     "status": "ok or error",
     "error": "what went wrong (null when ok)",
     "target": "class explained (K classes with topk:K targets)",
+    "target_name": "name of the class explained (K names with topk:K targets)",
+    "pred_name": "name of pred_class",
     "pred_class": "top-1 class at x (argmax of the logits)",
     "pred_prob": "softmax probability of pred_class",
     "topk_classes": "the best classes at x, best first",
@@ -102,6 +108,7 @@ class OutputLayout:
     - ``num_reported``: R, the width of ``topk_classes`` / ``topk_probs`` (min(5, classes)).
     - ``id_type`` / ``label_type``: Arrow types of the passed-through columns (no label: None).
     - ``has_ig_scalars``: whether ``baseline_score`` and ``ig_delta`` exist (IG computed).
+    - ``has_names``: whether class names are known (``target_name``, ``pred_name`` columns).
     - ``store``: the storage profile, ``full`` (default here), ``compact`` or ``stats``;
       ``map_size``: M of compact maps (never above H).
     """
@@ -115,6 +122,7 @@ class OutputLayout:
     label_type: pa.DataType | None = None
     store: str = "full"
     map_size: int = DEFAULT_MAP_SIZE
+    has_names: bool = False
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in MAP_METHODS]
@@ -172,7 +180,14 @@ def output_schema(layout: OutputLayout) -> pa.Schema:
         pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string()),
         pa.field("target", layout.per_target_type(pa.int64())),
-        pa.field("pred_class", pa.int64()),
+    ]
+    if layout.has_names:
+        fields.append(pa.field("target_name", NAME_TYPE if not layout.topk else
+                               pa.list_(pa.string(), layout.topk)))  # fmt: skip
+    fields += [pa.field("pred_class", pa.int64())]
+    if layout.has_names:
+        fields.append(pa.field("pred_name", NAME_TYPE))
+    fields += [
         pa.field("pred_prob", pa.float32()),
         pa.field("topk_classes", pa.list_(pa.int64(), layout.num_reported)),
         pa.field("topk_probs", pa.list_(pa.float32(), layout.num_reported)),
@@ -261,7 +276,7 @@ def _to_arrow(values, t: pa.DataType, valid: np.ndarray | None, n: int) -> pa.Ar
         arr = np.asarray(values, dtype=t.value_type.to_pandas_dtype()).reshape(n, size)
         if invalid is not None:
             arr = arr.copy()
-            arr[invalid] = 0
+            arr[invalid] = None if pa.types.is_string(t.value_type) else 0
         child = pa.array(arr.reshape(n * size), type=t.value_type)
         mask = None if invalid is None else pa.array(invalid)
         return pa.FixedSizeListArray.from_arrays(child, type=t, mask=mask)

@@ -71,7 +71,7 @@ import json
 import math
 import posixpath
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -688,17 +688,26 @@ class Summary:
             ),
         )
 
-    def to_table(self) -> pa.Table:
+    def to_table(self, class_names: Sequence[str] | None = None) -> pa.Table:
         """The summary: one row per key, ordered all, pred_class, label (by class); schema
-        :func:`summary_schema` (module docstring for the columns)."""
+        :func:`summary_schema` (module docstring for the columns). With ``class_names`` (index
+        -> name) a ``name`` column follows ``class`` (null for ``all`` and unknown classes)."""
         if (GROUP_ALL, None) not in self._index:
             self.key_indices([(GROUP_ALL, None)])
-        schema = summary_schema(tuple(self.stats), tuple(self.maps), self.map_size)
+        schema = summary_schema(
+            tuple(self.stats), tuple(self.maps), self.map_size, class_names is not None
+        )
         order = np.array(self._order(), dtype=np.int64)
+        classes = [self.keys[i][1] for i in order]
         cols: dict[str, pa.Array] = {
             "group_by": pa.array([self.keys[i][0] for i in order], pa.string()),
-            "class": pa.array([self.keys[i][1] for i in order], pa.int64()),
+            "class": pa.array(classes, pa.int64()),
         }
+        if class_names is not None:
+            cols["name"] = pa.array([
+                class_names[c] if c is not None and 0 <= c < len(class_names) else None
+                for c in classes
+            ], pa.string())  # fmt: skip
         for c in _COUNTS:
             cols[c] = pa.array(self.counts[c][order], pa.int64())
         labeled, correct = self.counts["labeled"][order], self.counts["correct"][order]
@@ -738,16 +747,21 @@ class Summary:
 
 
 def summary_schema(
-    stat_names: Iterable[str], map_methods: Iterable[str], map_size: int = MAP_SIZE
+    stat_names: Iterable[str],
+    map_methods: Iterable[str],
+    map_size: int = MAP_SIZE,
+    has_names: bool = False,
 ) -> pa.Schema:
     """The explicit schema of the summary table (module docstring), for these statistics and
     map methods: ``group_by`` string, ``class`` int64 (null for ``all``), ``count``, ``errors``,
     ``labeled``, ``correct`` int64, ``accuracy`` float64, ``{s}_mean``/``_p5``/``_p50``/``_p95``
-    float64 per statistic, ``{m}_mean_map`` and ``{m}_share_map``
+    float64 per statistic (``name`` string after ``class`` with ``has_names``),
+    ``{m}_mean_map`` and ``{m}_share_map``
     ``fixed_shape_tensor<float32>[map_size, map_size]`` per map method."""
     fields = [
         pa.field("group_by", pa.string(), nullable=False),
         pa.field("class", pa.int64()),
+        *([pa.field("name", pa.string())] if has_names else []),
         *(pa.field(c, pa.int64(), nullable=False) for c in _COUNTS),
         pa.field("accuracy", pa.float64()),
     ]
@@ -939,6 +953,7 @@ def summarize_output(
     threads: int = 8,
     batch_rows: int | None = None,
     log: Callable[[str], None] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> pa.Table:
     """The summary of ``<output>/attributions``, written to ``<output>/summary/summary.parquet``
     (unless ``write`` is False) and returned.
@@ -999,13 +1014,26 @@ def summarize_output(
                 total.merge(acc)
                 used += from_partial
     log(f"summary of {total.rows} rows from {len(parts)} parts ({used} from partials)")
-    table = total.to_table()
+    if class_names is None:
+        class_names = _manifest_class_names(output_uri, s3_endpoint)
+    table = total.to_table(class_names)
     meta = dict(table.schema.metadata or {})
     meta.update({b"parts": str(len(parts)).encode(), b"parts_from_partials": str(used).encode()})
     table = table.replace_schema_metadata(meta)
     if write:
         _write_parquet(table, summary_uri(output_uri), s3_endpoint)
     return table
+
+
+def _manifest_class_names(output_uri: str, s3_endpoint: str | None) -> list[str] | None:
+    """``model.class_names.names`` of ``<output>/manifest.json``, None when absent."""
+    from xai_workers.storage import read_bytes
+
+    try:
+        manifest = json.loads(read_bytes(_join(output_uri, "manifest.json"), s3_endpoint))
+    except (OSError, ValueError):
+        return None
+    return ((manifest.get("model") or {}).get("class_names") or {}).get("names")
 
 
 def _older(a, b) -> bool:

@@ -112,6 +112,7 @@ def output_layout(
     label_type: pa.DataType | None = None,
     store: str = DEFAULT_PROFILE,
     map_size: int = DEFAULT_MAP_SIZE,
+    has_names: bool = False,
 ) -> S.OutputLayout:
     """The output layout a worker with these settings produces (the driver uses it too)."""
     mode, value = parse_target(target)
@@ -127,6 +128,7 @@ def output_layout(
         label_type=label_type,
         store=store,
         map_size=map_size,
+        has_names=has_names,
     )
 
 
@@ -156,6 +158,8 @@ class AttributionWorker:
             (no maps); ``xai_workers.profiles``. Statistics come from the full maps under
             every profile.
         map_size: side of compact maps (default 64; never above the image size).
+        class_names: one name per class of the model (index -> name), or None; when given, rows
+            gain ``target_name`` and ``pred_name``. Its length must be the model's classes.
 
         pooled_columns: when True (the job sets it), the returned table also carries, per method
             of ``summary.MAP_METHODS`` computed, a column ``_pooled_<method>`` (float64
@@ -192,6 +196,7 @@ class AttributionWorker:
         store: str = DEFAULT_PROFILE,
         map_size: int = DEFAULT_MAP_SIZE,
         pooled_columns: bool = False,
+        class_names: Sequence[str] | None = None,
     ):
         from xai_workers.engine import BASELINES, keep_freed_memory, prepare_model
         from xai_workers.hooks import default_gradcam_layer, get_submodule
@@ -239,6 +244,11 @@ class AttributionWorker:
             raise ValueError(f"topk:{self.target_value} > the model's {self.num_classes} classes")
         if self.mode == "label" and label_type is None:
             raise ValueError("target 'label' needs a label column")
+        if class_names is not None and len(class_names) != self.num_classes:
+            raise ValueError(
+                f"{len(class_names)} class names for a model with {self.num_classes} classes"
+            )
+        self.class_names = None if class_names is None else np.array(list(class_names), object)
 
         self.net = prepare_model(module, device=self.device, gradcam_layer=gradcam_layer)
         s = self.preprocessing.image_size
@@ -255,7 +265,7 @@ class AttributionWorker:
         self.batch_size, self.batch_budget_mb, self.seed = int(batch_size), batch_budget_mb, seed
         self.layout = output_layout(
             self.methods, s, self.num_classes, target, id_type=id_type, label_type=label_type,
-            store=store, map_size=map_size,
+            store=store, map_size=map_size, has_names=class_names is not None,
         )  # fmt: skip
         self.store, self.map_size = self.layout.store, self.layout.map_size
         self.pooled_columns = bool(pooled_columns)
@@ -280,6 +290,8 @@ class AttributionWorker:
             for i, is_null in enumerate(x_col.is_null().to_pylist()):
                 if is_null and errors[i] is None:
                     errors[i] = "no input tensor for this row"
+        if has_label and pa.types.is_integer(self.layout.label_type):
+            self._check_labels(labels, errors)
         ok = np.array([e is None for e in errors], dtype=bool)
         values: dict[str, np.ndarray] = {}
         if ok.any():
@@ -296,6 +308,9 @@ class AttributionWorker:
                 )
         self.counters["rows"] += n
         self.counters["errors"] += sum(e is not None for e in errors)
+        if self.class_names is not None and "pred_class" in values:
+            values["pred_name"] = self.class_names[values["pred_class"]]
+            values["target_name"] = self.class_names[values["target"]]
         names = set(self.schema.names)
         table = S.build_table(
             self.schema,
@@ -333,6 +348,12 @@ class AttributionWorker:
                 "preprocessing stage and the worker disagree on the image size"
             )
         return torch.from_numpy(np.ascontiguousarray(arr))
+
+    def _check_labels(self, labels: pa.ChunkedArray, errors: list) -> None:
+        """A non-null integer label outside the model's classes makes its row an error row."""
+        for i, v in enumerate(labels.to_pylist()):
+            if v is not None and errors[i] is None and not 0 <= v < self.num_classes:
+                errors[i] = f"label {v} is not a class of this model (0..{self.num_classes - 1})"
 
     def _targets(self, labels: pa.ChunkedArray, idx: np.ndarray, errors: list) -> torch.Tensor:
         """Per-row target classes from the label column; bad labels become row errors."""
