@@ -776,7 +776,8 @@ def _map2d(method: str, value: np.ndarray, store: str = "full") -> np.ndarray:
     from xai_workers.stats import map_2d
 
     v = np.asarray(value, np.float32)
-    if store == "compact":  # (M, M), or (K, M, M) with topk
+    if store == "compact" or (method == "integrated_gradients" and v.ndim == 2):
+        # compact: (M, M), or (K, M, M) with topk
         v = v[0] if v.ndim == 3 else v
         return np.abs(v) if method == "integrated_gradients" else v
     base = 3 if method == "integrated_gradients" else 2

@@ -59,7 +59,7 @@ def test_name_columns_summary_name_and_labels_outside_the_model(target):
     t = w(_batch(4, [1, 12, None, 3]))
     assert t.schema.field("pred_name").type == S.NAME_TYPE
     assert t["status"].to_pylist() == ["ok", "error", "ok", "ok"]
-    assert "label 12 is not a class of this model" in t["error"][1].as_py()
+    assert "label 12 is not a class index of this model" in t["error"][1].as_py()
     pred = t["pred_class"].to_pylist()
     assert t["pred_name"].to_pylist() == [None if p is None else NAMES[p] for p in pred]
     want_t = [None if v is None else ([NAMES[c] for c in v] if isinstance(v, list) else NAMES[v])

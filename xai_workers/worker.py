@@ -353,7 +353,9 @@ class AttributionWorker:
         """A non-null integer label outside the model's classes makes its row an error row."""
         for i, v in enumerate(labels.to_pylist()):
             if v is not None and errors[i] is None and not 0 <= v < self.num_classes:
-                errors[i] = f"label {v} is not a class of this model (0..{self.num_classes - 1})"
+                errors[i] = (
+                    f"label {v} is not a class index of this model (0..{self.num_classes - 1})"
+                )
 
     def _targets(self, labels: pa.ChunkedArray, idx: np.ndarray, errors: list) -> torch.Tensor:
         """Per-row target classes from the label column; bad labels become row errors."""
