@@ -1066,6 +1066,7 @@ def _run_section(manifest: dict | None, output: str) -> tuple[str, str]:
 
 def _findings(summary: pa.Table, stand: list[dict]) -> str:
     all_row = (_rows(summary, "all") or [{}])[0]
+    names = {r["class"]: r.get("name") for r in _rows(summary, "pred_class")}
     items = []
     by_class: dict = {}
     for d in stand:
@@ -1080,7 +1081,9 @@ def _findings(summary: pa.Table, stand: list[dict]) -> str:
                 f"border (other classes: median {_pct(d['others_median'])}{ratio})"
             )
         items.append(
-            f'<li><b class="hot">Class {_e(c)}</b>: ' + "; ".join(said) + ". Look at its mean "
+            f'<li><b class="hot">Class {_e(_cls(c, names.get(c)))}</b>: '
+            + "; ".join(said)
+            + ". Look at its mean "
             "maps below and at the border gallery: the model may be using something in the "
             "border (a mark, a frame, a watermark) rather than the object.</li>"
         )
