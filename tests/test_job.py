@@ -393,7 +393,7 @@ def test_every_input_format_end_to_end(ray_session, data, tmp_path, s3_server, s
     import s3fs
     import webdataset as wds
 
-    from jobs.report import load_images
+    from jobs.report import build_report, load_images
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
 
@@ -436,6 +436,9 @@ def test_every_input_format_end_to_end(ray_session, data, tmp_path, s3_server, s
     summary = pq.read_table(tmp_path / "o-hf" / "summary" / "summary.parquet")
     for c, name in zip(summary["class"].to_pylist(), summary["name"].to_pylist(), strict=True):
         assert name == (None if c is None else names[c])
+    page = open(build_report(str(tmp_path / "o-hf"), log=lambda m: None).index).read()
+    c = ok["pred_class"][0].as_py()
+    assert f"{names[c]} ({c})" in page  # the report speaks in names: class table, cards
     bad = got.filter(pa.compute.equal(got["status"], "error"))
     assert (
         bad["id"].to_pylist() == ["train.parquet#6"] and bad["error"][0].as_py() == "image is null"
