@@ -293,6 +293,8 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
     plan = sources.discover(
         cfg.input,
         id_column=cfg.id_column,
+        input_format=cfg.input_format,
+        labels_from=cfg.labels_from,
         image_column=cfg.image_column,
         label_column=cfg.label_column,
         need_label=mode == "label",
@@ -335,6 +337,7 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
         )
     if mode == "topk" and tval > loaded.num_classes:
         raise ConfigError(f"--target topk:{tval} > the model's {loaded.num_classes} classes")
+    classes = _class_names(cfg, loaded, plan, log)
     layer = cfg.gradcam_layer
     if "gradcam" in cfg.methods or "cam" in cfg.methods:
         layer = _check_gradcam_layer(cfg, loaded)
@@ -352,7 +355,7 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
         "weights": cfg.weights,
         "checksum_sha256": loaded.checksum,
         "num_classes": loaded.num_classes,
-        "class_names": list(loaded.class_names) if loaded.class_names else None,
+        "class_names": classes,
         "gradcam_layer": layer,
         "preprocessing_from": loaded.preprocessing_from,
         "preprocessing": {
@@ -366,7 +369,6 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
             "max_pixels": pre.max_pixels,
         },
     }
-    settings = {**cfg.result_settings(), "model_checksum": loaded.checksum}
     layout = output_layout(
         cfg.methods,
         pre.image_size,
@@ -374,7 +376,15 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
         cfg.target,
         id_type=plan.id_type,
         label_type=plan.label_type,
+        store=cfg.store,
+        map_size=cfg.map_size,
+        has_names=classes is not None,
     )
+    if layout.map_size != cfg.map_size and cfg.store == "compact":
+        log(f"--map-size {cfg.map_size} is above the image size: compact maps are "
+            f"{layout.map_size}x{layout.map_size}")  # fmt: skip
+    cfg = dataclasses.replace(cfg, map_size=layout.map_size)
+    settings = {**cfg.result_settings(), "model_checksum": loaded.checksum}
     from xai_workers.schema import output_schema
 
     schema = output_schema(layout)
@@ -396,6 +406,41 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
     out.check_writable(cfg.output, cfg.s3_endpoint)
     rpf = cfg.rows_per_file or out.rows_per_file(schema, plan.total_rows)
     return Prepared(cfg, plan, settings, model_info, layout, schema, state, rpf, n_dup)
+
+
+def _class_names(cfg: JobConfig, loaded, plan, log) -> dict | None:
+    """``{"source", "names"}`` of the model's classes, or None when unknown.
+
+    In order: ``--class-names FILE|imagenet`` (its length must be the model's classes, else a
+    ConfigError naming the file); the model's own (``loaded.class_names``: torchvision weights'
+    ``meta["categories"]``, timm, Hugging Face); the input's (Hugging Face ``ClassLabel`` names,
+    class folders) when there is one per class of the model (else they are only logged)."""
+    from xai_workers.classnames import load_class_names
+
+    n = loaded.num_classes
+    if cfg.class_names:
+        try:
+            names = load_class_names(cfg.class_names, cfg.s3_endpoint)
+        except ValueError as e:
+            raise ConfigError(f"--class-names: {e}") from None
+        if len(names) != n:
+            raise ConfigError(
+                f"--class-names {cfg.class_names} has {len(names)} names but the model has {n} "
+                "classes"
+            )
+        return {"source": cfg.class_names, "names": list(names)}
+    own = getattr(loaded, "class_names", None)  # models from timm/HF/torchvision weights
+    if own is not None and len(own) == n:
+        return {"source": "model", "names": [str(c) for c in own]}
+    if plan.class_names:
+        source = "folders" if plan.kind == "images" else "huggingface"
+        if len(plan.class_names) == n:
+            return {"source": source, "names": list(plan.class_names)}
+        log(
+            f"the input names {len(plan.class_names)} classes ({source}) but the model has {n}: "
+            "not used as the model's class names (pass --class-names)"
+        )
+    return None
 
 
 def _inside(output: str, input_: str) -> bool:
@@ -625,6 +670,15 @@ class Progress:
         )
 
 
+def _size(n: float) -> str:
+    """Bytes for a person: 866.4 KB, 1.1 TB (powers of 1000)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"  # pragma: no cover
+
+
 def _hms(s: float) -> str:
     if not math.isfinite(s):
         return "?"
@@ -660,6 +714,15 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> JobRes
         before = int(sum(d.sum() for d in done.values()))
         log(f"resuming: {before} of {plan.total_rows} rows already written in {scan0.files} files")
     shards, todo = sources.make_shards(plan, done)
+    per_row = out.row_bytes(prep.schema)
+    maps = "no maps" if cfg.store == "stats" else ", ".join(
+        f"{f.name} {f.type.value_type}{list(f.type.shape)}"
+        for f in prep.schema if f.name in prep.layout.methods
+    )  # fmt: skip
+    log(
+        f"storage profile {cfg.store} ({maps}): expect about {todo} rows x {_size(per_row)} = "
+        f"{_size(todo * per_row)} before compression (zstd usually writes less)"
+    )
 
     manifest = {
         "tool": "xai-audit",
@@ -673,6 +736,9 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> JobRes
             "attributions": attr_uri,
             "rows_per_file": prep.rows_per_file,
             "columns": prep.schema.names,
+            "store": cfg.store,
+            "map_size": cfg.map_size if cfg.store == "compact" else None,
+            "expected_bytes_per_row": out.row_bytes(prep.schema),
         },
         "versions": _versions(),
         "counts": {"rows_total": plan.total_rows, "rows_written": before},
@@ -750,6 +816,7 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> JobRes
         "files": final.files,
         "bytes": final.bytes,
         "duplicate_ids": prep.duplicate_ids,
+        "bytes_per_row": round(final.bytes / final.rows, 1) if final.rows else None,
     }
     error_rate = final.error / plan.total_rows if plan.total_rows else 0.0
     complete = missing == 0 and final.duplicates == 0 and not final.unreadable
@@ -893,6 +960,10 @@ def _pipeline(
             id_type=plan.id_type,
             label_type=plan.label_type,
             seed=cfg.seed,
+            store=cfg.store,
+            map_size=cfg.map_size,
+            pooled_columns=True,  # the summary's maps from the full maps (write_attributions)
+            class_names=(prep.model_info["class_names"] or {}).get("names"),
         ),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",

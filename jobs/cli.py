@@ -28,7 +28,7 @@ from jobs.config import ConfigError, JobConfig, load_yaml, merge
 #: (flag, metavar, help) of every ``run`` setting; the YAML keys are the same names.
 RUN_FLAGS = (
     ("--input", "URI", "Parquet file, folder or s3:// prefix (id/image[/label] columns), "
-                       "or a folder/prefix of image files (id = path)"),
+                       "a folder/prefix of image files (id = path) or of WebDataset tars"),
     ("--output", "URI", "output folder or s3:// prefix: attributions/, manifest.json"),
     ("--model", "SPEC", "torchvision:<arch> | timm:<name> | hf:<folder or repo id> | "
                         "torchscript:<uri> | <module>:<callable>"),
@@ -53,9 +53,19 @@ RUN_FLAGS = (
                                 "else bilinear)"),
     ("--mean", "R,G,B", "normalization mean (default ImageNet's)"),
     ("--std", "R,G,B", "normalization std (default ImageNet's)"),
-    ("--id-column", "NAME", "id column of a Parquet input (default id)"),
+    ("--input-format", "F", "auto (default: from the files) | parquet (bytes, Hugging Face "
+                            "image structs or paths/URIs) | images | webdataset (*.tar)"),
+    ("--labels-from", "L", "image folders: auto (default: class folders when every image is "
+                           "one folder down) | folders | none"),
+    ("--class-names", "FILE", "class names: a file (one per line, a JSON list or a JSON object "
+                              "index -> name) or 'imagenet' (torchvision's list)"),
+    ("--id-column", "NAME", "id column of a Parquet input (default: id when present, else "
+                            "<file>#<row>)"),
     ("--image-column", "NAME", "encoded-image column (default image)"),
     ("--label-column", "NAME", "label column (default: 'label' when present)"),
+    ("--store", "PROFILE", "compact (default: float16 maps at --map-size, IG summed over "
+                           "channels) | full (float32 at the input size) | stats (no maps)"),
+    ("--map-size", "M", "side of compact maps (default 64; never above the image size)"),
     ("--batch-size", "B", "images per actor call and per attribution batch (default 64)"),
     ("--actors", "N", "attribution actors (default: one per GPU, else one per node)"),
     ("--rows-per-file", "N", "at most N rows per output file (default: ~128 MiB per file)"),

@@ -16,6 +16,7 @@ from typing import Any
 
 from xai_workers.engine import BASELINES, DEFAULT_METHODS, METHODS
 from xai_workers.preprocess import INTERPOLATIONS
+from xai_workers.profiles import DEFAULT_MAP_SIZE, DEFAULT_PROFILE, PROFILES
 from xai_workers.quadrature import QUADRATURES
 
 PRECISIONS = ("fp32", "bf16", "auto")
@@ -53,7 +54,7 @@ class JobConfig:
     interpolation: str | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
-    id_column: str = "id"
+    id_column: str | None = None
     image_column: str = "image"
     label_column: str | None = None
     batch_size: int = 64
@@ -69,6 +70,11 @@ class JobConfig:
     seed: int = 0
     progress_interval_s: float = 5.0
     summary: bool = True
+    store: str = DEFAULT_PROFILE
+    map_size: int = DEFAULT_MAP_SIZE
+    input_format: str = "auto"
+    labels_from: str = "auto"
+    class_names: str | None = None
 
     # ---------------------------------------------------------------------------------------
 
@@ -109,7 +115,8 @@ class JobConfig:
             "input", "model", "weights", "methods", "target", "score", "ig_steps", "ig_method",
             "ig_baseline", "gradcam_layer", "precision", "image_size", "resize_size", "crop_pct",
             "interpolation", "mean", "std",
-            "id_column", "image_column", "label_column", "seed",
+            "id_column", "image_column", "label_column", "seed", "store", "map_size",
+            "input_format", "labels_from", "class_names",
         )  # fmt: skip
         d = self.as_dict()
         return {k: d[k] for k in keys}
@@ -171,6 +178,16 @@ class JobConfig:
             raise ConfigError(f"--rows-per-file must be >= 1, got {self.rows_per_file}")
         if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
             raise ConfigError(f"--max-error-rate must be in [0, 1], got {self.max_error_rate}")
+        if self.store not in PROFILES:
+            raise ConfigError(f"--store must be one of {', '.join(PROFILES)}, got {self.store!r}")
+        if self.map_size < 1:
+            raise ConfigError(f"--map-size must be >= 1, got {self.map_size}")
+        from jobs.sources import INPUT_FORMATS, LABELS_FROM
+
+        if self.input_format not in INPUT_FORMATS:
+            raise ConfigError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}")
+        if self.labels_from not in LABELS_FROM:
+            raise ConfigError(f"--labels-from must be one of {', '.join(LABELS_FROM)}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
 
@@ -191,7 +208,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             return vals
         if name in (
             "ig_steps", "image_size", "resize_size", "batch_size", "actors", "rows_per_file",
-            "seed",
+            "seed", "map_size",
         ):  # fmt: skip
             if isinstance(value, bool) or float(value) != int(float(value)):
                 raise ValueError("expected an integer")

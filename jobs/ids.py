@@ -1,9 +1,10 @@
 """Duplicate ids in the input: counted before any heavy work (ids are what downstream joins use).
 
-Only a Parquet input with an id column can repeat an id: an image folder's ids are its paths,
-unique by construction. The id column alone is read (in parallel, one file per task), so the
-check costs a small share of reading the images (about 20 bytes per row in memory for short
-string ids).
+Only a Parquet input with an id column is checked: an image folder's ids are its paths and a
+Parquet without an id column gets ``<file>#<row>``, unique by construction (WebDataset sample keys
+are unique within a shard by the format; two shards could share one, which is not checked). The
+id column alone is read (in parallel, one file per task), so the check costs a small share of
+reading the images (about 20 bytes per row in memory for short string ids).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ def duplicate_ids(
     """``(rows whose id an earlier row already has, [(id, times it appears)] for up to
     ``examples`` repeated ids, most repeated first)``. ``plan``: a ``jobs.sources.InputPlan``.
     (0, []) for inputs whose ids cannot repeat."""
-    if plan.kind != "parquet" or not plan.sources:
-        return 0, []
+    if plan.kind != "parquet" or plan.id_column is None or not plan.sources:
+        return 0, []  # ids made from file and row (or path) cannot repeat
     import pyarrow.parquet as pq
 
     from xai_workers.storage import pyarrow_filesystem

@@ -48,6 +48,8 @@ OWNED = (ATTRIBUTIONS, SUMMARY, REPORT, MANIFEST)
 TARGET_FILE_BYTES = 128 * 2**20
 #: Target size of a Parquet row group inside a part.
 TARGET_ROW_GROUP_BYTES = 64 * 2**20
+#: zstd levels of part files: rows up to SMALL_ROW_BYTES (uncompressed) / larger (write_part).
+ZSTD_SMALL_ROWS, ZSTD_LARGE_ROWS, SMALL_ROW_BYTES = 9, 3, 64 * 1024
 
 
 def join(uri: str, *parts: str) -> str:
@@ -215,17 +217,33 @@ def rows_per_file(schema: pa.Schema, total_rows: int, target_bytes: int = TARGET
 
 
 def row_bytes(schema: pa.Schema) -> int:
-    """Approximate in-memory bytes of one output row (tensors dominate)."""
+    """Approximate in-memory (uncompressed) bytes of one output row (tensors dominate)."""
     total = 64
     for f in schema:
         t = f.type
         if isinstance(t, pa.FixedShapeTensorType):
-            total += int(np.prod(t.shape)) * 4
+            total += int(np.prod(t.shape)) * t.value_type.bit_width // 8
         elif pa.types.is_fixed_size_list(t):
             total += t.list_size * 8
         else:
             total += 16
     return total
+
+
+def float_leaves(schema: pa.Schema) -> list[str]:
+    """Parquet leaf paths of the float columns of ``schema``: ``name`` for a float column,
+    ``name.list.element`` for a tensor or fixed-size list of floats (what
+    ``use_byte_stream_split`` takes)."""
+    out = []
+    for f in schema:
+        t = f.type
+        if isinstance(t, pa.FixedShapeTensorType):
+            t = t.storage_type
+        if pa.types.is_fixed_size_list(t) and pa.types.is_floating(t.value_type):
+            out.append(f"{f.name}.list.element")
+        elif pa.types.is_floating(t):
+            out.append(f.name)
+    return out
 
 
 def part_name(sources: pa.Array, rows: pa.Array) -> str:
@@ -245,12 +263,18 @@ def write_part(
 ) -> dict:
     """Write ``table`` (rows in the output schema) as one part under folder ``dest``, atomically.
 
-    Rows are sorted by (source, source_row). Returns ``{"file", "rows", "ok", "error",
-    "bytes"}`` (bytes on disk).
+    Rows are sorted by (source, source_row); in-flight columns (name starting with ``_``, e.g.
+    the worker's ``_pooled_*``) are dropped. Float columns, tensors included, are written with
+    Parquet's BYTE_STREAM_SPLIT encoding (then zstd): on maps it takes about an eighth off.
+    zstd runs at level 9 on small rows (compact / stats profiles: 19.1 KB per 224 px ResNet-18
+    row against 19.9 KB at Arrow's default level 1, ~3 ms per row) and level 3 on large ones
+    (full: 745 KB against 753 KB, no slower than level 1; level 9 would cost 11 ms per row).
+    Returns ``{"file", "rows", "ok", "error", "bytes"}`` (bytes on disk).
     """
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    table = table.select([n for n in table.column_names if not n.startswith("_")])
     table = table.sort_by([("source", "ascending"), ("source_row", "ascending")])
     name = part_name(table.column("source").combine_chunks(), table.column("source_row"))
     fs, folder = _fs(dest, s3_endpoint)
@@ -262,9 +286,13 @@ def write_part(
     strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
     kwargs = dict(
         compression=compression,
+        compression_level=(ZSTD_SMALL_ROWS if per_row <= SMALL_ROW_BYTES else ZSTD_LARGE_ROWS)
+        if compression == "zstd"
+        else None,
         row_group_size=row_group,
         write_statistics=False,
         use_dictionary=strings,
+        use_byte_stream_split=float_leaves(table.schema) or False,
     )
     if _is_local(fs):
         fs.create_dir(folder, recursive=True)

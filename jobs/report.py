@@ -421,6 +421,7 @@ def load_images(
     ``model.preprocessing``)."""
     import pyarrow.parquet as pq
 
+    from jobs.sources.parquet import image_bytes
     from xai_workers.preprocess import Preprocessing, input_to_pixels, preprocess_bytes
     from xai_workers.storage import filesystem, join_uri, pyarrow_filesystem, read_bytes
 
@@ -459,12 +460,22 @@ def load_images(
 
     kind = inp.get("kind", "parquet")
     image_col = inp.get("image_column") or "image"
+    image_kind = inp.get("image_kind") or "binary"  # HF structs, references (jobs.sources)
     by_source: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
         if r.get("source") is not None:
             by_source.setdefault(r["source"], []).append(i)
     for rel, idxs in by_source.items():
         try:
+            if kind == "webdataset":
+                from jobs.sources.webdataset import sample_images
+
+                got = sample_images(uri_of(rel), {int(rows[i]["source_row"]) for i in idxs},
+                                    s3_endpoint)  # fmt: skip
+                for i in idxs:
+                    data = got.get(int(rows[i]["source_row"]))
+                    out[i] = decode(data) if data is not None else None
+                continue
             if kind == "images":
                 data = read_bytes(uri_of(rel), s3_endpoint)
                 for i in idxs:
@@ -483,7 +494,10 @@ def load_images(
                     if not 0 <= g < md.num_row_groups:
                         continue
                     t = pf.read_row_group(g, columns=[image_col])
-                    out[i] = decode(t.column(0)[r - int(starts[g])].as_py())
+                    value = t.column(0)[r - int(starts[g])].as_py()
+                    data, _ = image_bytes(value, image_kind, uri_of(rel).rsplit("/", 1)[0],
+                                          s3_endpoint)  # fmt: skip
+                    out[i] = decode(data) if data is not None else None
         except Exception:  # noqa: BLE001 - a missing input file costs its pictures only
             continue
     return out
@@ -723,7 +737,7 @@ def build_report(
             value = row.get(m)
             if value is None:
                 continue
-            m2 = _map2d(m, value)
+            m2 = _map2d(m, value, (manifest or {}).get("output", {}).get("store", "full"))
             files_out[f"{name}-{m}-overlay.png"] = _png(overlay(image, display_scale(m2)))
             files_out[f"{name}-{m}-dev.png"] = _png(
                 overlay(image, deviation(m2), cmap="viridis", alpha=0.8)
@@ -773,13 +787,18 @@ def build_report(
     )
 
 
-def _map2d(method: str, value: np.ndarray) -> np.ndarray:
-    """A row's tensor -> its 2-D map (first target with topk)."""
+def _map2d(method: str, value: np.ndarray, store: str = "full") -> np.ndarray:
+    """A row's tensor -> its 2-D map (first target with topk). Under the ``compact`` profile IG
+    is stored summed over channels (signed): shown as ``|sum_c IG[c]|``."""
     import torch
 
     from xai_workers.stats import map_2d
 
     v = np.asarray(value, np.float32)
+    if store == "compact" or (method == "integrated_gradients" and v.ndim == 2):
+        # compact: (M, M), or (K, M, M) with topk
+        v = v[0] if v.ndim == 3 else v
+        return np.abs(v) if method == "integrated_gradients" else v
     base = 3 if method == "integrated_gradients" else 2
     if v.ndim == base + 1:
         v = v[0]
@@ -874,6 +893,7 @@ def _class_maps(summary: pa.Table, max_classes: int, files_out: dict) -> dict:
     for i in order:
         info[classes[i]] = {
             "count": counts[i],
+            "name": pred["name"][i].as_py() if "name" in pred.column_names else None,
             "border": {
                 m: pred[f"{m}_border_frac_mean"][i].as_py()
                 for m in methods
@@ -1080,6 +1100,7 @@ def _findings(
     completeness error p95 above IG_ERROR_FINDING, a network with random weights."""
     all_row = (_rows(summary, "all") or [{}])[0]
     cfg = (manifest or {}).get("config") or {}
+    names = {r["class"]: r.get("name") for r in _rows(summary, map_group(summary))}
     hot_items, items = [], []
     if cfg.get("weights") == "random":
         hot_items.append(
@@ -1104,7 +1125,9 @@ def _findings(
                 f"border ({other}; the band is {_pct(BORDER_AREA)} of the image)"
             )
         hot_items.append(
-            f'<li><b class="hot">Class {_e(c)}</b>: ' + "; ".join(said) + ". Look at its mean "
+            f'<li><b class="hot">Class {_e(_cls(c, names.get(c)))}</b>: '
+            + "; ".join(said)
+            + ". Look at its mean "
             "maps below and at the border gallery: the model may be using something in the "
             "border (a mark, a frame, a watermark) rather than the object.</li>"
         )
@@ -1252,7 +1275,7 @@ def _class_map_section(cm: dict, manifest: dict | None = None) -> str:
             cells.append(
                 f'<div class="mapcell{" flag" if flag else ""}">'
                 f'<img src="{_e(cm["tiles"][(m, c)])}" alt="class {c} mean {m} map">'
-                f'<div class="c">explains {c}</div>'
+                f'<div class="c">explains {_e(_cls(c, info.get("name")))}</div>'
                 f'<div class="s">n={info["count"]:,}<br>border {_pct(b)}</div></div>'
             )
         parts.append(f'<h3>{METHOD_LONG[m]}</h3><div class="mapgrid">{"".join(cells)}</div>')
@@ -1275,15 +1298,17 @@ def _card(card: Card, methods: list[str], gallery: Gallery) -> str:
     else:
         lab = "no label"
     target = r.get("target")
+    tname = r.get("target_name")
     if isinstance(target, (list, tuple)):
-        explains = f" · maps explain <b>{_e(_first(target))}</b> (1st of {len(target)} targets)"
+        first = _cls(_first(target), _first(tname) if isinstance(tname, list) else None)
+        explains = f" · maps explain <b>{_e(first)}</b> (1st of {len(target)} targets)"
     elif target is not None and target != pred:
-        explains = f" · maps explain <b>{_e(target)}</b>"
+        explains = f" · maps explain <b>{_e(_cls(target, tname))}</b>"
     else:
         explains = ""
     head = (
-        f'<div class="head"><span>#{card.rank} · pred <b>{_e(pred)}</b> (p={_num(prob)})'
-        f"{explains} · {lab}"
+        f'<div class="head"><span>#{card.rank} · pred <b>{_e(_cls(pred, r.get("pred_name")))}</b> '
+        f"(p={_num(prob)}){explains} · {lab}"
         f'</span><span class="id" title="{_e(r.get("id"))}">{_e(r.get("id"))}</span></div>'
     )
     hot = set(gallery.columns)
@@ -1339,6 +1364,11 @@ def _first(v):
     return v
 
 
+def _cls(index, name: str | None = None) -> str:
+    """A class for people: ``name (index)`` when its name is known, else the index."""
+    return f"{name} ({index})" if name else str(index)
+
+
 def _class_table(summary: pa.Table, stand: list[dict]) -> str:
     rows = _rows(summary, map_group(summary))
     if not rows:
@@ -1362,7 +1392,7 @@ def _class_table(summary: pa.Table, stand: list[dict]) -> str:
     head = "<tr><th>class</th>" + "".join(f"<th>{_e(t)}</th>" for _, t, _, _ in cols) + "</tr>"
     body = []
     for r in rows:
-        cells = [f"<td><b>{_e(r['class'])}</b></td>"]
+        cells = [f"<td><b>{_e(_cls(r['class'], r.get('name')))}</b></td>"]
         for k, _, fmt, m in cols:
             v = r.get(k)
             flag = m is not None and (r["class"], m) in flagged

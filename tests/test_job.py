@@ -79,6 +79,7 @@ def _cfg(data, output, **kw) -> JobConfig:
         ig_steps=4,
         batch_size=8,
         progress_interval_s=0.0,
+        store="full",  # these tests compare full-resolution maps with the engine's
     )
     base.update(kw)
     return JobConfig(**base)
@@ -333,3 +334,142 @@ def test_ray_write_parquet_keeps_canonical_tensor_type(ray_session, tmp_path):
     assert back.schema.field("saliency").type == S.tensor_type((4, 4))
     assert back.column("saliency").null_count == 1
     assert out.exists(str(tmp_path / "w"))
+
+
+def test_storage_profiles_keep_statistics_summary_and_report(ray_session, data, tmp_path):
+    from jobs.report import build_report
+
+    runs = {}
+    for store in ("compact", "full", "stats"):
+        logs: list[str] = []
+        res = run_job(_cfg(data, tmp_path / store, store=store, map_size=16), log=logs.append)
+        assert res.exit_code == 0 and res.counts["rows_ok"] == N_DEMO
+        assert any(f"storage profile {store}" in m and "expect about 40 rows" in m for m in logs)
+        assert res.manifest["output"]["store"] == store
+        assert res.manifest["counts"]["bytes_per_row"] > 0
+        runs[store] = res
+    assert JobConfig().store == "compact" and JobConfig().map_size == 64
+    tables = {s: _read(tmp_path / s / "attributions") for s in runs}
+    assert tables["compact"].schema.field("gradcam").type == S.tensor_type((16, 16), pa.float16())
+    assert not any(m in tables["stats"].column_names for m in ("saliency", "gradcam"))
+    sizes = {s: r.manifest["counts"]["bytes_per_row"] for s, r in runs.items()}
+    assert sizes["stats"] < sizes["compact"] < sizes["full"], sizes
+
+    # statistics byte-identical (exact equality of the Arrow columns), summaries equal
+    full = tables["full"]
+    stat_cols = [c for c in full.column_names if not S.is_tensor_type(full.schema.field(c).type)]
+    for s in ("compact", "stats"):
+        for c in stat_cols:
+            assert tables[s][c].equals(full[c]), (s, c)
+    summaries = {s: pq.read_table(tmp_path / s / "summary" / "summary.parquet") for s in runs}
+    assert "gradcam_mean_map" in summaries["compact"].column_names
+    for s in ("compact", "stats"):
+        assert summaries[s].equals(summaries["full"]), s
+
+    # the report flags the same images, whatever the profile
+    flagged = {}
+    for s in runs:
+        rep = build_report(str(tmp_path / s), log=lambda m: None)
+        flagged[s] = {k: [r["id"] for r in v] for k, v in rep.galleries.items()}
+    assert flagged["full"] and any(flagged["full"].values())
+    assert flagged["compact"] == flagged["full"] == flagged["stats"]
+
+
+def test_every_input_format_end_to_end(ray_session, data, tmp_path, s3_server, s3_bucket,
+                                       monkeypatch):  # fmt: skip
+    """HF Parquet, class folders, WebDataset tars (written by their libraries) and a Parquet of
+    references on S3: rows in = rows out, ids and labels as each format defines them, bad rows
+    are error rows that name the row."""
+    import datasets
+    import s3fs
+    import webdataset as wds
+
+    from jobs.report import build_report, load_images
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+
+    blobs = data["table"]["image"].to_pylist()[:6]
+    labels = data["table"]["label"].to_pylist()[:6]
+
+    def check(res, n_rows, n_errors):
+        assert res.exit_code == 0, res.summary
+        assert res.counts["rows_written"] == res.counts["rows_total"] == n_rows
+        assert res.counts["rows_error"] == n_errors and res.counts["rows_missing"] == 0
+        # the report finds every ok row's image again, as the model saw it
+        t = pq.read_table(res.manifest["output"]["attributions"])
+        ok = t.filter(pa.compute.equal(t["status"], "ok")).select(["source", "source_row"])
+        pics = load_images(res.manifest, ok.to_pylist(), s3_server)
+        assert len(pics) == ok.num_rows and all(p is not None for p in pics)
+
+    # Hugging Face datasets Parquet: image structs, no id column, ClassLabel names
+    monkeypatch.chdir(tmp_path)
+    names = [f"digit-{i}" for i in range(10)]
+    feats = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=names)}
+    )
+    images = [Image.open(io.BytesIO(b)) for b in blobs] + [None]
+    (tmp_path / "hf").mkdir()
+    datasets.Dataset.from_dict({"image": images, "label": labels + [0]}, features=feats).to_parquet(
+        str(tmp_path / "hf" / "train.parquet")
+    )
+    res = run_job(_cfg(data, tmp_path / "o-hf", input=str(tmp_path / "hf"), target="label"),
+                  log=lambda m: None)  # fmt: skip
+    check(res, 7, 1)
+    got = _read(tmp_path / "o-hf" / "attributions")
+    assert sorted(got["id"].to_pylist()) == sorted(f"train.parquet#{i}" for i in range(7))
+    assert res.manifest["input"]["image_kind"] == "struct"
+    assert res.manifest["input"]["class_names"] == 10
+    # ClassLabel names: the model has 10 classes, so they name its predictions and targets
+    assert res.manifest["model"]["class_names"] == {"source": "huggingface", "names": names}
+    ok = got.filter(pa.compute.equal(got["status"], "ok"))
+    assert ok["pred_name"].to_pylist() == [names[c] for c in ok["pred_class"].to_pylist()]
+    assert ok["target_name"].to_pylist() == [names[c] for c in ok["label"].to_pylist()]
+    summary = pq.read_table(tmp_path / "o-hf" / "summary" / "summary.parquet")
+    for c, name in zip(summary["class"].to_pylist(), summary["name"].to_pylist(), strict=True):
+        assert name == (None if c is None else names[c])
+    page = open(build_report(str(tmp_path / "o-hf"), log=lambda m: None).index).read()
+    c = ok["pred_class"][0].as_py()
+    assert f"{names[c]} ({c})" in page  # the report speaks in names: class table, cards
+    bad = got.filter(pa.compute.equal(got["status"], "error"))
+    assert (
+        bad["id"].to_pylist() == ["train.parquet#6"] and bad["error"][0].as_py() == "image is null"
+    )
+
+    # class folders: labels from sorted folder names
+    root = tmp_path / "folders"
+    for i, (b, lab) in enumerate(zip(blobs, labels, strict=True)):
+        (root / f"class{lab}").mkdir(parents=True, exist_ok=True)
+        (root / f"class{lab}" / f"{i}.png").write_bytes(b)
+    res = run_job(_cfg(data, tmp_path / "o-dir", input=str(root)), log=lambda m: None)
+    check(res, 6, 0)
+    got = _read(tmp_path / "o-dir" / "attributions")
+    order = sorted({f"class{lab}" for lab in labels})
+    want = {f"class{lab}/{i}.png": order.index(f"class{lab}") for i, lab in enumerate(labels)}
+    assert dict(zip(got["id"].to_pylist(), got["label"].to_pylist(), strict=True)) == want
+
+    # WebDataset tars: sample keys as ids, cls labels, a sample without an image
+    (tmp_path / "wds").mkdir()
+    with wds.ShardWriter(str(tmp_path / "wds" / "part-%03d.tar"), maxcount=4) as sink:
+        for i, (b, lab) in enumerate(zip(blobs, labels, strict=True)):
+            sink.write({"__key__": f"k{i}", "png": b, "cls": str(lab).encode()})
+        sink.write({"__key__": "kz", "txt": "no image"})
+    res = run_job(_cfg(data, tmp_path / "o-wds", input=str(tmp_path / "wds")), log=lambda m: None)
+    check(res, 7, 1)
+    got = _read(tmp_path / "o-wds" / "attributions")
+    assert got["id"].to_pylist() == sorted([f"k{i}" for i in range(6)] + ["kz"])
+    assert got["label"].to_pylist()[:6] == labels
+    assert "kz has no image member" in got["error"][6].as_py()
+
+    # a Parquet of references on S3 (relative keys), one object missing
+    for i, b in enumerate(blobs):
+        fs.pipe(f"{s3_bucket}/refs/img/{i}.png", b)
+    refs = [f"img/{i}.png" for i in range(6)] + ["img/missing.png"]
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(7)], "image": refs}), buf)
+    fs.pipe(f"{s3_bucket}/refs/index.parquet", buf.getvalue())
+    res = run_job(_cfg(data, tmp_path / "o-refs", input=f"s3://{s3_bucket}/refs/index.parquet",
+                       s3_endpoint=s3_server), log=lambda m: None)  # fmt: skip
+    check(res, 7, 1)
+    got = _read(tmp_path / "o-refs" / "attributions")
+    assert got["status"].to_pylist() == ["ok"] * 6 + ["error"]
+    assert "refs/img/missing.png" in got["error"][6].as_py()

@@ -8,12 +8,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from rowcheck import assert_maps_close, assert_statistics_from_own_maps
+from rowcheck import assert_maps_close, assert_statistics_from_own_maps, stored_maps
 
 from jobs import sources
 from jobs.attribute import run_job
 from jobs.config import JobConfig
-from xai_workers import schema as S
 from xai_workers.demo import DEMO_MEAN, DEMO_STD, build_demo_model, write_demo_dataset
 from xai_workers.preprocess import Preprocessing
 from xai_workers.worker import AttributionWorker
@@ -47,8 +46,9 @@ def test_two_nodes_same_rows_as_one_process(two_nodes, tmp_path):
     model = build_demo_model().eval()
     weights = str(tmp_path / "m.pt")
     torch.save(model.state_dict(), weights)
+    # full maps: the statistics are then checked against the rows' own maps (tests/rowcheck.py)
     kw = dict(methods=("saliency", "integrated_gradients", "gradcam"), ig_steps=4,
-              image_size=32, mean=DEMO_MEAN, std=DEMO_STD)  # fmt: skip
+              image_size=32, mean=DEMO_MEAN, std=DEMO_STD, store="full")  # fmt: skip
     cfg = JobConfig(input=dataset, output=str(tmp_path / "out"), model="xai_workers.demo:"
                     "build_demo_model", weights=weights, batch_size=4, rows_per_file=12,
                     progress_interval_s=0, **kw)  # fmt: skip
@@ -72,7 +72,7 @@ def test_two_nodes_same_rows_as_one_process(two_nodes, tmp_path):
     for name in ("id", "label", "status", "target", "pred_class", "source", "source_row"):
         assert got[name].to_pylist() == want[name].to_pylist(), name
     for name in ("saliency", "integrated_gradients", "gradcam"):
-        assert_maps_close(S.tensor_to_numpy(got[name]), S.tensor_to_numpy(want[name]), name)
+        assert_maps_close(stored_maps(got[name]), stored_maps(want[name]), name)
     # logits from another batch composition and thread count: see tests/rowcheck.py
     scale = np.maximum(np.abs(want["score"].to_numpy(zero_copy_only=False)), 1.0)
     for name in ("score", "ig_delta"):

@@ -147,6 +147,9 @@ def test_flag_values_checked_on_their_face(capsys, dataset, tmp_path):
     _fails(capsys, _argv(dataset, o, "--label-column", "species"), "species")
     _fails(capsys, _argv(dataset, o, "--id-column", "key"), "'key'")
     _fails(capsys, _argv(dataset, o, "--max-error-rate", "2"), "max-error-rate")
+    _fails(capsys, _argv(dataset, o, "--store", "tiny"), "compact, full, stats")
+    _fails(capsys, _argv(dataset, o, "--map-size", "0"), "--map-size")
+    _fails(capsys, _argv(dataset, o, "--map-size", "1.5"), "map-size")
     with pytest.raises(SystemExit):
         main(["run", "--no-such-flag"])
     assert "unrecognized arguments" in capsys.readouterr().err
@@ -231,3 +234,19 @@ def test_duplicate_ids_warned_counted_or_refused(capsys, tmp_path):
         log=logs.append,
     )
     assert one.duplicate_ids == 0  # fmt: skip
+
+
+def test_class_names_file_must_match_the_model(capsys, dataset, tmp_path):
+    short = tmp_path / "names.txt"
+    short.write_text("cat\ndog\n")
+    _fails(capsys, _argv(dataset, tmp_path / "o", "--class-names", str(short)),
+           str(short), "2 names", "10 classes")  # fmt: skip
+    _fails(capsys, _argv(dataset, tmp_path / "o", "--class-names", str(tmp_path / "nope.txt")),
+           "not found")  # fmt: skip
+    good = tmp_path / "names.json"
+    good.write_text(json.dumps({str(i): f"digit {i}" for i in range(10)}))
+    cfg = JobConfig(input=dataset, output=str(tmp_path / "o"), model=SPEC, image_size=32,
+                    class_names=str(good))  # fmt: skip
+    prep = job.prepare(cfg, log=lambda m: None)
+    assert prep.model_info["class_names"]["names"][3] == "digit 3"
+    assert {"pred_name", "target_name"} <= set(prep.schema.names)

@@ -123,10 +123,11 @@ def test_discover_rejects_mixed_or_unusable_inputs(tmp_path):
     (tmp_path / "mix").mkdir()
     pq.write_table(pa.table({"id": ["a"], "image": [b"x"]}), tmp_path / "mix" / "a.parquet")
     (tmp_path / "mix" / "b.png").write_bytes(b"")
-    with pytest.raises(ConfigError, match="both Parquet files"):
+    with pytest.raises(ConfigError, match=r"Parquet files \(1\) and image files \(1\)"):
         sources.discover(str(tmp_path / "mix"))
-    pq.write_table(pa.table({"id": ["a"], "image": ["text"]}), tmp_path / "s.parquet")
-    with pytest.raises(ConfigError, match="expected binary"):
+    assert sources.discover(str(tmp_path / "mix"), input_format="images").kind == "images"
+    pq.write_table(pa.table({"id": ["a"], "image": [1]}), tmp_path / "s.parquet")
+    with pytest.raises(ConfigError, match="expected encoded bytes"):
         sources.discover(str(tmp_path / "s.parquet"))
     (tmp_path / "junk.parquet").write_bytes(b"not parquet")
     with pytest.raises(ConfigError, match="cannot read Parquet file"):

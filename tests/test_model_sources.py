@@ -329,18 +329,22 @@ def test_model_source_through_the_job(case, ray_session, photos_parquet, tmp_pat
     out = tmp_path / "out"
     res = run_job(
         JobConfig(input=dataset, output=str(out), model=spec, weights=weights, image_size=size,
-                  ig_steps=STEPS, batch_size=4, progress_interval_s=0.0)
+                  ig_steps=STEPS, batch_size=4, progress_interval_s=0.0,
+                  store="full")  # float32 maps at full size: compared with the oracles below
     )  # fmt: skip
     assert res.exit_code == 0 and res.counts["rows_ok"] == 3, res.summary
     manifest = json.loads((out / "manifest.json").read_text())["model"]
     assert manifest["gradcam_layer"] == layer
     if case.startswith("hf"):
-        assert manifest["class_names"] == ["cat", "dog", "tree"]  # from config.id2label
+        assert manifest["class_names"] == {"source": "model", "names": ["cat", "dog", "tree"]}
         assert manifest["preprocessing_from"] == "Hugging Face image processor config"
     else:
         assert manifest["class_names"] is None  # random timm weights: names unknown
         assert manifest["preprocessing_from"].startswith("timm pretrained_cfg")
     got = pq.read_table(out / "attributions").sort_by("id")
+    if case.startswith("hf"):  # names from config.id2label in the rows
+        names = ["cat", "dog", "tree"]
+        assert got["pred_name"].to_pylist() == [names[c] for c in got["pred_class"].to_pylist()]
 
     # the oracles, on the model and preprocessing load_model gives (float64 and float32)
     loaded = load_model(spec, weights, image_size=size)

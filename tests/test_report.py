@@ -63,7 +63,8 @@ def demo_out(tmp_path_factory) -> str:
         cfg.model, cfg.weights, methods=cfg.methods, target=cfg.target, ig_steps=cfg.ig_steps,
         gradcam_layer=cfg.gradcam_layer, batch_size=cfg.batch_size, image_size=cfg.image_size,
         mean=cfg.mean, std=cfg.std, num_threads=1, id_type=prep.plan.id_type,
-        label_type=prep.plan.label_type,
+        label_type=prep.plan.label_type, store=cfg.store, map_size=cfg.map_size,
+        pooled_columns=True,  # as the job's actors: the summary's maps from the full maps
     )  # fmt: skip
     assert worker.schema.equals(prep.schema)
     table = pq.read_table(dataset)
@@ -89,7 +90,8 @@ def demo_out(tmp_path_factory) -> str:
     manifest = {
         "tool": "xai-audit", "status": "complete", "config": cfg.as_dict(),
         "settings": prep.settings, "model": prep.model_info, "input": prep.plan.describe(),
-        "output": {"attributions": attr, "columns": prep.schema.names}, "counts": counts,
+        "output": {"attributions": attr, "columns": prep.schema.names, "store": cfg.store},
+        "counts": counts,
         "timing": {"wall_s": 12.5, "pipeline_s": 10.0, "images_per_s": 30.0},
         "started_at": "2026-01-01T00:00:00+00:00", "finished_at": "2026-01-01T00:00:12+00:00",
     }  # fmt: skip

@@ -10,6 +10,7 @@ import pytest
 
 from jobs import output as out
 from jobs import report as R
+from jobs.attribute import write_attributions
 from xai_workers import demo
 from xai_workers import schema as S
 from xai_workers import summary as SM
@@ -89,7 +90,7 @@ def _worker_output(tmp_path, n=16, errors=(), **kw) -> str:
     rng = np.random.default_rng(0)
     w = AttributionWorker(
         demo.build_demo_model(), image_size=32, mean=demo.DEMO_MEAN, std=demo.DEMO_STD,
-        ig_steps=2, num_threads=1, label_type=pa.int64(), **kw,
+        ig_steps=2, num_threads=1, label_type=pa.int64(), pooled_columns=True, **kw,
     )  # fmt: skip
     x = (rng.random((n, 3, 32, 32)) * 2 - 1).astype(np.float32)
     err = [f"cannot decode image: row {i}" if i in errors else None for i in range(n)]
@@ -98,7 +99,9 @@ def _worker_output(tmp_path, n=16, errors=(), **kw) -> str:
         "x": S.tensor_array(x), "error": pa.array(err, pa.string()), "source": ["s"] * n,
         "source_row": np.arange(n),
     })  # fmt: skip
-    out.write_part(w(batch), str(tmp_path / "attributions"))
+    # as the job writes: the part, and its summary partial from the full maps
+    write_attributions(w(batch), dest=str(tmp_path / "attributions"), output=str(tmp_path),
+                       s3_endpoint=None)  # fmt: skip
     return str(tmp_path)
 
 

@@ -35,7 +35,7 @@ def make_rows(
     null, every 11th Grad-CAM map all zero (NaN statistics), predictions right ~70% of the time.
     Targets are the predictions, or (``target_is_label``) the labels (``--target label``)."""
     rng = np.random.default_rng(seed)
-    layout = output_layout(METHODS, size, 10, "predicted", label_type=pa.int64())
+    layout = output_layout(METHODS, size, 10, "predicted", label_type=pa.int64(), store="full")
     schema = S.output_schema(layout)
     sal = rng.random((n, size, size)).astype(np.float32) ** 3
     ig = rng.normal(size=(n, 3, size, size)).astype(np.float32)
@@ -345,7 +345,7 @@ def test_topk_targets_use_the_first_target():
     torch.manual_seed(0)
     w = AttributionWorker(
         build_demo_model(), target="topk:2", image_size=32, mean=DEMO_MEAN, std=DEMO_STD,
-        ig_steps=2, batch_size=8, num_threads=1,
+        ig_steps=2, batch_size=8, num_threads=1, store="full",
     )  # fmt: skip
     n = 6
     x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(1)).numpy() * 2 - 1

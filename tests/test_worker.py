@@ -18,7 +18,8 @@ from xai_workers.worker import AttributionWorker, available_cores, parse_target
 
 SIZE = 32
 PRE = Preprocessing(image_size=SIZE, mean=DEMO_MEAN, std=DEMO_STD)
-KW = dict(image_size=SIZE, mean=DEMO_MEAN, std=DEMO_STD, ig_steps=4, batch_size=3)
+# store="full": these tests compare the full-resolution maps with the engine's
+KW = dict(image_size=SIZE, mean=DEMO_MEAN, std=DEMO_STD, ig_steps=4, batch_size=3, store="full")
 
 
 @pytest.fixture(scope="module")

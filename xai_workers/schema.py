@@ -11,7 +11,9 @@ correct               bool (integer labels only)                       pred_clas
 status                string, never null                               ``ok`` or ``error``
 error                 string, null when ok                             what went wrong
 target                int64 (fixed_size_list<int64>[K] with topk:K)    class(es) explained
+target_name           dictionary<int32, string> (list [K] of string)   its name (names known)
 pred_class            int64                                            argmax of the logits
+pred_name             dictionary<int32, string>                        its name (names known)
 pred_prob             float32                                          its softmax probability
 topk_classes          fixed_size_list<int64>[R]                        R = min(5, classes)
 topk_probs            fixed_size_list<float32>[R]
@@ -21,12 +23,16 @@ ig_delta              float32 (list [K]); only with IG                 completen
 saliency              fixed_shape_tensor<float32>[H, W]                ([K, H, W] with topk)
 integrated_gradients  fixed_shape_tensor<float32>[C, H, W]             ([K, C, H, W])
 gradcam, cam          fixed_shape_tensor<float32>[H, W]                ([K, H, W])
+                      (compact profile: every map float16 [M, M], IG summed over channels)
 <statistics>          float32 (list [K] with topk)                     ``stats.row_statistics``
 source                string, never null                               input file (relative)
 source_row            int64, never null                                row in that file
 ====================  ===============================================  =========================
 
-Only the maps that were asked for are present. Tensor columns use Arrow's canonical
+Only the maps that were asked for are present, shaped by the storage profile
+(``xai_workers.profiles``): ``full`` as above, ``compact`` float16 (M, M) for every method (IG:
+the signed channel sum), ``stats`` none. The schema's metadata records ``xai_workers.store`` and
+``xai_workers.map_size``. Tensor columns use Arrow's canonical
 ``arrow.fixed_shape_tensor`` extension type (``pa.fixed_shape_tensor``), row-major, so plain
 pyarrow keeps the shape (``to_numpy_ndarray``), pandas sees flat lists and DuckDB sees
 ``FLOAT[n]`` arrays; no Ray type is involved. An error row has every computed column null.
@@ -44,10 +50,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from xai_workers.profiles import DEFAULT_MAP_SIZE, check_profile, effective_map_size, stored_shape
+
 SCHEMA_VERSION = "1"
 MAP_METHODS = ("saliency", "integrated_gradients", "gradcam", "cam")
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+#: Type of the class-name columns: dictionary-encoded strings (few distinct values).
+NAME_TYPE = pa.dictionary(pa.int32(), pa.string())
 #: Columns every output file has, whatever the configuration (besides ``label``).
 KEY_COLUMNS = ("source", "source_row")
 
@@ -58,6 +68,8 @@ _DESCRIPTIONS = {
     "status": "ok or error",
     "error": "what went wrong (null when ok)",
     "target": "class explained (K classes with topk:K targets)",
+    "target_name": "name of the class explained (K names with topk:K targets)",
+    "pred_name": "name of pred_class",
     "pred_class": "top-1 class at x (argmax of the logits)",
     "pred_prob": "softmax probability of pred_class",
     "topk_classes": "the best classes at x, best first",
@@ -74,9 +86,10 @@ _DESCRIPTIONS = {
 }
 
 
-def tensor_type(shape: Sequence[int]) -> pa.DataType:
-    """Arrow's canonical ``arrow.fixed_shape_tensor`` of float32 with ``shape`` (row-major)."""
-    return pa.fixed_shape_tensor(pa.float32(), [int(s) for s in shape])
+def tensor_type(shape: Sequence[int], value_type: pa.DataType | None = None) -> pa.DataType:
+    """Arrow's canonical ``arrow.fixed_shape_tensor`` of ``value_type`` (float32 by default)
+    with ``shape`` (row-major)."""
+    return pa.fixed_shape_tensor(value_type or pa.float32(), [int(s) for s in shape])
 
 
 def is_tensor_type(t: pa.DataType) -> bool:
@@ -95,6 +108,9 @@ class OutputLayout:
     - ``num_reported``: R, the width of ``topk_classes`` / ``topk_probs`` (min(5, classes)).
     - ``id_type`` / ``label_type``: Arrow types of the passed-through columns (no label: None).
     - ``has_ig_scalars``: whether ``baseline_score`` and ``ig_delta`` exist (IG computed).
+    - ``has_names``: whether class names are known (``target_name``, ``pred_name`` columns).
+    - ``store``: the storage profile, ``full`` (default here), ``compact`` or ``stats``;
+      ``map_size``: M of compact maps (never above H).
     """
 
     methods: tuple[str, ...]
@@ -104,6 +120,9 @@ class OutputLayout:
     num_reported: int = 5
     id_type: pa.DataType = field(default_factory=pa.string)
     label_type: pa.DataType | None = None
+    store: str = "full"
+    map_size: int = DEFAULT_MAP_SIZE
+    has_names: bool = False
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in MAP_METHODS]
@@ -116,16 +135,27 @@ class OutputLayout:
         object.__setattr__(self, "methods", tuple(self.methods))
         object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
         object.__setattr__(self, "stat_names", tuple(self.stat_names))
+        check_profile(self.store, self.map_size)
+        m = effective_map_size(self.map_size, min(self.image_shape[1:]))
+        object.__setattr__(self, "map_size", m)
 
     @property
     def has_ig_scalars(self) -> bool:
         return "integrated_gradients" in self.methods
 
-    def map_shape(self, method: str) -> tuple[int, ...]:
-        """Shape of one row's ``method`` map: (H, W) or (C, H, W), with K in front for topk."""
-        c, h, w = self.image_shape
-        base = (c, h, w) if method == "integrated_gradients" else (h, w)
+    def map_shape(self, method: str) -> tuple[int, ...] | None:
+        """Shape of one row's stored ``method`` map, K in front for topk; None under ``stats``.
+
+        ``full``: (H, W), or (C, H, W) for IG; ``compact``: (M, M) for every method."""
+        base = stored_shape(method, self.image_shape, self.store, self.map_size)
+        if base is None:
+            return None
         return (self.topk, *base) if self.topk else base
+
+    @property
+    def map_dtype(self) -> pa.DataType:
+        """Value type of the stored maps: float16 under ``compact``, else float32."""
+        return pa.float16() if self.store == "compact" else pa.float32()
 
     def per_target_type(self, value_type: pa.DataType) -> pa.DataType:
         """``value_type``, or a fixed_size_list of K of it with topk targets."""
@@ -150,7 +180,14 @@ def output_schema(layout: OutputLayout) -> pa.Schema:
         pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string()),
         pa.field("target", layout.per_target_type(pa.int64())),
-        pa.field("pred_class", pa.int64()),
+    ]
+    if layout.has_names:
+        fields.append(pa.field("target_name", NAME_TYPE if not layout.topk else
+                               pa.list_(pa.string(), layout.topk)))  # fmt: skip
+    fields += [pa.field("pred_class", pa.int64())]
+    if layout.has_names:
+        fields.append(pa.field("pred_name", NAME_TYPE))
+    fields += [
         pa.field("pred_prob", pa.float32()),
         pa.field("topk_classes", pa.list_(pa.int64(), layout.num_reported)),
         pa.field("topk_probs", pa.list_(pa.float32(), layout.num_reported)),
@@ -162,8 +199,9 @@ def output_schema(layout: OutputLayout) -> pa.Schema:
             pa.field("ig_delta", layout.per_target_type(pa.float32())),
         ]
     for method in MAP_METHODS:
-        if method in layout.methods:
-            fields.append(pa.field(method, tensor_type(layout.map_shape(method))))
+        if method in layout.methods and layout.map_shape(method) is not None:
+            t = tensor_type(layout.map_shape(method), layout.map_dtype)
+            fields.append(pa.field(method, t))
     for name in layout.stat_names:
         fields.append(pa.field(name, layout.per_target_type(pa.float32())))
     fields += [
@@ -174,7 +212,12 @@ def output_schema(layout: OutputLayout) -> pa.Schema:
         f.with_metadata({"description": _DESCRIPTIONS[f.name]}) if f.name in _DESCRIPTIONS else f
         for f in fields
     ]
-    return pa.schema(fields, metadata={"xai_workers.schema_version": SCHEMA_VERSION})
+    meta = {
+        "xai_workers.schema_version": SCHEMA_VERSION,
+        "xai_workers.store": layout.store,
+        "xai_workers.map_size": str(layout.map_size),
+    }
+    return pa.schema(fields, metadata=meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,12 +226,17 @@ def output_schema(layout: OutputLayout) -> pa.Schema:
 
 
 def tensor_array(
-    values: np.ndarray, valid: np.ndarray | None = None, shape: Sequence[int] | None = None
+    values: np.ndarray,
+    valid: np.ndarray | None = None,
+    shape: Sequence[int] | None = None,
+    value_type: pa.DataType | None = None,
 ) -> pa.ExtensionArray:
-    """(N, *shape) values -> a canonical fixed_shape_tensor array of float32, null where ``valid``
-    is False (the values stored under a null are zeros). ``shape`` defaults to values.shape[1:].
+    """(N, *shape) values -> a canonical fixed_shape_tensor array of ``value_type`` (float32 by
+    default), null where ``valid`` is False (the values stored under a null are zeros).
+    ``shape`` defaults to values.shape[1:].
     """
-    values = np.asarray(values, dtype=np.float32)
+    value_type = value_type or pa.float32()
+    values = np.asarray(values, dtype=value_type.to_pandas_dtype())
     shape = tuple(values.shape[1:]) if shape is None else tuple(int(s) for s in shape)
     n = values.shape[0]
     size = int(np.prod(shape)) if shape else 1
@@ -200,8 +248,8 @@ def tensor_array(
         flat = flat.copy()
         flat.reshape(n, size)[~np.asarray(valid, dtype=bool)] = 0.0
         mask = pa.array(~np.asarray(valid, dtype=bool))
-    storage = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), size, mask=mask)
-    return pa.ExtensionArray.from_storage(tensor_type(shape), storage)
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=value_type), size, mask=mask)
+    return pa.ExtensionArray.from_storage(tensor_type(shape, value_type), storage)
 
 
 def _correct(labels, pred: np.ndarray | None, valid: np.ndarray) -> pa.Array:
@@ -222,13 +270,13 @@ def _to_arrow(values, t: pa.DataType, valid: np.ndarray | None, n: int) -> pa.Ar
     if values is None:
         return pa.nulls(n, type=t)
     if is_tensor_type(t):
-        return tensor_array(values, None if invalid is None else ~invalid, t.shape)
+        return tensor_array(values, None if invalid is None else ~invalid, t.shape, t.value_type)
     if pa.types.is_fixed_size_list(t):
         size = t.list_size
         arr = np.asarray(values, dtype=t.value_type.to_pandas_dtype()).reshape(n, size)
         if invalid is not None:
             arr = arr.copy()
-            arr[invalid] = 0
+            arr[invalid] = None if pa.types.is_string(t.value_type) else 0
         child = pa.array(arr.reshape(n * size), type=t.value_type)
         mask = None if invalid is None else pa.array(invalid)
         return pa.FixedSizeListArray.from_arrays(child, type=t, mask=mask)
@@ -330,8 +378,9 @@ def error_table(
 # --------------------------------------------------------------------------------------------
 
 
-def tensor_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A fixed_shape_tensor (or fixed_size_list) column -> float32 ndarray (N, *shape).
+def tensor_to_numpy(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndarray:
+    """A fixed_shape_tensor (or fixed_size_list) column -> ``dtype`` (float32) ndarray
+    (N, *shape); float16 maps (the compact profile) are widened exactly.
 
     Null rows (error rows) come back as NaN. Works on a column read back by plain pyarrow::
 
@@ -349,13 +398,13 @@ def tensor_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         storage = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
         size = storage.type.list_size
         vals = storage.values.slice(storage.offset * size, len(storage) * size)
-        arr = vals.to_numpy(zero_copy_only=False).astype(np.float32, copy=True)
+        arr = vals.to_numpy(zero_copy_only=False).astype(dtype, copy=True)
         arr = arr.reshape(len(storage), *shape)
         if storage.null_count:
             arr[np.asarray(storage.is_null())] = np.nan
         parts.append(arr)
     if not parts:
-        return np.zeros((0, *shape), dtype=np.float32)
+        return np.zeros((0, *shape), dtype=dtype)
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 

@@ -76,7 +76,7 @@ import json
 import math
 import posixpath
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -90,6 +90,10 @@ SUMMARY_VERSION = "1"
 MAP_SIZE = 32
 #: Methods whose per-class mean map is kept.
 MAP_METHODS = ("integrated_gradients", "gradcam", "cam")
+#: A column ``_pooled_<method>`` (float64 (N, MAP_SIZE, MAP_SIZE), :func:`pooled_maps` of the
+#: full map) is used instead of the method's tensor column when a batch has it: the job's worker
+#: adds it, so the summary's maps come from the full maps under every storage profile.
+POOLED_PREFIX = "_pooled_"
 PERCENTILES = (5, 50, 95)
 GROUP_ALL, GROUP_PRED, GROUP_LABEL, GROUP_TARGET = "all", "pred_class", "label", "target"
 GROUPS = (GROUP_ALL, GROUP_PRED, GROUP_LABEL, GROUP_TARGET)
@@ -225,10 +229,21 @@ def statistic_columns(schema: pa.Schema) -> tuple[str, ...]:
 
 
 def map_columns(schema: pa.Schema) -> tuple[str, ...]:
-    """The methods of ``MAP_METHODS`` whose tensor column ``schema`` has."""
-    return tuple(
-        m for m in MAP_METHODS if m in schema.names and is_tensor_type(schema.field(m).type)
-    )
+    """The methods of ``MAP_METHODS`` whose full-resolution maps ``schema`` holds: a
+    ``_pooled_<method>`` column (the worker's), or the method's tensor column stored ``full``
+    (float32; a ``compact`` map, float16 and reduced, is not the map the summary averages)."""
+    out = []
+    for m in MAP_METHODS:
+        if POOLED_PREFIX + m in schema.names:
+            out.append(m)
+        elif m in schema.names and is_full_map(schema.field(m).type):
+            out.append(m)
+    return tuple(out)
+
+
+def is_full_map(t: pa.DataType) -> bool:
+    """True for a map column stored at full resolution (the ``full`` profile: float32)."""
+    return is_tensor_type(t) and t.value_type == pa.float32()
 
 
 def needed_columns(schema: pa.Schema, maps: bool = True) -> list[str]:
@@ -341,6 +356,8 @@ class Summary:
 
     def __init__(self, map_size: int = MAP_SIZE):
         self.map_size = int(map_size)
+        #: map methods a file stored only compact, so left out of the mean maps (summarize_file)
+        self.maps_left_out: list[str] = []
         self.keys: list[tuple[str, int | None]] = []
         self._index: dict[tuple[str, int | None], int] = {}
         self.counts = {c: np.zeros(0, np.int64) for c in _COUNTS}
@@ -421,12 +438,13 @@ class Summary:
         else:
             names = list(batch)
             get = batch.__getitem__
-            map_names = tuple(m for m in MAP_METHODS if m in batch)
+            map_names = tuple(m for m in MAP_METHODS if m in batch or POOLED_PREFIX + m in batch)
             stat_names = tuple(
                 k
                 for k in batch
                 if k not in NOT_STATISTICS
                 and k not in map_names
+                and not k.startswith(POOLED_PREFIX)
                 and k not in ("status", "pred_class", "label", "target", "id", "error")
                 and np.issubdtype(np.asarray(batch[k]).dtype, np.floating)
             )
@@ -500,9 +518,20 @@ class Summary:
             sel_rows = np.flatnonzero(ok)
             if len(sel_rows) == 0:
                 continue
-            col = get(method)
-            value = tensor_to_numpy(col) if isinstance(col, (pa.Array, pa.ChunkedArray)) else col
-            pooled = pooled_maps(method, np.asarray(value)[sel_rows], self.map_size)
+            pooled = None
+            if POOLED_PREFIX + method in names:  # pooled from the full map by the worker
+                col = get(POOLED_PREFIX + method)
+                if isinstance(col, (pa.Array, pa.ChunkedArray)):
+                    col = tensor_to_numpy(col, dtype=np.float64)
+                col = np.asarray(col, dtype=np.float64)
+                if col.shape[1:] == (self.map_size, self.map_size):
+                    pooled = col[sel_rows].copy()
+            if pooled is None:
+                col = get(method)
+                value = (
+                    tensor_to_numpy(col) if isinstance(col, (pa.Array, pa.ChunkedArray)) else col
+                )
+                pooled = pooled_maps(method, np.asarray(value)[sel_rows], self.map_size)
             fin = np.isfinite(pooled).all(axis=(1, 2))
             pooled[~fin] = 0.0
             total = pooled.sum(axis=(1, 2))
@@ -683,17 +712,26 @@ class Summary:
             ),
         )
 
-    def to_table(self) -> pa.Table:
+    def to_table(self, class_names: Sequence[str] | None = None) -> pa.Table:
         """The summary: one row per key, ordered all, pred_class, label, target (by class); schema
-        :func:`summary_schema` (module docstring for the columns)."""
+        :func:`summary_schema` (module docstring for the columns). With ``class_names`` (index
+        -> name) a ``name`` column follows ``class`` (null for ``all`` and unknown classes)."""
         if (GROUP_ALL, None) not in self._index:
             self.key_indices([(GROUP_ALL, None)])
-        schema = summary_schema(tuple(self.stats), tuple(self.maps), self.map_size)
+        schema = summary_schema(
+            tuple(self.stats), tuple(self.maps), self.map_size, class_names is not None
+        )
         order = np.array(self._order(), dtype=np.int64)
+        classes = [self.keys[i][1] for i in order]
         cols: dict[str, pa.Array] = {
             "group_by": pa.array([self.keys[i][0] for i in order], pa.string()),
-            "class": pa.array([self.keys[i][1] for i in order], pa.int64()),
+            "class": pa.array(classes, pa.int64()),
         }
+        if class_names is not None:
+            cols["name"] = pa.array([
+                class_names[c] if c is not None and 0 <= c < len(class_names) else None
+                for c in classes
+            ], pa.string())  # fmt: skip
         for c in _COUNTS:
             cols[c] = pa.array(self.counts[c][order], pa.int64())
         labeled, correct = self.counts["labeled"][order], self.counts["correct"][order]
@@ -733,16 +771,21 @@ class Summary:
 
 
 def summary_schema(
-    stat_names: Iterable[str], map_methods: Iterable[str], map_size: int = MAP_SIZE
+    stat_names: Iterable[str],
+    map_methods: Iterable[str],
+    map_size: int = MAP_SIZE,
+    has_names: bool = False,
 ) -> pa.Schema:
     """The explicit schema of the summary table (module docstring), for these statistics and
     map methods: ``group_by`` string, ``class`` int64 (null for ``all``), ``count``, ``errors``,
     ``labeled``, ``correct`` int64, ``accuracy`` float64, ``{s}_mean``/``_p5``/``_p50``/``_p95``
-    float64 per statistic, ``{m}_mean_map`` and ``{m}_share_map``
+    float64 per statistic (``name`` string after ``class`` with ``has_names``),
+    ``{m}_mean_map`` and ``{m}_share_map``
     ``fixed_shape_tensor<float32>[map_size, map_size]`` per map method."""
     fields = [
         pa.field("group_by", pa.string(), nullable=False),
         pa.field("class", pa.int64()),
+        *([pa.field("name", pa.string())] if has_names else []),
         *(pa.field(c, pa.int64(), nullable=False) for c in _COUNTS),
         pa.field("accuracy", pa.float64()),
     ]
@@ -912,6 +955,7 @@ def summarize_file(
         pf = pq.ParquetFile(f)
         schema = pf.schema_arrow
         cols = needed_columns(schema)
+        acc.maps_left_out = [m for m in MAP_METHODS if m in schema.names and m not in cols]
         if batch_rows is None:
             per_row = sum(
                 4 * int(np.prod(schema.field(c).type.shape))
@@ -933,6 +977,7 @@ def summarize_output(
     threads: int = 8,
     batch_rows: int | None = None,
     log: Callable[[str], None] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> pa.Table:
     """The summary of ``<output>/attributions``, written to ``<output>/summary/summary.parquet``
     (unless ``write`` is False) and returned.
@@ -977,7 +1022,13 @@ def summarize_output(
                     return Summary.from_partial(pq.read_table(f)), True
             except (OSError, ValueError, pa.ArrowException) as e:
                 log(f"partial {name} unusable ({type(e).__name__}: {e}); reading the part")
-        return summarize_file(fs, path, batch_rows), False
+        acc = summarize_file(fs, path, batch_rows)
+        if acc.maps_left_out:
+            log(
+                f"part {name} has no partial and stores compact maps: its rows are not in the "
+                f"mean maps of {', '.join(acc.maps_left_out)} (statistics are complete)"
+            )
+        return acc, False
 
     total = Summary()
     used = 0
@@ -987,13 +1038,26 @@ def summarize_output(
                 total.merge(acc)
                 used += from_partial
     log(f"summary of {total.rows} rows from {len(parts)} parts ({used} from partials)")
-    table = total.to_table()
+    if class_names is None:
+        class_names = _manifest_class_names(output_uri, s3_endpoint)
+    table = total.to_table(class_names)
     meta = dict(table.schema.metadata or {})
     meta.update({b"parts": str(len(parts)).encode(), b"parts_from_partials": str(used).encode()})
     table = table.replace_schema_metadata(meta)
     if write:
         _write_parquet(table, summary_uri(output_uri), s3_endpoint)
     return table
+
+
+def _manifest_class_names(output_uri: str, s3_endpoint: str | None) -> list[str] | None:
+    """``model.class_names.names`` of ``<output>/manifest.json``, None when absent."""
+    from xai_workers.storage import read_bytes
+
+    try:
+        manifest = json.loads(read_bytes(_join(output_uri, "manifest.json"), s3_endpoint))
+    except (OSError, ValueError):
+        return None
+    return ((manifest.get("model") or {}).get("class_names") or {}).get("names")
 
 
 def _older(a, b) -> bool:

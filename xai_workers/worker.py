@@ -27,6 +27,10 @@ import torch
 from torch import nn
 
 from xai_workers import schema as S
+from xai_workers.profiles import DEFAULT_MAP_SIZE, DEFAULT_PROFILE, check_profile
+from xai_workers.summary import MAP_METHODS as SUMMARY_MAP_METHODS
+from xai_workers.summary import MAP_SIZE as SUMMARY_MAP_SIZE
+from xai_workers.summary import POOLED_PREFIX
 
 #: Columns an input batch carries (``label`` only with a label column).
 BATCH_COLUMNS = ("id", "label", "x", "error", "source", "source_row")
@@ -106,6 +110,9 @@ def output_layout(
     *,
     id_type: pa.DataType | None = None,
     label_type: pa.DataType | None = None,
+    store: str = DEFAULT_PROFILE,
+    map_size: int = DEFAULT_MAP_SIZE,
+    has_names: bool = False,
 ) -> S.OutputLayout:
     """The output layout a worker with these settings produces (the driver uses it too)."""
     mode, value = parse_target(target)
@@ -119,6 +126,9 @@ def output_layout(
         num_reported=min(5, int(num_classes)),
         id_type=id_type if id_type is not None else pa.string(),
         label_type=label_type,
+        store=store,
+        map_size=map_size,
+        has_names=has_names,
     )
 
 
@@ -145,6 +155,20 @@ class AttributionWorker:
         num_threads: torch threads on the CPU; None: every core of the affinity mask.
         id_type, label_type: Arrow types of the passed-through ``id`` and ``label`` columns
             (``label_type`` None: the input has no label column).
+        store: storage profile of the maps, ``compact`` (default: float16 ``map_size`` x
+            ``map_size``, IG summed over channels), ``full`` (float32 as computed) or ``stats``
+            (no maps); ``xai_workers.profiles``. Statistics come from the full maps under
+            every profile.
+        map_size: side of compact maps (default 64; never above the image size).
+        class_names: one name per class of the model (index -> name), or None; when given, rows
+            gain ``target_name`` and ``pred_name``. Its length must be the model's classes.
+
+        pooled_columns: when True (the job sets it), the returned table also carries, per method
+            of ``summary.MAP_METHODS`` computed, a column ``_pooled_<method>`` (float64
+            (32, 32): the row's 2-D map pooled from the full map, what ``summary.Summary``
+            accumulates), so the summary is the same under every profile. Columns whose name
+            starts with ``_`` are in-flight only: the job's writer drops them. Default False:
+            the table is exactly ``self.schema``.
     """
 
     def __init__(
@@ -173,6 +197,10 @@ class AttributionWorker:
         id_type: pa.DataType | None = None,
         label_type: pa.DataType | None = None,
         seed: int = 0,
+        store: str = DEFAULT_PROFILE,
+        map_size: int = DEFAULT_MAP_SIZE,
+        pooled_columns: bool = False,
+        class_names: Sequence[str] | None = None,
     ):
         from xai_workers.engine import BASELINES, keep_freed_memory, prepare_model
         from xai_workers.hooks import default_gradcam_layer, get_submodule
@@ -190,6 +218,7 @@ class AttributionWorker:
             raise ValueError(f"unknown IG baseline {ig_baseline!r}; one of {', '.join(BASELINES)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_profile(store, map_size)
 
         if isinstance(model, nn.Module):
             module = model
@@ -229,6 +258,11 @@ class AttributionWorker:
             raise ValueError(f"topk:{self.target_value} > the model's {self.num_classes} classes")
         if self.mode == "label" and label_type is None:
             raise ValueError("target 'label' needs a label column")
+        if class_names is not None and len(class_names) != self.num_classes:
+            raise ValueError(
+                f"{len(class_names)} class names for a model with {self.num_classes} classes"
+            )
+        self.class_names = None if class_names is None else np.array(list(class_names), object)
 
         self.net = prepare_model(module, device=self.device, gradcam_layer=gradcam_layer)
         s = self.preprocessing.image_size
@@ -244,8 +278,11 @@ class AttributionWorker:
         self.score, self.precision = score, precision
         self.batch_size, self.batch_budget_mb, self.seed = int(batch_size), batch_budget_mb, seed
         self.layout = output_layout(
-            self.methods, s, self.num_classes, target, id_type=id_type, label_type=label_type
-        )
+            self.methods, s, self.num_classes, target, id_type=id_type, label_type=label_type,
+            store=store, map_size=map_size, has_names=class_names is not None,
+        )  # fmt: skip
+        self.store, self.map_size = self.layout.store, self.layout.map_size
+        self.pooled_columns = bool(pooled_columns)
         self.schema = S.output_schema(self.layout)
         #: rows seen, rows in error, seconds inside ``attribute`` (for the curious)
         self.counters = {"rows": 0, "errors": 0, "compute_s": 0.0}
@@ -267,6 +304,8 @@ class AttributionWorker:
             for i, is_null in enumerate(x_col.is_null().to_pylist()):
                 if is_null and errors[i] is None:
                     errors[i] = "no input tensor for this row"
+        if has_label and pa.types.is_integer(self.layout.label_type):
+            self._check_labels(labels, errors)
         ok = np.array([e is None for e in errors], dtype=bool)
         values: dict[str, np.ndarray] = {}
         if ok.any():
@@ -283,15 +322,33 @@ class AttributionWorker:
                 )
         self.counters["rows"] += n
         self.counters["errors"] += sum(e is not None for e in errors)
-        return S.build_table(
+        if self.class_names is not None and "pred_class" in values:
+            values["pred_name"] = self.class_names[values["pred_class"]]
+            values["target_name"] = self.class_names[values["target"]]
+        names = set(self.schema.names)
+        table = S.build_table(
             self.schema,
             ids=batch.column("id").combine_chunks(),
             labels=labels.combine_chunks() if has_label else None,
             sources=batch.column("source").combine_chunks(),
             source_rows=batch.column("source_row").combine_chunks(),
             errors=errors,
-            values=values,
+            values={k: v for k, v in values.items() if k in names},
         )
+        valid = np.array([e is None for e in errors], dtype=bool)
+        for m in self.pooled_methods:
+            key = POOLED_PREFIX + m
+            size = SUMMARY_MAP_SIZE
+            v = values.get(key, np.zeros((n, size, size)))
+            table = table.append_column(key, S.tensor_array(v, valid, None, pa.float64()))
+        return table
+
+    @property
+    def pooled_methods(self) -> tuple[str, ...]:
+        """The methods whose ``_pooled_<method>`` column the worker adds (class docstring)."""
+        if not self.pooled_columns:
+            return ()
+        return tuple(m for m in SUMMARY_MAP_METHODS if m in self.methods)
 
     # ----------------------------------------------------------------------------------------
 
@@ -305,6 +362,14 @@ class AttributionWorker:
                 "preprocessing stage and the worker disagree on the image size"
             )
         return torch.from_numpy(np.ascontiguousarray(arr))
+
+    def _check_labels(self, labels: pa.ChunkedArray, errors: list) -> None:
+        """A non-null integer label outside the model's classes makes its row an error row."""
+        for i, v in enumerate(labels.to_pylist()):
+            if v is not None and errors[i] is None and not 0 <= v < self.num_classes:
+                errors[i] = (
+                    f"label {v} is not a class index of this model (0..{self.num_classes - 1})"
+                )
 
     def _targets(self, labels: pa.ChunkedArray, idx: np.ndarray, errors: list) -> torch.Tensor:
         """Per-row target classes from the label column; bad labels become row errors."""
@@ -324,7 +389,9 @@ class AttributionWorker:
     def _attribute(self, x: torch.Tensor, targets: torch.Tensor | None) -> dict[str, np.ndarray]:
         """One ``attribute`` call + statistics on CPU tensors -> numpy arrays per column."""
         from xai_workers.engine import attribute, make_baseline
+        from xai_workers.profiles import reduce_maps
         from xai_workers.stats import row_statistics
+        from xai_workers.summary import pooled_maps
 
         x = x.to(self.device)
         if self.mode == "topk":
@@ -352,11 +419,17 @@ class AttributionWorker:
             batch_budget_mb=self.batch_budget_mb,
             precision=self.precision,
         )
-        stats = row_statistics(result)
+        stats = row_statistics(result)  # from the full maps, under every profile
+        pooled = {
+            POOLED_PREFIX + m: pooled_maps(m, result[m].detach().cpu().numpy())
+            for m in self.pooled_methods
+        }
+        result = reduce_maps(result, self.store, self.map_size)
         self.counters["compute_s"] += time.perf_counter() - t0
         names = set(self.schema.names)
         out = {k: v.detach().cpu().numpy() for k, v in result.items() if k in names}
         out.update({k: v.detach().cpu().numpy() for k, v in stats.items() if k in names})
+        out.update(pooled)
         return out
 
     def _explain(self, x, targets, rows, n, errors) -> dict[str, np.ndarray]:
