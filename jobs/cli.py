@@ -6,6 +6,7 @@
     xai-audit layers --model SPEC [--weights URI] [--image-size S]
     xai-audit demo [--output demo-out]
     xai-audit summarize <output> | report <output>          (jobs.report)
+    xai-audit visualize --model SPEC --objectives LIST --output URI [...]   (jobs.visualize)
 
 ``run`` flags are listed by ``xai-audit run --help`` and in CONVENTIONS.md; a YAML file given with
 ``--config`` takes the same keys (``ig-steps`` or ``ig_steps``) and flags override it.
@@ -112,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the demo dataset and weights live (default: "
                         "~/.cache/xai-workers/demo)")  # fmt: skip
     from jobs.report import add_subcommands
+    from jobs.visualize import add_subcommand as add_visualize
 
     add_subcommands(sub)
+    add_visualize(sub)
     return parser
 
 
@@ -188,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "layers":
             return _layers(ns)
-        if ns.command in ("summarize", "report"):
+        if ns.command in ("summarize", "report", "visualize"):
             return ns.handler(ns)
         if ns.command == "demo":
             cfg = config_from_args(ns, _demo_base(ns))
