@@ -200,6 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = _run(cfg)
             if code != 0:
                 return code
+            # what the model thinks each class looks like (the report shows it)
+            from jobs.visualize import demo_prototypes
+
+            print(demo_prototypes(cfg).summary, flush=True)
             # the demo ends with its audit report, where the planted shortcut shows
             endpoint = ["--s3-endpoint", cfg.s3_endpoint] if cfg.s3_endpoint else []
             return main(["report", cfg.output, *endpoint])

@@ -531,10 +531,14 @@ def make_batches(objs, batch_size: int, done: np.ndarray | None) -> list[dict]:
 
 
 def run_visualize(
-    cfg: VisualizeConfig, log: Callable[[str], None] = _log, in_process: bool = False
+    cfg: VisualizeConfig,
+    log: Callable[[str], None] = _log,
+    in_process: bool = False,
+    num_threads: int | None = None,
 ) -> VisResult:
     """Run (or resume) the visualization job. ``in_process``: no Ray, the batches run one after
-    another in this process (small jobs such as the demo's); the output is the same."""
+    another in this process with ``num_threads`` torch threads (None: every core), for small
+    jobs such as the demo's; the output is the same."""
     t_start = time.monotonic()
     started_at = _now()
     prep = prepare(cfg, log)
@@ -576,15 +580,19 @@ def run_visualize(
     try:
         if items and in_process:
             progress.start()
-            worker = VisualizationWorker(**worker_kwargs)
-            totals = [0, 0, 0, 0]
-            for it in items:
-                table = worker(pa.Table.from_pylist([it]))
-                write_pngs(table, png_dir, cfg.s3_endpoint)
-                info = out.write_part(table, parts_uri, s3_endpoint=cfg.s3_endpoint)
-                totals = [totals[0] + info["rows"], totals[1] + info["error"], totals[2] + 1,
-                          totals[3] + info["bytes"]]  # fmt: skip
-                progress.update(*totals)
+            threads = torch_threads()
+            try:
+                worker = VisualizationWorker(**worker_kwargs, num_threads=num_threads)
+                totals = [0, 0, 0, 0]
+                for it in items:
+                    table = worker(pa.Table.from_pylist([it]))
+                    write_pngs(table, png_dir, cfg.s3_endpoint)
+                    info = out.write_part(table, parts_uri, s3_endpoint=cfg.s3_endpoint)
+                    totals = [totals[0] + info["rows"], totals[1] + info["error"],
+                              totals[2] + 1, totals[3] + info["bytes"]]  # fmt: skip
+                    progress.update(*totals)
+            finally:
+                torch_threads(threads)
         elif items:
             started_ray = _ray_init(cfg)
             res = plan_resources(cfg)
@@ -755,3 +763,31 @@ def main(ns: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(result.summary, flush=True)
     return result.exit_code
+
+
+def torch_threads(n: int | None = None) -> int:
+    """torch's intra-op thread count; sets it to ``n`` first when given."""
+    import torch
+
+    if n is not None:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def demo_prototypes(run_cfg, log: Callable[[str], None] = _log) -> VisResult:
+    """The demo's class prototypes (``prototype:all``, class-mean prior from the demo dataset,
+    ``demo.DEMO_VIS_*`` settings) into ``<output>/visualizations``, in this process: ten 32 px
+    images take seconds, less than starting Ray again; one torch thread, as the demo trains (a
+    second one saves little on this tiny net and costs a lot on a busy machine). Replaced on
+    each demo run unless ``--resume``."""
+    from xai_workers import demo
+
+    cfg = VisualizeConfig(
+        model=run_cfg.model, weights=run_cfg.weights, objectives="prototype:all",
+        output=run_cfg.output, steps=demo.DEMO_VIS_STEPS, size=demo.DEMO_IMAGE_SIZE,
+        transforms=demo.DEMO_VIS_TRANSFORMS, prior="class-mean", input=run_cfg.input,
+        image_size=run_cfg.image_size, mean=run_cfg.mean, std=run_cfg.std,
+        resume=run_cfg.resume, overwrite=not run_cfg.resume, s3_endpoint=run_cfg.s3_endpoint,
+        label_column=run_cfg.label_column,
+    )  # fmt: skip
+    return run_visualize(cfg, log=log, in_process=True, num_threads=1)

@@ -15,7 +15,8 @@ Objectives (strings; :func:`parse_objective`):
 - ``layer:LAYER``: the mean of all of LAYER's activations ("deepdream").
 - ``prototype:C``: the class prototype: minimise ``CE(f(x), C) + prior_weight * MSE(image,
   prior[C])``, where ``prior[C]`` is the class's mean image (3, S, S) in [0, 1] pixel space
-  (:func:`class_mean_images`).
+  (:func:`class_mean_images`); it starts from that mean image (its pre-sigmoid value, clamped
+  to [0.02, 0.98], plus the objective's initial noise), not from noise alone.
 
 Every source of randomness of an objective (its initial parameters and the transforms drawn at
 each step) comes from its own ``torch.Generator`` seeded with :func:`objective_seed` ``(seed,
@@ -55,6 +56,8 @@ from xai_workers.hooks import capture_activation
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 KINDS = ("class", "channel", "neuron", "layer", "prototype")
+#: A prototype starts at ``logit(clamp(prior, PRIOR_CLAMP, 1 - PRIOR_CLAMP))`` before the sigmoid.
+PRIOR_CLAMP = 0.02
 PARAMS = ("pixel", "fft")
 
 #: Lucid's colour correlation (square root of the ImageNet colour covariance, by SVD), its
@@ -595,6 +598,10 @@ def _optimise(
                     F.interpolate(priors[objs[i].index][None], size=(side, side), mode="area")[0]
                     for i in proto
                 ]).to(device)  # fmt: skip
+                if o == 0:  # a prototype starts at its class mean image (plus its own noise)
+                    pre = image.pre().detach().clone()
+                    pre[proto] += torch.logit(target.clamp(PRIOR_CLAMP, 1 - PRIOR_CLAMP))
+                    image.set_pre(pre)
             opt = torch.optim.Adam([image.p], lr=lr)
             for _ in range(per[o]):
                 pixels = image.pixels()
