@@ -780,10 +780,18 @@ def demo_prototypes(run_cfg, log: Callable[[str], None] = _log) -> VisResult:
     images take seconds, less than starting Ray again; one torch thread, as the demo trains (a
     second one saves little on this tiny net and costs a lot on a busy machine). Replaced on
     each demo run unless ``--resume``."""
-    from xai_workers import demo
+    import pyarrow.parquet as pq
 
+    from xai_workers import demo
+    from xai_workers.storage import read_bytes
+
+    # the classes the demo dataset holds (all ten for the built-in one)
+    labels = pq.read_table(pa.BufferReader(read_bytes(run_cfg.input, run_cfg.s3_endpoint)),
+                           columns=[run_cfg.label_column or "label"]).column(0)  # fmt: skip
+    classes = sorted({int(c) for c in labels.to_pylist() if c is not None})
     cfg = VisualizeConfig(
-        model=run_cfg.model, weights=run_cfg.weights, objectives="prototype:all",
+        model=run_cfg.model, weights=run_cfg.weights,
+        objectives="prototype:" + ",".join(map(str, classes)),
         output=run_cfg.output, steps=demo.DEMO_VIS_STEPS, size=demo.DEMO_IMAGE_SIZE,
         transforms=demo.DEMO_VIS_TRANSFORMS, prior="class-mean", input=run_cfg.input,
         image_size=run_cfg.image_size, mean=run_cfg.mean, std=run_cfg.std,

@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -170,3 +171,33 @@ def test_prototype_needs_a_prior_and_existing_output_needs_resume(tmp_path, data
     (tmp_path / "o" / "visualizations" / "manifest.json").write_text("{}")
     assert cli.main(args(tmp_path / "o", dataset)) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_report_section_shows_prototypes_first(tmp_path, dataset):
+    from jobs.report_visualizations import visualization_section
+
+    out = tmp_path / "out"
+    J.run_visualize(cfg_of(args(out, dataset)), log=lambda m: None, in_process=True)
+    t = read(out)
+    files_out: dict = {}
+    kw = dict(visualizations=None, class_maps={}, manifest=None, fs=None, files=[],
+              label_is_int=True, s3_endpoint=None, log=lambda m: None)  # fmt: skip
+    page = visualization_section(str(out), files_out=files_out, **kw)
+    assert page.startswith('<h2 id="prototypes">What the model thinks each class looks like')
+    # classes 0 and 1 have a prototype (preferred), class 2 only its class visualization
+    assert "prototype:0" in page and "prototype:1" in page and "class:2" in page
+    assert "class:0<" not in page and "class:1<" not in page
+    assert sorted(files_out) == ["img/vis-0.png", "img/vis-1.png", "img/vis-2.png"]
+    # the tile is the row's image, enlarged (uniform 3x3 blocks of its pixels at 96 px)
+    row = t.filter(pc.equal(t["objective"], "prototype:1"))
+    src = np.asarray(Image.open(io.BytesIO(row["image"][0].as_py())), dtype=np.float64)
+    tile = np.asarray(Image.open(io.BytesIO(files_out["img/vis-1.png"])), dtype=np.float64)
+    assert tile.shape == (96, 96, 3)
+    # Lanczos resampling by 3x: block means equal the source up to ringing and 8-bit rounding
+    blocks = tile.reshape(32, 3, 32, 3, 3).mean(axis=(1, 3))
+    assert np.abs(blocks - src).mean() < 4, np.abs(blocks - src).mean()
+    assert f"p = {row['activation'][0].as_py():.2f}" in page
+    # an output without visualizations: no section, no files
+    files_out.clear()
+    assert visualization_section(str(tmp_path / "none"), files_out=files_out, **kw) == ""
+    assert files_out == {}
