@@ -368,41 +368,51 @@ def _transform(pixels: torch.Tensor, transforms: tuple, draws: torch.Tensor) -> 
 # ---- objectives ----------------------------------------------------------------------------
 
 
-def _layer_value(obj: Objective, act: torch.Tensor) -> torch.Tensor:
-    """The objective's value on one image's activation ``act`` (K, h, w) (or (K,)): a scalar."""
-    if obj.kind == "layer":
-        return act.mean()
-    if obj.index >= act.shape[0]:
-        raise ValueError(f"objective {obj.text}: layer has {act.shape[0]} channels")
-    ch = act[obj.index]
-    if obj.kind == "channel":
-        return ch.mean()
-    if ch.dim() == 0:
-        return ch
-    y = ch.shape[0] // 2 if obj.y is None else obj.y
-    x = ch.shape[1] // 2 if obj.x is None else obj.x
-    if y >= ch.shape[0] or x >= ch.shape[1]:
-        raise ValueError(f"objective {obj.text}: layer output is {tuple(ch.shape)}")
-    return ch[y, x]
+def _readout_plan(objs: Sequence[Objective]) -> list[tuple]:
+    """Objectives grouped for a vectorised readout: ``(kind, layer, rows, index, y, x)`` with
+    ``rows``/``index`` int64 tensors (and ``y``/``x`` lists of None or int for neurons)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, o in enumerate(objs):
+        groups.setdefault((o.kind, o.layer), []).append(i)
+    plan = []
+    for (kind, layer), rows in groups.items():
+        index = [objs[i].index if objs[i].index is not None else 0 for i in rows]
+        ys, xs = [objs[i].y for i in rows], [objs[i].x for i in rows]
+        plan.append((kind, layer, torch.tensor(rows), torch.tensor(index), ys, xs))
+    return plan
 
 
 def _values(
-    objs: Sequence[Objective], logits: torch.Tensor, acts: Mapping[str, torch.Tensor]
+    plan: list[tuple], n: int, logits: torch.Tensor, acts: Mapping[str, torch.Tensor]
 ) -> torch.Tensor:
-    """(N,) the value each image's objective maximises (class logit, layer readout); prototypes
-    get their class's log-softmax (= -CE)."""
-    vals = []
-    logp = None
-    for i, obj in enumerate(objs):
-        if obj.kind == "class":
-            vals.append(logits[i, obj.index])
-        elif obj.kind == "prototype":
-            if logp is None:
-                logp = logits.log_softmax(-1)
-            vals.append(logp[i, obj.index])
+    """(N,) the value each image's objective maximises (module docstring); prototypes get
+    their class's log-softmax (= -CE)."""
+    out = logits.new_zeros(n)
+    for kind, layer, rows, index, ys, xs in plan:
+        rows, index = rows.to(logits.device), index.to(logits.device)
+        if kind == "class":
+            v = logits[rows, index]
+        elif kind == "prototype":
+            v = logits[rows].log_softmax(-1)[torch.arange(len(rows)), index]
         else:
-            vals.append(_layer_value(obj, acts[obj.layer][i]))
-    return torch.stack(vals)
+            a = acts[layer][rows]
+            if kind == "layer":
+                v = a.flatten(1).mean(1)
+            else:
+                if int(index.max()) >= a.shape[1]:
+                    raise ValueError(f"objective on {layer}: the layer has {a.shape[1]} channels")
+                ch = a[torch.arange(len(rows)), index]  # (n, h, w) or (n,)
+                if kind == "channel" or ch.dim() == 1:
+                    v = ch.flatten(1).mean(1) if ch.dim() > 1 else ch
+                else:
+                    h, w = ch.shape[1:]
+                    y = torch.tensor([h // 2 if q is None else q for q in ys])
+                    x = torch.tensor([w // 2 if q is None else q for q in xs])
+                    if int(y.max()) >= h or int(x.max()) >= w:
+                        raise ValueError(f"neuron objective on {layer}: its output is {h}x{w}")
+                    v = ch[torch.arange(len(rows)), y.to(ch.device), x.to(ch.device)]
+        out = out.index_put((rows,), v)
+    return out
 
 
 @contextlib.contextmanager
@@ -497,35 +507,16 @@ def visualize(
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
     priors = _priors(objs, prior, size)
+    st = _Settings(
+        steps, size, param, tf, float(lr), int(seed), tuple(mean), tuple(std), decorrelate,
+        blur_every, blur_sigma, grad_norm, octaves, octave_scale, prior_weight, l2_weight,
+    )  # fmt: skip
     bs = batch_size or len(objs)
     results = []
     with _frozen(model):
         for start in range(0, len(objs), bs):
             chunk = objs[start : start + bs]
-            results.append(
-                _optimise(
-                    model,
-                    chunk,
-                    steps,
-                    size,
-                    param,
-                    tf,
-                    lr,
-                    seed,
-                    mean,
-                    std,
-                    decorrelate,
-                    blur_every,
-                    blur_sigma,
-                    grad_norm,
-                    octaves,
-                    octave_scale,
-                    {k: v for k, v in priors.items()},
-                    prior_weight,
-                    l2_weight,
-                    device,
-                )  # fmt: skip
-            )
+            results.append(_optimise(model, chunk, st, priors, device))
     return {k: torch.cat([r[k] for r in results]) for k in ("images", "activation", "loss_curve")}
 
 
@@ -550,38 +541,65 @@ def _octave_sizes(size: int, octaves: int, scale: float) -> list[int]:
     return [max(8, round(size / scale ** (octaves - 1 - o))) for o in range(octaves)]
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """The settings of one ``visualize`` call that every batch shares (see its docstring)."""
+
+    steps: int
+    size: int
+    param: str
+    transforms: tuple
+    lr: float
+    seed: int
+    mean: tuple
+    std: tuple
+    decorrelate: bool
+    blur_every: int
+    blur_sigma: float
+    grad_norm: bool
+    octaves: int
+    octave_scale: float
+    prior_weight: float
+    l2_weight: float
+
+
 def _optimise(
-    model, objs, steps, size, param, tf, lr, seed, mean, std, decorrelate, blur_every,
-    blur_sigma, grad_norm, octaves, octave_scale, priors, prior_weight, l2_weight, device,
-):  # fmt: skip
+    model: nn.Module, objs: Sequence[Objective], st: _Settings, priors: dict, device
+) -> dict[str, torch.Tensor]:
+    """One batch: the ``visualize`` result for ``objs``."""
     from torchvision.transforms.functional import gaussian_blur
 
+    steps, size, param, tf, seed = st.steps, st.size, st.param, st.transforms, st.seed
+    decorrelate, blur_every, blur_sigma = st.decorrelate, st.blur_every, st.blur_sigma
+    prior_weight, l2_weight = st.prior_weight, st.l2_weight
     n = len(objs)
     gens = [torch.Generator().manual_seed(objective_seed(seed, o)) for o in objs]
-    sizes = _octave_sizes(size, octaves, octave_scale)
+    sizes = _octave_sizes(size, st.octaves, st.octave_scale)
     sizes[-1] = size
-    per = [steps // octaves] * octaves
+    per = [steps // st.octaves] * st.octaves
     per[-1] += steps - sum(per)
     # transforms of every step, drawn up front from each objective's generator
     nd = _draws_per_step(tf)
     draws = torch.stack(
         [torch.rand(steps, max(nd, 1), generator=g, dtype=torch.float64) for g in gens], dim=1
     )  # fmt: skip  (steps, N, nd)
-    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    m = torch.tensor(st.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(st.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     layers = sorted({o.layer for o in objs if o.layer is not None})
+    plan = _readout_plan(objs)
     proto = [i for i, o in enumerate(objs) if o.kind == "prototype"]
-    curve = torch.zeros(n, steps)
+    curve = torch.zeros(n, steps, device=device)
     image = None
     step = 0
     with contextlib.ExitStack() as stack:
         stores = {name: stack.enter_context(capture_activation(model, name)) for name in layers}
 
         def forward(pixels):
-            for st in stores.values():
-                st["calls"] = 0
+            for store in stores.values():
+                store["calls"] = 0
             logits = model((pixels - m) / s)
-            return _values(objs, logits, {k: st["act"] for k, st in stores.items()}), logits
+            acts = {k: store["act"] for k, store in stores.items()}
+            return _values(plan, n, logits, acts), logits
 
         for o, side in enumerate(sizes):
             if image is None:
@@ -602,7 +620,7 @@ def _optimise(
                     pre = image.pre().detach().clone()
                     pre[proto] += torch.logit(target.clamp(PRIOR_CLAMP, 1 - PRIOR_CLAMP))
                     image.set_pre(pre)
-            opt = torch.optim.Adam([image.p], lr=lr)
+            opt = torch.optim.Adam([image.p], lr=st.lr)
             for _ in range(per[o]):
                 pixels = image.pixels()
                 values, _ = forward(_transform(pixels, tf, draws[step, :, :nd]))
@@ -615,11 +633,11 @@ def _optimise(
                     loss = loss + 0.5 * l2_weight * ((pixels - 0.5) ** 2).sum(dim=(1, 2, 3))
                 opt.zero_grad(set_to_none=True)
                 loss.sum().backward()
-                if grad_norm:
+                if st.grad_norm:
                     g = image.p.grad
                     g /= g.flatten(1).std(dim=1).clamp_min(1e-12).view(-1, *[1] * (g.dim() - 1))
                 opt.step()
-                curve[:, step] = loss.detach().cpu()
+                curve[:, step] = loss.detach()
                 step += 1
                 if blur_every and step % blur_every == 0:
                     with torch.no_grad():
@@ -636,7 +654,7 @@ def _optimise(
     return {
         "images": pixels.detach().float().cpu(),
         "activation": values.detach().float().cpu(),
-        "loss_curve": curve,
+        "loss_curve": curve.cpu(),
     }
 
 
