@@ -601,7 +601,7 @@ def run_visualize(
             log(f"{todo} objectives in {len(items)} batches of up to {cfg.batch_size} on "
                 f"{res.actors} {res.device} actor(s) -> {vis_uri(cfg.output)}")  # fmt: skip
             progress.start()
-            _pipeline(items, res, worker_kwargs, parts_uri, png_dir, cfg)
+            _run_pipeline(items, res, worker_kwargs, parts_uri, png_dir, cfg, progress)
         t_pipe_end = time.monotonic()
         final = out.scan(parts_uri, {SOURCE: n}, s3_endpoint=cfg.s3_endpoint)
         if final.duplicates:
@@ -647,7 +647,41 @@ def run_visualize(
     return VisResult(EXIT_OK if complete else EXIT_FAILED, status, manifest, summary)
 
 
-def _pipeline(items, res, worker_kwargs, parts_uri, png_dir, cfg) -> None:
+def _run_pipeline(items, res, worker_kwargs, parts_uri, png_dir, cfg, progress) -> None:
+    """The pipeline in a thread; the write tasks' counts (``jobs.attribute``'s counter actor)
+    are polled for progress lines, as ``run`` does."""
+    import threading
+
+    import ray
+
+    from jobs.attribute import _poll, _progress_actor_class
+
+    counter = _progress_actor_class().remote()
+    failure: list[BaseException] = []
+
+    def target():
+        try:
+            _pipeline(items, res, worker_kwargs, parts_uri, png_dir, cfg, counter)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the driver's thread
+            failure.append(e)
+
+    thread = threading.Thread(target=target, name="xai-audit-visualize", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(timeout=max(0.2, min(2.0, cfg.progress_interval_s or 0.2)))
+            _poll(counter, progress)
+        _poll(counter, progress, force=True)
+    finally:
+        try:
+            ray.kill(counter)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+    if failure:
+        raise failure[0]
+
+
+def _pipeline(items, res, worker_kwargs, parts_uri, png_dir, cfg, counter=None) -> None:
     import logging
 
     import ray
@@ -666,7 +700,8 @@ def _pipeline(items, res, worker_kwargs, parts_uri, png_dir, cfg) -> None:
         num_gpus=res.actor_num_gpus or None,
     )
     sink = VisualizationSink(png_dir=png_dir, dest=parts_uri, output=cfg.output,
-                             s3_endpoint=cfg.s3_endpoint, rows_per_file=1)  # fmt: skip
+                             s3_endpoint=cfg.s3_endpoint, rows_per_file=1,
+                             progress=counter)  # fmt: skip
     ds.write_datasink(sink, ray_remote_args={"num_cpus": res.write_num_cpus})
 
 

@@ -219,6 +219,11 @@ def test_layer_and_neuron_objectives_and_options():
     with pytest.raises(KeyError, match="no layer named"):
         V.visualize(net, ["channel:nope:1"], steps=1, size=16)
     assert not net._forward_hooks and not net[0]._forward_hooks  # no hook left behind
+    # the caller's modes and flags come back as they were, also after an error inside
+    net.train()
+    with pytest.raises(ValueError, match="channels"):
+        V.visualize(net, ["class:1", "channel:0:99"], steps=1, size=16)
+    assert net.training and net[0].training and all(p.requires_grad for p in net.parameters())
 
 
 def test_demo_prototypes_are_classified_as_their_class():
