@@ -1,7 +1,8 @@
 """Feature visualization: a batch of channel objectives against one objective at a time, and the
 activation reached against an independent one-at-a-time implementation of Lucid's defaults.
 
-Model: torchvision ResNet-18, random weights (seeded), eval mode, frozen; objectives
+Model: torchvision ResNet-18, random weights (seeded), eval mode, frozen, channels_last weights
+as the job's actors hold them (``--nchw``: not), shared by all variants; objectives
 ``channel:layer4:K``. Settings: ``--size`` px (128), FFT parameterisation with colour
 decorrelation, the ``lucid`` transforms, Adam at lr 0.05.
 
@@ -192,12 +193,20 @@ def main() -> None:
     p.add_argument("--compare", type=int, default=32)
     p.add_argument("--compare-steps", type=int, default=512)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--nchw",
+        action="store_true",
+        help="keep the weights NCHW (default: "
+        "channels_last, as the job's actors; all three variants share the model)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)  # fmt: skip
     net = resnet18()
+    if not args.nchw:  # as the job's actors hold it (changes no value)
+        net = net.to(memory_format=torch.channels_last)
     res = speed(net, args)
     for k, v in res.items():
         print(f"{k}: {v:.4f}")

@@ -221,7 +221,8 @@ class VisualizationWorker:
             torch.set_num_threads(int(num_threads or available_cores()))
         loaded = load_model(model, weights, image_size=image_size, mean=mean, std=std,
                             s3_endpoint=s3_endpoint)  # fmt: skip
-        self.module = loaded.module.to(self.device)
+        # channels_last changes no value and is faster for convolutions on CPU and GPU
+        self.module = loaded.module.to(self.device).to(memory_format=torch.channels_last)
         self.mean, self.std = loaded.preprocessing.mean, loaded.preprocessing.std
         self.settings = dict(settings)
         self.priors = (
