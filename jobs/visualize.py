@@ -46,18 +46,11 @@ import numpy as np
 import pyarrow as pa
 
 from jobs import output as out
-from jobs.attribute import (
-    EXIT_FAILED,
-    EXIT_OK,
-    PartsDatasink,
-    Progress,
-    _hms,
-    _now,
-    _ray_init,
-    _versions,
-    plan_resources,
-)
 from jobs.config import ConfigError
+
+# jobs.attribute imports Ray: it is imported where the job runs, so `xai-audit --help`,
+# `layers` and `report` start without Ray
+EXIT_OK, EXIT_FAILED = 0, 1
 
 VISUALIZATIONS = "visualizations"
 PARTS = "parts"
@@ -294,26 +287,31 @@ def write_pngs(table: pa.Table, png_dir: str, s3_endpoint: str | None) -> None:
             out.write_bytes_atomic(out.join(png_dir, png_name(row, obj)), img, s3_endpoint)
 
 
-class VisualizationSink(PartsDatasink):
-    """``PartsDatasink`` that writes each row's PNG file before the row's part: a part on disk
-    means its PNGs are there too (a PNG without its part is rewritten on resume)."""
+def _sink_class():
+    """``VisualizationSink``: a ``jobs.attribute.PartsDatasink`` that writes each row's PNG file
+    before the row's part, so a part on disk means its PNGs are there too (a PNG without its part
+    is rewritten on resume). Made on demand: its base class imports Ray."""
+    from jobs.attribute import PartsDatasink
 
-    def __init__(self, *, png_dir: str, **kwargs):
-        super().__init__(summary=False, **kwargs)
-        self.png_dir = png_dir
+    class VisualizationSink(PartsDatasink):
+        def __init__(self, *, png_dir: str, **kwargs):
+            super().__init__(summary=False, **kwargs)
+            self.png_dir = png_dir
 
-    def get_name(self) -> str:
-        return "XaiAuditVisualizations"
+        def get_name(self) -> str:
+            return "XaiAuditVisualizations"
 
-    def write(self, blocks, ctx) -> list[dict]:
-        from ray.data.block import BlockAccessor
+        def write(self, blocks, ctx) -> list[dict]:
+            from ray.data.block import BlockAccessor
 
-        blocks = list(blocks)  # may be an iterator; the parent reads it again
-        for b in blocks:
-            t = BlockAccessor.for_block(b).to_arrow()
-            if t.num_rows:
-                write_pngs(t, self.png_dir, self.s3_endpoint)
-        return super().write(blocks, ctx)
+            blocks = list(blocks)  # may be an iterator; the parent reads it again
+            for b in blocks:
+                t = BlockAccessor.for_block(b).to_arrow()
+                if t.num_rows:
+                    write_pngs(t, self.png_dir, self.s3_endpoint)
+            return super().write(blocks, ctx)
+
+    return VisualizationSink
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,6 +538,8 @@ def run_visualize(
     """Run (or resume) the visualization job. ``in_process``: no Ray, the batches run one after
     another in this process with ``num_threads`` torch threads (None: every core), for small
     jobs such as the demo's; the output is the same."""
+    from jobs.attribute import Progress, _hms, _now, _ray_init, _versions, plan_resources
+
     t_start = time.monotonic()
     started_at = _now()
     prep = prepare(cfg, log)
@@ -700,7 +700,7 @@ def _pipeline(items, res, worker_kwargs, parts_uri, png_dir, cfg, counter=None) 
         num_cpus=res.actor_num_cpus,
         num_gpus=res.actor_num_gpus or None,
     )
-    sink = VisualizationSink(png_dir=png_dir, dest=parts_uri, output=cfg.output,
+    sink = _sink_class()(png_dir=png_dir, dest=parts_uri, output=cfg.output,
                              s3_endpoint=cfg.s3_endpoint, rows_per_file=1,
                              progress=counter)  # fmt: skip
     ds.write_datasink(sink, ray_remote_args={"num_cpus": res.write_num_cpus})
