@@ -252,10 +252,11 @@ def _spectrum_scale(h: int, w: int) -> torch.Tensor:
 class _Image:
     """The optimised parameters of N images of side ``size`` and their map to [0, 1] pixels.
 
-    ``pre()`` is the image before the sigmoid (N, 3, size, size) in decorrelated-then-mixed colour,
-    ``pixels()`` = sigmoid(pre()). ``set_pre`` writes a given pre-sigmoid image back into the
-    parameters (octaves, blur). The maps are linear and invertible, so this is exact up to
-    rounding.
+    ``pre()`` is the RGB image before the sigmoid (N, 3, size, size), float32 (the parameters
+    through the inverse FFT for ``fft``, then through the colour matrix when ``decorrelate``);
+    ``pixels()`` = sigmoid(pre()), in [0, 1]. ``set_pre`` writes a given pre-sigmoid image back
+    into the parameters (octaves, blur, prototype start). The maps are linear and invertible, so
+    this is exact up to rounding.
     """
 
     def __init__(self, init: torch.Tensor, param: str, size: int, decorrelate: bool, device):
