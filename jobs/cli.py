@@ -6,6 +6,7 @@
     xai-audit layers --model SPEC [--weights URI|random] [--image-size S] [--seed N]
     xai-audit demo [--output demo-out]
     xai-audit summarize <output> | report <output>          (jobs.report)
+    xai-audit visualize --model SPEC --objectives LIST --output URI [...]   (jobs.visualize)
 
 ``run`` flags are listed by ``xai-audit run --help`` and in docs/conventions.md; a YAML file
 given with ``--config`` takes the same keys (``ig-steps`` or ``ig_steps``) and flags override it.
@@ -131,8 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the demo dataset and weights live (default: "
                         "~/.cache/xai-workers/demo)")  # fmt: skip
     from jobs.report import add_subcommands
+    from jobs.visualize import add_subcommand as add_visualize
 
     add_subcommands(sub)
+    add_visualize(sub)
     return parser
 
 
@@ -220,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "layers":
             return _layers(ns)
-        if ns.command in ("summarize", "report"):
+        if ns.command in ("summarize", "report", "visualize"):
             return ns.handler(ns)
         if ns.command == "demo":
             cfg = config_from_args(ns, _demo_base(ns))
@@ -229,6 +232,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = _run(cfg)
             if code != 0:
                 return code
+            # what the model thinks each class looks like (the report shows it)
+            from jobs.visualize import demo_prototypes
+
+            try:
+                print(demo_prototypes(cfg).summary, flush=True)
+            except Exception as e:  # noqa: BLE001 - the attributions and report matter more
+                _err(f"the demo's class prototypes failed ({type(e).__name__}: {e}); "
+                     "the report leaves them out")  # fmt: skip
             # the demo ends with its audit report, where the planted shortcut shows
             endpoint = ["--s3-endpoint", cfg.s3_endpoint] if cfg.s3_endpoint else []
             return main(["report", cfg.output, *endpoint])

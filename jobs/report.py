@@ -130,6 +130,9 @@ def add_subcommands(subparsers) -> None:
                    help=f"classes shown as mean maps (default {DEFAULT_MAX_CLASSES}; standouts "
                    "first)")  # fmt: skip
     r.add_argument("--seed", type=int, default=0, help="seed of the sample's file order")
+    r.add_argument("--visualizations", metavar="URI", default=None,
+                   help="an `xai-audit visualize --output` whose prototypes to show (default: "
+                   "OUTPUT itself, when it holds visualizations/)")  # fmt: skip
     r.add_argument("--s3-endpoint", metavar="URL", default=None)
     r.set_defaults(handler=report_main)
 
@@ -168,6 +171,7 @@ def report_main(args: argparse.Namespace) -> int:
             max_classes=getattr(args, "max_classes", DEFAULT_MAX_CLASSES),
             seed=getattr(args, "seed", 0),
             s3_endpoint=getattr(args, "s3_endpoint", None),
+            visualizations=getattr(args, "visualizations", None),
         )
     except FileNotFoundError as e:
         _err(str(e))
@@ -678,6 +682,7 @@ def build_report(
     s3_endpoint: str | None = None,
     threads: int = 8,
     log: Callable[[str], None] = _log,
+    visualizations: str | None = None,
 ) -> ReportResult:
     """Write ``<output>/report/index.html`` and its pictures (``report/img/*.png``).
 
@@ -756,6 +761,13 @@ def build_report(
 
     class_maps = _class_maps(summary, max_classes, files_out)
     errors = error_rows(fs, files, threads=threads) if all_row.get("errors") else None
+    from jobs.report_visualizations import visualization_section
+
+    vis_html = visualization_section(
+        output, visualizations=visualizations, class_maps=class_maps, files_out=files_out,
+        manifest=manifest, fs=fs, files=files, label_is_int=_label_is_int(schema),
+        s3_endpoint=s3_endpoint, log=log,
+    )  # fmt: skip
     files_out["img/colorbar-inferno.png"] = _png(colorbar("inferno"))
     files_out["img/colorbar-viridis.png"] = _png(colorbar("viridis"))
     page = render_html(
@@ -771,6 +783,7 @@ def build_report(
         sample=sample,
         has_images=any(v is not None for v in images.values()),
         errors=errors,
+        visualizations=vis_html,
     )
     files_out["index.html"] = page.encode("utf-8")
     report_dir = join_uri(output, "report")
@@ -1417,6 +1430,7 @@ def render_html(
     sample: int | None,
     has_images: bool,
     errors: dict | None = None,
+    visualizations: str = "",
 ) -> str:
     """The page: header and run KPIs, findings, class maps, galleries, class table, run details.
     Self-contained (inline CSS, relative image paths, no script)."""
@@ -1473,6 +1487,7 @@ def render_html(
 {_findings(summary, stand, manifest, errors)}
 <h2 id="classes">Mean maps per class explained</h2>
 {_class_map_section(class_maps, manifest)}
+{visualizations}
 <h2 id="galleries" style="border:0;margin-bottom:0">Images that deserve a look</h2>
 <p class="lead">Ranked over {sampled}; error rows are left out{errors_note}.
 {_target_note(manifest)}</p>

@@ -313,6 +313,12 @@ def test_image_folder_input_and_demo_command(ray_session, data, tmp_path, capsys
     assert any(line.startswith(f"complete: {N_DEMO}/{N_DEMO} rows") for line in lines), lines
     assert (tmp_path / "demo-out" / "report" / "index.html").stat().st_size > 1000
     assert main(argv) == 0  # the demo replaces its own output on a second run
+    # the demo's class prototypes (jobs.visualize.demo_prototypes) and their report section
+    vm = json.loads((tmp_path / "demo-out" / "visualizations" / "manifest.json").read_text())
+    labels = set(pq.read_table(data["dataset"], columns=["label"])["label"].to_pylist())
+    assert vm["status"] == "complete" and vm["counts"]["rows_ok"] == len(labels)
+    page = (tmp_path / "demo-out" / "report" / "index.html").read_text()
+    assert 'id="prototypes"' in page and page.count('alt="prototype:') == len(labels)
     m = json.loads((tmp_path / "demo-out" / "manifest.json").read_text())
     assert m["model"]["gradcam_layer"] == "features.block4" and m["status"] == "complete"
 

@@ -5,7 +5,14 @@ The library is plain PyTorch (and pyarrow for output); it never imports Ray.
 
 from xai_workers.engine import attribute, keep_freed_memory, make_baseline, prepare_model
 
-__all__ = ["attribute", "keep_freed_memory", "load_model", "make_baseline", "prepare_model"]
+__all__ = [
+    "attribute",
+    "keep_freed_memory",
+    "load_model",
+    "make_baseline",
+    "prepare_model",
+    "visualize",
+]
 
 
 def __getattr__(name):
@@ -13,4 +20,8 @@ def __getattr__(name):
         from xai_workers.models import load_model
 
         return load_model
+    if name == "visualize":
+        from xai_workers.visualize import visualize
+
+        return visualize
     raise AttributeError(name)
