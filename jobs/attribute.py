@@ -318,6 +318,7 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
         cfg.target,
         id_type=plan.id_type,
         label_type=plan.label_type,
+        adaptive_ig=cfg.ig_steps == "auto",
     )
     from xai_workers.schema import output_schema
 
@@ -778,6 +779,8 @@ def _pipeline(
             target=cfg.target,
             ig_steps=cfg.ig_steps,
             ig_method=cfg.ig_method,
+            ig_tol=cfg.ig_tol,
+            ig_max_steps=cfg.ig_max_steps,
             ig_baseline=cfg.ig_baseline,
             gradcam_layer=cfg.gradcam_layer,
             score=cfg.score,

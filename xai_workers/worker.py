@@ -106,8 +106,10 @@ def output_layout(
     *,
     id_type: pa.DataType | None = None,
     label_type: pa.DataType | None = None,
+    adaptive_ig: bool = False,
 ) -> S.OutputLayout:
-    """The output layout a worker with these settings produces (the driver uses it too)."""
+    """The output layout a worker with these settings produces (the driver uses it too);
+    ``adaptive_ig``: IG runs with ``ig_steps="auto"``."""
     mode, value = parse_target(target)
     topk = value if mode == "topk" else None
     image_shape = (3, int(image_size), int(image_size))
@@ -119,6 +121,7 @@ def output_layout(
         num_reported=min(5, int(num_classes)),
         id_type=id_type if id_type is not None else pa.string(),
         label_type=label_type,
+        adaptive_ig=adaptive_ig,
     )
 
 
@@ -132,7 +135,9 @@ class AttributionWorker:
         weights: state_dict (local or ``s3://``) or torchvision weights name, for a spec.
         methods: maps to compute, any of saliency, integrated_gradients, gradcam, cam.
         target: ``predicted`` (default), ``label`` (the row's label), a class index, ``topk:K``.
-        ig_steps, ig_method: the IG quadrature; ig_baseline: black | gray | blur | uniform |
+        ig_steps, ig_method: the IG quadrature (``ig_steps="auto"``: per image, to ``ig_tol``
+            with at most ``ig_max_steps`` gradient evaluations; see ``engine.attribute``);
+            ig_baseline: black | gray | blur | uniform |
             zeros (``engine.make_baseline``, seeded with ``seed``).
         gradcam_layer: dotted layer name; None: ``hooks.default_gradcam_layer``, found once here.
         score: ``logit`` or ``prob``; precision: ``fp32`` | ``bf16`` | ``auto`` (engine).
@@ -152,8 +157,10 @@ class AttributionWorker:
         *,
         methods: Sequence[str] = ("saliency", "integrated_gradients", "gradcam"),
         target: str | int | None = "predicted",
-        ig_steps: int = 32,
+        ig_steps: int | str = 32,
         ig_method: str = "gausslegendre",
+        ig_tol: float = 0.01,
+        ig_max_steps: int = 256,
         ig_baseline: str = "black",
         gradcam_layer: str | None = None,
         score: str = "logit",
@@ -226,11 +233,19 @@ class AttributionWorker:
         elif gradcam_layer is not None:
             get_submodule(self.net, gradcam_layer)  # a readable KeyError if it is not there
         self.gradcam_layer = gradcam_layer
-        self.ig_steps, self.ig_method, self.ig_baseline = int(ig_steps), ig_method, ig_baseline
+        self.ig_steps = "auto" if ig_steps == "auto" else int(ig_steps)
+        self.ig_method, self.ig_baseline = ig_method, ig_baseline
+        self.ig_tol, self.ig_max_steps = float(ig_tol), int(ig_max_steps)
         self.score, self.precision = score, precision
         self.batch_size, self.batch_budget_mb, self.seed = int(batch_size), batch_budget_mb, seed
         self.layout = output_layout(
-            self.methods, s, self.num_classes, target, id_type=id_type, label_type=label_type
+            self.methods,
+            s,
+            self.num_classes,
+            target,
+            id_type=id_type,
+            label_type=label_type,
+            adaptive_ig=self.ig_steps == "auto",
         )
         self.schema = S.output_schema(self.layout)
         #: rows seen, rows in error, seconds inside ``attribute`` (for the curious)
@@ -332,6 +347,8 @@ class AttributionWorker:
             methods=self.methods,
             ig_steps=self.ig_steps,
             ig_method=self.ig_method,
+            ig_tol=self.ig_tol,
+            ig_max_steps=self.ig_max_steps,
             baseline=baseline,
             gradcam_layer=self.gradcam_layer,
             score=self.score,
@@ -343,6 +360,10 @@ class AttributionWorker:
         names = set(self.schema.names)
         out = {k: v.detach().cpu().numpy() for k, v in result.items() if k in names}
         out.update({k: v.detach().cpu().numpy() for k, v in stats.items() if k in names})
+        if "ig_path" in names:
+            out["ig_path"] = _path_rows(
+                out["ig_steps"], result["ig_path_alpha"], result["ig_path_score"]
+            )
         return out
 
     def _explain(self, x, targets, rows, n, errors) -> dict[str, np.ndarray]:
@@ -378,6 +399,22 @@ class AttributionWorker:
                     except Exception as e1:  # noqa: BLE001
                         errors[r[0]] = _describe(e1)
         return full
+
+
+def _path_rows(steps: np.ndarray, alpha: torch.Tensor, score: torch.Tensor) -> np.ndarray:
+    """The engine's padded path traces -> an object array (N,) of ``{"alpha": [...], "score":
+    [...]}`` (a list of K of them per row with topk), ``steps[i]`` entries each."""
+    alpha, score = alpha.detach().cpu().numpy(), score.detach().cpu().numpy()
+    flat_n = steps.reshape(-1)
+    a, f = alpha.reshape(len(flat_n), -1), score.reshape(len(flat_n), -1)
+    traces = [
+        {"alpha": a[i, :m].tolist(), "score": f[i, :m].tolist()} for i, m in enumerate(flat_n)
+    ]
+    out = np.empty(steps.shape[0], dtype=object)
+    per = len(flat_n) // max(steps.shape[0], 1)
+    for i in range(steps.shape[0]):
+        out[i] = traces[i] if steps.ndim == 1 else traces[i * per : (i + 1) * per]
+    return out
 
 
 def _describe(e: BaseException) -> str:
