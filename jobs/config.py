@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xai_workers.engine import BASELINES, DEFAULT_METHODS, METHODS
-from xai_workers.quadrature import ADAPTIVE_MIN_STEPS, QUADRATURES
+from xai_workers.quadrature import ADAPTIVE_MIN_MAX_STEPS, QUADRATURES
 
 PRECISIONS = ("fp32", "bf16", "auto")
 
@@ -134,10 +134,10 @@ class JobConfig:
         if self.ig_steps == "auto":
             if not 0 < self.ig_tol < 1:
                 raise ConfigError(f"--ig-tol must be in (0, 1), got {self.ig_tol}")
-            if self.ig_max_steps < ADAPTIVE_MIN_STEPS:
+            if self.ig_max_steps < ADAPTIVE_MIN_MAX_STEPS:
                 raise ConfigError(
-                    f"--ig-max-steps must be >= {ADAPTIVE_MIN_STEPS} (the first level of "
-                    f"--ig-steps auto), got {self.ig_max_steps}"
+                    f"--ig-max-steps must be >= {ADAPTIVE_MIN_MAX_STEPS} (the points the first "
+                    f"level of --ig-steps auto adds), got {self.ig_max_steps}"
                 )
         elif self.ig_steps < 1:
             raise ConfigError(f"--ig-steps must be >= 1 or auto, got {self.ig_steps}")

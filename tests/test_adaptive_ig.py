@@ -64,9 +64,10 @@ def test_quadrature_levels():
     # levels 0..k together are the 2^k + 1 equally spaced points, each point in one level
     pts = np.sort(np.concatenate([level_points(k) for k in range(5)]))
     np.testing.assert_array_equal(pts, np.arange(17) / 16)
-    assert [adaptive_max_level(m) for m in (5, 8, 9, 256, 257)] == [2, 2, 3, 7, 8]
+    # ig_max_steps bounds the points besides a = 1 (the pass at x): level k adds up to 2^k
+    assert [adaptive_max_level(m) for m in (4, 7, 8, 255, 256)] == [2, 2, 3, 7, 8]
     with pytest.raises(ValueError, match="ig_max_steps"):
-        adaptive_max_level(4)
+        adaptive_max_level(3)
     # the Romberg row integrates x^3 (Simpson's degree) and x^5 (Boole's) exactly on [0, 1]
     for f, exact, col in ((lambda a: a**3, 0.25, 1), (lambda a: a**5, 1 / 6, 2)):
         row = None
@@ -103,7 +104,7 @@ def test_cap_reached_is_reported_not_converged():
     model = Separable(FUNCTIONS["relu"]).eval()
     x, base = _images(2), torch.full((1, *SHAPE), -0.2)
     out = attribute(
-        model, x, target=0, methods=IG, baseline=base, ig_steps="auto", ig_tol=1e-4, ig_max_steps=16
+        model, x, target=0, methods=IG, baseline=base, ig_steps="auto", ig_tol=1e-4, ig_max_steps=15
     )
     assert (out["ig_steps"] == 9).all() and not out["ig_converged"].any()
     true = _rel(out["integrated_gradients"], model.exact_ig(x, base.expand_as(x)))
@@ -176,7 +177,7 @@ def test_path_trace_and_topk():
     out = attribute(net, x, target="topk:2", ig_steps="auto", ig_max_steps=40)
     assert out["ig_steps"].shape == (2, 2) and out["integrated_gradients"].shape == (2, 2, *SHAPE)
     p = out["ig_path_alpha"].shape[-1]
-    assert p == 33  # 2^5 + 1: the most points ig_max_steps=40 allows
+    assert p == 33  # 2^5 + 1: the most points ig_max_steps=40 allows (32 besides a = 1)
     for i in range(2):
         for j in range(2):
             m = int(out["ig_steps"][i, j])
@@ -279,7 +280,7 @@ def test_job_flags():
     assert "ig_tol" not in JobConfig(input="i", output="o", model="m").result_settings()
     for data, msg in (
         ({"ig_steps": "auto", "ig_tol": 1.5}, "--ig-tol"),
-        ({"ig_steps": "auto", "ig_max_steps": 4}, "--ig-max-steps"),
+        ({"ig_steps": "auto", "ig_max_steps": 3}, "--ig-max-steps"),
         ({"ig_steps": 0}, "--ig-steps"),
     ):
         with pytest.raises(ConfigError, match=msg):

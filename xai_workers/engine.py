@@ -466,9 +466,10 @@ def attribute(
         ig_steps, ig_method: the IG quadrature (``quadrature.path_points``). ``ig_steps="auto"``
             chooses the steps per image (and target): nested trapezoid levels of 2^k + 1 points
             with Romberg extrapolation, refined until the estimated relative L2 error of the IG
-            map is <= ``ig_tol`` or the next level would exceed ``ig_max_steps`` gradient
-            evaluations (docs/conventions.md, "Adaptive Integrated Gradients"); ``ig_method``
-            is not used then.
+            map is <= ``ig_tol`` or the next level would add more than ``ig_max_steps`` points
+            to the pass at x (which a = 1 reuses; so at most ``ig_max_steps`` + 1 points;
+            docs/conventions.md, "Adaptive Integrated Gradients"); ``ig_method`` is not used
+            then.
         baseline: x' broadcastable to x ((1, C, H, W) or (N, C, H, W)); None means zeros in
             input space. ``make_baseline`` builds the named ones.
         gradcam_layer: dotted name of a layer with a (N, K, h, w) output; None picks the last

@@ -6,8 +6,6 @@ rule, with ``sum(w_k) == 1`` for every rule (CONVENTIONS.md, "Integrated Gradien
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 QUADRATURES = (
@@ -60,16 +58,22 @@ def path_points(n: int, method: str = "gausslegendre") -> tuple[np.ndarray, np.n
 #: The first level at which ``ig_steps="auto"`` may stop: 2^2 + 1 = 5 points.
 ADAPTIVE_MIN_LEVEL = 2
 ADAPTIVE_MIN_STEPS = 2**ADAPTIVE_MIN_LEVEL + 1
+#: The smallest ``ig_max_steps``: the 4 points level 2 adds to the pass at x.
+ADAPTIVE_MIN_MAX_STEPS = 2**ADAPTIVE_MIN_LEVEL
 
 
 def adaptive_max_level(max_steps: int) -> int:
-    """The finest level within ``max_steps`` gradient evaluations: the largest k with
-    2^k + 1 <= max_steps (level k has 2^k + 1 points). ValueError below ADAPTIVE_MIN_STEPS."""
+    """The finest level ``max_steps`` allows: the largest k with 2^k <= max_steps.
+
+    Level k has 2^k + 1 points, one of them a = 1, which is the pass at x that saliency and
+    Grad-CAM use as well; ``max_steps`` bounds the other 2^k, the gradients IG adds (so the
+    default 256 allows 257 points). ValueError below ADAPTIVE_MIN_MAX_STEPS.
+    """
     if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)):
         raise ValueError(f"ig_max_steps must be an integer, got {max_steps!r}")
-    if max_steps < ADAPTIVE_MIN_STEPS:
-        raise ValueError(f"ig_max_steps must be >= {ADAPTIVE_MIN_STEPS}, got {max_steps}")
-    return int(math.floor(math.log2(max_steps - 1) + 1e-12))
+    if max_steps < ADAPTIVE_MIN_MAX_STEPS:
+        raise ValueError(f"ig_max_steps must be >= {ADAPTIVE_MIN_MAX_STEPS}, got {max_steps}")
+    return int(max_steps).bit_length() - 1
 
 
 def level_points(k: int) -> np.ndarray:
