@@ -171,6 +171,28 @@ def rate_estimate(rows) -> float:
     return rows[-1]["est"] * phi
 
 
+def engine_rows(im, safety=2.0):
+    """Per level, what ``xai_workers.engine`` does: per column (T, S, B) the relative level
+    difference times ``_rate_factor`` (from level 3), maxed with the completeness error; the
+    column with the smallest estimate."""
+    floors = {"T": 1 / 4, "S": 1 / 16, "R": 1 / 64}
+    out = []
+    for k in range(len(im["T"])):
+        cands = []
+        for c in ("T", "S", "R"):
+            r = dict(im[c][k])
+            e = r["est"]
+            if k >= 3:
+                d = [im[c][j]["d"] for j in (k - 2, k - 1, k)]
+                rho = max(d[2] / max(d[1], 1e-30), d[1] / max(d[0], 1e-30), floors[c])
+                rho = min(rho, 0.5)
+                e *= min(1.0, safety * rho / (1 - rho))
+            r["engine"] = max(e, r["compl"])
+            cands.append(r)
+        out.append(min(cands, key=lambda r: r["engine"]))
+    return out
+
+
 def best_rows(im):
     """Per level, the row of the column (T, S, R) with the smallest rate estimate."""
     return [
@@ -183,7 +205,7 @@ def simulate(per_image, rule, tol, kmin, kcap, use_compl, scale=1.0, estimate="e
     """Adaptive run of ``rule``: stop at the first level k >= kmin whose estimate <= tol."""
     evals, trues, conv = [], [], []
     for im in per_image:
-        rows = im[rule] if rule != "best" else best_rows(im)
+        rows = {"best": best_rows, "engine": engine_rows}.get(rule, lambda im: im[rule])(im)
         last = min(kcap, len(rows) - 1)
         for r in rows[kmin : last + 1]:
             e = scale * r[estimate]
@@ -209,12 +231,22 @@ def main():
     ap.add_argument("--kmax", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--save", help="pickle the per-image results to SAVE.<net>.pkl")
+    ap.add_argument("--load", help="only the adaptive tables, from LOAD.<net>.pkl (of --save)")
     args = ap.parse_args()
     torch.manual_seed(0)
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
+    if args.load:
+        import pickle
+
+        for act in ("relu", "silu"):
+            with open(f"{args.load}.{act}.pkl", "rb") as f:
+                per = pickle.load(f)
+            print(f"\n## {act} net ({len(per)} images, loaded)")
+            report_adaptive(per, rules=("engine",), estimates=("engine",))
+        return
     xs = eval_images(args.images)
     base = demo_preprocess(np.zeros((1, 32, 32, 3), np.uint8))
     for act in ("relu", "silu"):
@@ -255,23 +287,27 @@ def main():
                     f" max {ra.max():.2f}"
                 )
             print(f"rule {rule}:\n" + "\n".join(line))
-        print(
-            "adaptive (tol, rule, estimate, kmin, completeness): converged, true p50/p95, "
-            "mean evals; kcap = 8 (257 points)"
-        )
-        for tol in (0.04, 0.02, 0.01):
-            for rule in ("T", "S", "R", "CC", "best"):
-                for est in ("est", "rate"):
-                    for kmin in (2, 3):
-                        if rule == "CC" and est == "rate":
-                            continue
-                        for use_c in (False, True):
-                            r = simulate(per, rule, tol, kmin, 8, use_c, estimate=est)
-                            print(
-                                f"  tol {tol:.2f} {rule:4s} {est:4s} kmin {kmin} compl "
-                                f"{int(use_c)}: conv {r['converged']:.2f} true "
-                                f"{r['true_p50']:.4f}/{r['true_p95']:.4f} evals {r['evals']:.1f}"
-                            )
+        report_adaptive(per)
+
+
+def report_adaptive(per, rules=("T", "S", "R", "CC", "best", "engine"), estimates=("est", "rate")):
+    print(
+        "adaptive (tol, rule, estimate, kmin, completeness): converged, true p50/p95, "
+        "mean evals; kcap = 8 (257 points)"
+    )
+    for tol in (0.04, 0.02, 0.01):
+        for rule in rules:
+            for est in ("engine",) if rule == "engine" else estimates:
+                for kmin in (2, 3):
+                    if rule == "CC" and est == "rate":
+                        continue
+                    for use_c in (False, True):
+                        r = simulate(per, rule, tol, kmin, 8, use_c, estimate=est)
+                        print(
+                            f"  tol {tol:.2f} {rule:6s} {est:6s} kmin {kmin} compl "
+                            f"{int(use_c)}: conv {r['converged']:.2f} true "
+                            f"{r['true_p50']:.4f}/{r['true_p95']:.4f} evals {r['evals']:.1f}"
+                        )
 
 
 if __name__ == "__main__":
