@@ -251,6 +251,19 @@ def test_worker_columns():
         assert len(paths[i]["alpha"]) == len(paths[i]["score"]) == steps[i]
         assert paths[i]["alpha"][0] == 0 and paths[i]["alpha"][-1] == 1
         assert paths[i]["score"][-1] == pytest.approx(out["score"][i].as_py(), rel=1e-6)
+    # the summary: distribution of the steps, share converged, the estimate (error rows left out)
+    from jobs.report import _adaptive_ig_items
+    from xai_workers.summary import Summary
+
+    summary = Summary().update(out).to_table().to_pylist()[0]  # group "all"
+    ok_steps = np.array([steps[0], steps[2]], dtype=float)
+    assert summary["ig_steps_mean"] == pytest.approx(ok_steps.mean())
+    conv = [out["ig_converged"][i].as_py() for i in (0, 2)]
+    assert summary["ig_converged_mean"] == pytest.approx(np.mean(conv))
+    est = [out["ig_error_est"][i].as_py() for i in (0, 2)]
+    assert summary["ig_error_est_mean"] == pytest.approx(np.mean(est), rel=1e-6)
+    text = "".join(_adaptive_ig_items(summary))
+    assert "IG error estimate" in text and "IG steps per image" in text
     # the same numbers as the engine on the same rows (the worker adds no arithmetic)
     ref = attribute(
         w.net, torch.from_numpy(x[[0, 2]]), methods=w.methods, ig_steps="auto", ig_max_steps=33,
