@@ -298,3 +298,29 @@ def test_job_flags():
     ):
         with pytest.raises(ConfigError, match=msg):
             JobConfig.from_mapping({"input": "i", "output": "o", "model": "m", **data}).validate()
+
+
+def test_bf16_rows_above_the_tolerance_are_redone_in_fp32():
+    # precision="auto" does this on CUDA only; the same two steps run here on a CPU
+    from xai_workers.engine import _Adaptive, _redo_inexact_rows_in_fp32, _run
+
+    torch.manual_seed(0)
+    net = prepare_model(DemoNet().eval())
+    x = torch.cat([_images(2, scale=2.0), torch.full((1, *SHAPE), -1.0) + _images(1, scale=1e-3)])
+    base = torch.full((1, *SHAPE), -1.0)
+    kwargs = dict(
+        target=None, methods=IG, alphas=np.array([0.0, 1.0]), weights=np.array([0.5, 0.5]),
+        baseline=base, layer=None, score="logit", saliency_mode="abs", saliency_channels=False,
+        budget_mb=None, adaptive=_Adaptive(0.02, 2, 5),
+    )  # fmt: skip
+    with torch.enable_grad():
+        out = _run(net, x, bf16=True, **kwargs)
+        fp32 = _run(net, x, bf16=False, **kwargs)
+        redo = out["ig_error_est"] > 0.02
+        assert redo.any()
+        kept = {k: v[~redo].clone() for k, v in out.items()}
+        _redo_inexact_rows_in_fp32(net, x, out, kwargs)
+    for key in ("integrated_gradients", "ig_steps", "ig_error_est"):
+        # the redone rows are the fp32 computation of those rows alone (float32 sum order only)
+        torch.testing.assert_close(out[key][redo], fp32[key][redo], rtol=1e-5, atol=1e-6)
+        assert torch.equal(out[key][~redo], kept[key])
