@@ -379,6 +379,7 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
         store=cfg.store,
         map_size=cfg.map_size,
         has_names=classes is not None,
+        adaptive_ig=cfg.ig_steps == "auto",
     )
     if layout.map_size != cfg.map_size and cfg.store == "compact":
         log(f"--map-size {cfg.map_size} is above the image size: compact maps are "
@@ -945,6 +946,8 @@ def _pipeline(
             target=cfg.target,
             ig_steps=cfg.ig_steps,
             ig_method=cfg.ig_method,
+            ig_tol=cfg.ig_tol,
+            ig_max_steps=cfg.ig_max_steps,
             ig_baseline=cfg.ig_baseline,
             gradcam_layer=cfg.gradcam_layer,
             score=cfg.score,

@@ -38,7 +38,11 @@ RUN_FLAGS = (
     ("--methods", "LIST", "comma-separated: saliency,integrated_gradients,gradcam[,cam]"),
     ("--target", "T", "predicted (default) | label | <class index> | topk:K"),
     ("--score", "S", "logit (default) or prob"),
-    ("--ig-steps", "N", "Integrated Gradients steps (default 32)"),
+    ("--ig-steps", "N", "Integrated Gradients steps (default 32), or auto: per image until "
+                        "the estimated relative L2 error of the IG map is <= --ig-tol"),
+    ("--ig-tol", "F", "error target of --ig-steps auto (default 0.01)"),
+    ("--ig-max-steps", "N", "--ig-steps auto: path points per image at most, besides the "
+                            "pass at x itself (default 256)"),
     ("--ig-method", "NAME", "gausslegendre (default) | riemann_left | riemann_right | "
                             "riemann_middle | riemann_trapezoid"),
     ("--ig-baseline", "NAME", "black (default) | gray | blur | uniform | zeros"),

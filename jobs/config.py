@@ -17,7 +17,7 @@ from typing import Any
 from xai_workers.engine import BASELINES, DEFAULT_METHODS, METHODS
 from xai_workers.preprocess import INTERPOLATIONS
 from xai_workers.profiles import DEFAULT_MAP_SIZE, DEFAULT_PROFILE, PROFILES
-from xai_workers.quadrature import QUADRATURES
+from xai_workers.quadrature import ADAPTIVE_MIN_MAX_STEPS, QUADRATURES
 
 PRECISIONS = ("fp32", "bf16", "auto")
 
@@ -43,7 +43,9 @@ class JobConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
     target: str = "predicted"
     score: str = "logit"
-    ig_steps: int = 32
+    ig_steps: int | str = 32
+    ig_tol: float = 0.01
+    ig_max_steps: int = 256
     ig_method: str = "gausslegendre"
     ig_baseline: str = "black"
     gradcam_layer: str | None = None
@@ -118,6 +120,8 @@ class JobConfig:
             "id_column", "image_column", "label_column", "seed", "store", "map_size",
             "input_format", "labels_from", "class_names",
         )  # fmt: skip
+        if self.ig_steps == "auto":  # only then: manifests of fixed-step runs stay comparable
+            keys += ("ig_tol", "ig_max_steps")
         d = self.as_dict()
         return {k: d[k] for k in keys}
 
@@ -141,13 +145,21 @@ class JobConfig:
             raise ConfigError(str(e)) from None
         if self.score not in ("logit", "prob"):
             raise ConfigError(f"--score must be logit or prob, got {self.score!r}")
-        if self.ig_steps < 1:
-            raise ConfigError(f"--ig-steps must be >= 1, got {self.ig_steps}")
+        if self.ig_steps == "auto":
+            if not 0 < self.ig_tol < 1:
+                raise ConfigError(f"--ig-tol must be in (0, 1), got {self.ig_tol}")
+            if self.ig_max_steps < ADAPTIVE_MIN_MAX_STEPS:
+                raise ConfigError(
+                    f"--ig-max-steps must be >= {ADAPTIVE_MIN_MAX_STEPS} (the points the first "
+                    f"level of --ig-steps auto adds), got {self.ig_max_steps}"
+                )
+        elif self.ig_steps < 1:
+            raise ConfigError(f"--ig-steps must be >= 1 or auto, got {self.ig_steps}")
         if self.ig_method not in QUADRATURES:
             raise ConfigError(
                 f"unknown --ig-method {self.ig_method!r}; choose from {', '.join(QUADRATURES)}"
             )
-        if self.ig_method == "riemann_trapezoid" and self.ig_steps < 2:
+        if self.ig_method == "riemann_trapezoid" and self.ig_steps != "auto" and self.ig_steps < 2:
             raise ConfigError("--ig-method riemann_trapezoid needs --ig-steps >= 2")
         if self.ig_baseline not in BASELINES:
             raise ConfigError(
@@ -206,14 +218,16 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             if len(vals) != 3 or not all(math.isfinite(v) for v in vals):
                 raise ValueError("expected three numbers R,G,B")
             return vals
+        if name == "ig_steps" and str(value).strip().lower() == "auto":
+            return "auto"
         if name in (
-            "ig_steps", "image_size", "resize_size", "batch_size", "actors", "rows_per_file",
-            "seed", "map_size",
+            "ig_steps", "ig_max_steps", "image_size", "resize_size", "batch_size", "actors",
+            "rows_per_file", "seed", "map_size",
         ):  # fmt: skip
             if isinstance(value, bool) or float(value) != int(float(value)):
                 raise ValueError("expected an integer")
             return int(float(value))
-        if name in ("max_error_rate", "num_cpus", "progress_interval_s", "crop_pct"):
+        if name in ("ig_tol", "max_error_rate", "num_cpus", "progress_interval_s", "crop_pct"):
             return float(value)
         if name in ("resume", "overwrite", "summary", "unique_ids"):
             if isinstance(value, str):

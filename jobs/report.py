@@ -246,6 +246,14 @@ def galleries_for(names: Sequence[str]) -> list[Gallery]:
             "(more --ig-steps) or the model is very non-linear along the path.",
             cols, _ig_error,
         ))  # fmt: skip
+    if "ig_error_est" in names:
+        out.append(Gallery(
+            "ig_steps", "Largest IG error estimate (--ig-steps auto)",
+            "Estimated relative L2 error of the IG map, largest first: rows above --ig-tol hit "
+            "--ig-max-steps without converging. Saturated images (the score moves in a small part "
+            "of the path, see ig_path) and ill-conditioned ones come first.",
+            ("ig_error_est", "ig_steps"), lambda c: c["ig_error_est"],
+        ))  # fmt: skip
     agree = tuple(c for c in names if c.startswith("agree_"))
     if agree:
         out.append(Gallery(
@@ -1016,6 +1024,24 @@ def _num(v, digits: int = 2, signed: bool = False) -> str:
     return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
 
 
+def _adaptive_ig_items(all_row: dict) -> list[str]:
+    """--ig-steps auto: the error estimate beside the completeness error, and the steps."""
+    if all_row.get("ig_error_est_p50") is None:
+        return []
+    conv = all_row.get("ig_converged_mean")
+    steps = [all_row.get(f"ig_steps_p{q}") for q in (5, 50, 95)]
+    return [
+        f"<li>IG error estimate (relative L2 error of the IG map, --ig-steps auto; the "
+        f"completeness error above understates it on ReLU networks): median "
+        f"{_pct(all_row['ig_error_est_p50'])}, 95th percentile "
+        f"{_pct(all_row.get('ig_error_est_p95'))}; "
+        f"{_pct(conv)} of rows converged.</li>",
+        "<li>IG steps per image: median {:.0f}, 5th–95th percentile {:.0f}–{:.0f}.</li>".format(
+            *[math.nan if v is None else v for v in steps]
+        ),
+    ]
+
+
 def _stat_title(col: str) -> str:
     for m in METHODS:
         if col.startswith(m + "_"):
@@ -1175,6 +1201,7 @@ def _findings(
             "(x = x' there), so on black borders IG's border share is 0 by construction; read "
             "Grad-CAM's there.</li>"
         )
+    items += _adaptive_ig_items(all_row)
     agrees = [k for k in all_row if k.startswith("agree_") and k.endswith("_mean")]
     if agrees:
         parts = ", ".join(

@@ -22,6 +22,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,7 +34,7 @@ from xai_workers.hooks import (
     grid_layout,
     hooks_removed_after,
 )
-from xai_workers.quadrature import path_points
+from xai_workers.quadrature import ADAPTIVE_MIN_LEVEL, adaptive_max_level, path_points
 
 METHODS = ("saliency", "integrated_gradients", "gradcam", "cam")
 DEFAULT_METHODS = ("saliency", "integrated_gradients", "gradcam")
@@ -41,6 +42,14 @@ BASELINES = ("black", "gray", "zeros", "blur", "uniform")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TOPK_REPORTED = 5
+#: What ig_steps="auto" adds to the result (``_ig_sweep_auto``).
+_AUTO_KEYS = (
+    "ig_steps",
+    "ig_error_est",
+    "ig_converged",
+    "ig_path_alpha",
+    "ig_path_score",
+)
 # Relative IG completeness error above which a row computed in bf16 is recomputed in fp32.
 BF16_MAX_REL_DELTA = 0.05
 
@@ -434,11 +443,13 @@ def attribute(
     x: torch.Tensor,
     target=None,
     methods: Sequence[str] = DEFAULT_METHODS,
-    ig_steps: int = 32,
+    ig_steps: int | str = 32,
     ig_method: str = "gausslegendre",
     baseline: torch.Tensor | None = None,
     gradcam_layer: str | None = None,
     *,
+    ig_tol: float = 0.01,
+    ig_max_steps: int = 256,
     score: str = "logit",
     saliency_mode: str = "abs",
     saliency_channels: bool = False,
@@ -458,7 +469,13 @@ def attribute(
             a sequence/LongTensor (N,) with one class per image, or ``"topk:K"`` (the K best
             classes of each image: every per-target output gains an axis of size K after N).
         methods: any of "saliency", "integrated_gradients", "gradcam", "cam".
-        ig_steps, ig_method: the IG quadrature (``quadrature.path_points``).
+        ig_steps, ig_method: the IG quadrature (``quadrature.path_points``). ``ig_steps="auto"``
+            chooses the steps per image (and target): nested trapezoid levels of 2^k + 1 points
+            with Romberg extrapolation, refined until the estimated relative L2 error of the IG
+            map is <= ``ig_tol`` or the next level would add more than ``ig_max_steps`` points
+            to the pass at x (which a = 1 reuses; so at most ``ig_max_steps`` + 1 points;
+            docs/conventions.md, "Adaptive Integrated Gradients"); ``ig_method`` is not used
+            then.
         baseline: x' broadcastable to x ((1, C, H, W) or (N, C, H, W)); None means zeros in
             input space. ``make_baseline`` builds the named ones.
         gradcam_layer: dotted name of a layer whose output reads as a grid with h, w > 1
@@ -473,7 +490,8 @@ def attribute(
             memory on a GPU.
         precision: "fp32"; "bf16" (autocast on the device); or "auto": bf16 on CUDA with every
             row whose relative completeness error |ig_delta| / |F(x) - F(x')| exceeds
-            ``BF16_MAX_REL_DELTA`` recomputed in fp32, fp32 elsewhere.
+            ``BF16_MAX_REL_DELTA`` (with ``ig_steps="auto"``: or whose ``ig_error_est`` exceeds
+            ``ig_tol``) recomputed in fp32, fp32 elsewhere.
 
     Returns:
         dict of float32/int64 tensors on x's device, with K = the topk axis when asked for:
@@ -483,6 +501,11 @@ def attribute(
         sum(IG) - (F(x) - F(x')) (N[, K]), ``integrated_gradients`` (N[, K], C, H, W);
         ``saliency`` (N[, K], H, W) (or (N[, K], C, H, W) with ``saliency_channels``);
         ``gradcam`` and ``cam`` (N[, K], H, W), raw (Grad-CAM after its ReLU, CAM signed).
+        With ``ig_steps="auto"`` also ``ig_steps`` (N[, K]) int32 (gradient evaluations used,
+        a = 1 included), ``ig_error_est`` (N[, K]) float32, ``ig_converged`` (N[, K]) bool,
+        and the path trace ``ig_path_alpha``, ``ig_path_score`` (N[, K], P) float32, P =
+        the most points ``ig_max_steps`` allows: the first ``ig_steps`` entries are the alphas
+        in ascending order and F at them, the rest NaN.
     """
     methods = tuple(methods)
     bad = [m for m in methods if m not in METHODS]
@@ -496,7 +519,16 @@ def attribute(
         raise ValueError(f"saliency_mode must be 'abs' or 'square', got {saliency_mode!r}")
     if precision not in ("fp32", "bf16", "auto"):
         raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {precision!r}")
-    alphas, weights = path_points(ig_steps, ig_method)
+    adaptive = None
+    if isinstance(ig_steps, str):
+        if ig_steps != "auto":
+            raise ValueError(f"ig_steps must be a positive integer or 'auto', got {ig_steps!r}")
+        if not 0 < ig_tol < 1:
+            raise ValueError(f"ig_tol must be in (0, 1), got {ig_tol!r}")
+        adaptive = _Adaptive(float(ig_tol), ADAPTIVE_MIN_LEVEL, adaptive_max_level(ig_max_steps))
+        alphas, weights = np.array([0.0, 1.0]), np.array([0.5, 0.5])  # not used by the sweep
+    else:
+        alphas, weights = path_points(ig_steps, ig_method)
     x = x.detach()
     x = x if x.dtype == torch.float64 else x.float()  # float64 stays: an exact oracle mode
     if baseline is not None:
@@ -534,6 +566,7 @@ def attribute(
         saliency_mode=saliency_mode,
         saliency_channels=saliency_channels,
         budget_mb=batch_budget_mb,
+        adaptive=adaptive,
     )
     use_bf16 = precision == "bf16" or (precision == "auto" and x.device.type == "cuda")
     with torch.enable_grad():
@@ -548,6 +581,9 @@ def _redo_inexact_rows_in_fp32(net, x, out, kwargs) -> None:
     gap = (out["score"] - out["baseline_score"]).abs().clamp_min(1e-6)
     rel = out["ig_delta"].abs() / gap
     bad = rel.reshape(rel.shape[0], -1).amax(dim=1) > BF16_MAX_REL_DELTA
+    if kwargs["adaptive"] is not None:  # ig_steps="auto": also rows above the error target
+        err = out["ig_error_est"].reshape(rel.shape[0], -1).amax(dim=1)
+        bad |= err > kwargs["adaptive"].tol
     if not bad.any():
         return
     idx = bad.nonzero().reshape(-1)
@@ -576,6 +612,7 @@ def _run(
     saliency_channels,
     budget_mb,
     bf16: bool,
+    adaptive: _Adaptive | None = None,
 ) -> dict[str, torch.Tensor]:
     n, size = x.shape[0], tuple(x.shape[-2:])
     device = x.device
@@ -584,8 +621,9 @@ def _run(
     mode, given = _parse_target(target, n, device)
     want_ig = "integrated_gradients" in methods
     want_sal, want_gc, want_cam = "saliency" in methods, "gradcam" in methods, "cam" in methods
-    has_one = bool(want_ig and abs(alphas[-1] - 1.0) < 1e-12)
-    has_zero = bool(want_ig and abs(alphas[0]) < 1e-12)
+    # ig_steps="auto" (``adaptive``) evaluates a = 0 and a = 1 on every level
+    has_one = bool(want_ig and (adaptive is not None or abs(alphas[-1] - 1.0) < 1e-12))
+    has_zero = bool(want_ig and (adaptive is not None or abs(alphas[0]) < 1e-12))
     grad_at_x = want_sal or want_gc or has_one
 
     # ---- 1. forward (and backward) at x itself: prediction, target, saliency, Grad-CAM, CAM
@@ -680,7 +718,23 @@ def _run(
         result["cam"] = stack(cam)
 
     # ---- 2. the IG sweep over path points of all (image, target) pairs
-    if want_ig:
+    if want_ig and adaptive is not None:
+        result.update(
+            _ig_sweep_auto(
+                net,
+                x,
+                targets,
+                baseline,
+                score,
+                g_x,
+                result["score"],
+                adaptive,
+                budget_mb,
+                per_row_bytes,
+                autocast,
+            )
+        )
+    elif want_ig:
         result.update(
             _ig_sweep(
                 net,
@@ -698,12 +752,14 @@ def _run(
                 autocast,
             )
         )
+    if want_ig:
         result["ig_delta"] = result["integrated_gradients"].sum(dim=(-3, -2, -1)) - (
             result["score"] - result["baseline_score"]
         )
         if mode != "topk":
-            for key in ("integrated_gradients", "baseline_score", "ig_delta"):
-                result[key] = result[key].squeeze(1)
+            for key in ("integrated_gradients", "baseline_score", "ig_delta", *_AUTO_KEYS):
+                if key in result:
+                    result[key] = result[key].squeeze(1)
     if mode != "topk":
         result["target"], result["score"] = targets[:, 0], result["score"][:, 0]
     return result
@@ -783,6 +839,33 @@ def _output_given(module: nn.Module, inp: torch.Tensor, z: torch.Tensor):
             module.forward = own
 
 
+def _path_gradients(
+    net, base, diff, alpha, img, b_img, tgt, score, autocast, first, z_base, z_diff
+):
+    """One chunk of path points: rows i at base[b_img[i]] + alpha[i] * diff[img[i]], scored for
+    class tgt[i]. Returns (s, g, g_z, first): the scores (R,); the input gradient (R, C, H, W),
+    or None when it all went through ``first``; the gradient at the output of the input layer
+    ``first`` (R, K, h, w), None on the plain path; and ``first`` itself, or None when the model
+    turned out not to feed the input to that layer exactly once (plain path from then on)."""
+    inp = torch.addcmul(base[b_img], alpha, diff[img])
+    inp = inp.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    z = None
+    if first is not None:
+        z = _PathRows.apply(alpha.detach().requires_grad_(True), z_base, z_diff, b_img, img)
+        z_edge = torch.autograd.graph.get_gradient_edge(z)  # before in-place ops change z
+        with _output_given(first, inp, z) as seen, autocast:
+            s = _scores(net(inp), score).gather(1, tgt[:, None])[:, 0]
+        if seen != {"calls": 1, "given": 1}:
+            first = z = None  # this model does not qualify: plain path from here on
+    if z is None:
+        with autocast:
+            s = _scores(net(inp), score).gather(1, tgt[:, None])[:, 0]
+        (g,) = torch.autograd.grad(s.sum(), inp)
+        return s, g, None, first
+    g_z, g = torch.autograd.grad(s.sum(), (z_edge, inp), allow_unused=True)
+    return s, g, g_z, first
+
+
 def _ig_sweep(
     net,
     x,
@@ -838,7 +921,7 @@ def _ig_sweep(
     # the plain path; gradients that reach the input around it are added as they come.
     name = _PREPARED[net].input_layer if net in _PREPARED else None
     first = net.get_submodule(name) if name is not None and rows else None
-    acc_z = None
+    acc_z = z_base = z_diff = None
     if first is not None:
         with torch.no_grad():
             z_base = first(base)  # (1 or N, K, h, w)
@@ -849,22 +932,10 @@ def _ig_sweep(
         img = pair // kk
         b_img = img if base.shape[0] > 1 else torch.zeros_like(img)
         alpha = a[step].view(-1, 1, 1, 1)
-        inp = torch.addcmul(base[b_img], alpha, diff[img])
-        inp = inp.contiguous(memory_format=torch.channels_last).requires_grad_(True)
-        z = None
-        if first is not None:
-            z = _PathRows.apply(alpha.detach().requires_grad_(True), z_base, z_diff, b_img, img)
-            z_edge = torch.autograd.graph.get_gradient_edge(z)  # before in-place ops change z
-            with _output_given(first, inp, z) as seen, autocast:
-                s = _scores(net(inp), score).gather(1, tflat[pair][:, None])[:, 0]
-            if seen != {"calls": 1, "given": 1}:
-                first = z = None  # this model does not qualify: plain path from here on
-        if z is None:
-            with autocast:
-                s = _scores(net(inp), score).gather(1, tflat[pair][:, None])[:, 0]
-            (g,) = torch.autograd.grad(s.sum(), inp)
-        else:
-            g_z, g = torch.autograd.grad(s.sum(), (z_edge, inp), allow_unused=True)
+        s, g, g_z, first = _path_gradients(
+            net, base, diff, alpha, img, b_img, tflat[pair], score, autocast, first, z_base, z_diff
+        )
+        if g_z is not None:
             if acc_z is None:
                 acc_z = torch.empty(
                     (pairs, *g_z.shape[1:]), dtype=x.dtype, device=device, memory_format=fmt
@@ -884,3 +955,234 @@ def _ig_sweep(
             acc[start:stop] += g
     ig = (acc.reshape(n, kk, *x.shape[1:]) * diff[:, None]).contiguous()
     return {"integrated_gradients": ig, "baseline_score": base_score.view(n, kk)}
+
+
+# --------------------------------------------------------------------------------------------
+# ig_steps="auto": each (image, target) pair refines its own nested trapezoid levels
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Adaptive:
+    """Settings of ``ig_steps="auto"``: stop at the first level >= ``min_level`` whose error
+    estimate is <= ``tol``, or at ``max_level`` (level k has 2^k + 1 points)."""
+
+    tol: float
+    min_level: int
+    max_level: int
+
+
+#: Credit for demonstrated fast convergence (``_rate_factor``): at most 1/2 of Richardson's.
+RATE_SAFETY = 2.0
+#: Per Romberg column (T, S, B), the fastest rate per level Euler-Maclaurin gives a generic smooth
+#: integrand: the error falls 4x, 16x, 64x per halving of the spacing.
+_ASYMPTOTIC_RATE = (1 / 4, 1 / 16, 1 / 64)
+
+
+def _rate_factor(d: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+    """The factor (<= 1) applied to a column's last level difference d_k to estimate its error.
+
+    d, d1, d2 (P, 3): the level differences d_k, d_{k-1}, d_{k-2} of the columns T, S, B.
+    rho = max(d / d1, d1 / d2, the column's asymptotic rate): how fast the column is seen to
+    converge, never faster than theory allows. A rule whose error falls by rho per level has
+    error d_k rho / (1 - rho) (Richardson); the factor is ``RATE_SAFETY`` times that, at most 1.
+    So a column converging like 1/n (ReLU networks: rho about 1/2) keeps the plain difference,
+    and only a column seen to converge fast (rho < 1/3) gets credit for it.
+    """
+    tiny = torch.finfo(d.dtype).tiny
+    floor = torch.tensor(_ASYMPTOTIC_RATE, dtype=d.dtype, device=d.device)
+    rho = torch.maximum(d / d1.clamp_min(tiny), d1 / d2.clamp_min(tiny))
+    rho = torch.maximum(rho, floor).clamp_max(0.5)
+    return (RATE_SAFETY * rho / (1 - rho)).clamp_max(1.0)
+
+
+def _ig_sweep_auto(
+    net,
+    x,
+    targets,
+    baseline,
+    score,
+    g_x,
+    s_x,
+    adaptive: _Adaptive,
+    budget_mb,
+    per_row_bytes,
+    autocast,
+) -> dict[str, torch.Tensor]:
+    """IG for every (image, target) pair to an error target (docs/conventions.md, "Adaptive
+    Integrated Gradients"). Level k of a pair adds the points ``quadrature.level_points(k)``; the
+    rows of all pairs wait in one queue and run in chunks of the memory budget, so a chunk holds
+    the points of whichever pairs still need them, at whatever level each is. When a pair's level
+    is complete its Romberg row (T, S, B) is updated and every column gets an error estimate; the
+    column with the smallest estimate is the pair's IG; a pair whose estimate is above the
+    tolerance queues its next level. Every gradient is computed once: level k + 1 reuses all
+    the points of level k (a = 1 is the pass at x: ``g_x``).
+
+    Returns integrated_gradients (N, K, C, H, W), baseline_score (N, K), ig_steps (N, K) int32,
+    ig_error_est (N, K), ig_converged (N, K) bool, ig_path_alpha and ig_path_score
+    (N, K, 2^max_level + 1), the first ig_steps entries of a row valid, the rest NaN.
+    """
+    from xai_workers.quadrature import level_points, romberg_row
+
+    n, kk = targets.shape
+    device, dtype = x.device, x.dtype
+    base = baseline if baseline is not None else torch.zeros_like(x[:1])
+    base = base.contiguous(memory_format=torch.channels_last)
+    diff = x - base  # (N, C, H, W)
+    pairs, lmin, lmax = n * kk, adaptive.min_level, adaptive.max_level
+    tflat = targets.reshape(-1)
+    pimg = torch.arange(pairs, device=device) // kk  # image of each pair
+    shape, fmt = (pairs, *x.shape[1:]), torch.channels_last
+
+    def zeros(*lead, dt=dtype):
+        t = torch.empty((*lead, *x.shape[1:]), dtype=dt, device=device, memory_format=fmt)
+        return t.zero_()
+
+    # H[k % ring]: the sum of the gradients at the points level k adds (in flight at once: at
+    # most levels 0..lmin of a pair); level 0's a = 1 is the gradient of the pass at x
+    ring = lmin + 1
+    held = zeros(ring * pairs)
+    held[:pairs] = torch.stack(g_x, dim=1).reshape(shape)
+    prev = None  # the Romberg row (T, S, B) of each pair's last finished level: 3 x (pairs, ...)
+    dh = torch.full((2, pairs, 3), float("inf"), dtype=dtype, device=device)  # d_{k-1}, d_{k-2}
+    best = zeros(pairs)
+    est = torch.full((pairs,), float("inf"), dtype=dtype, device=device)
+    steps = torch.zeros(pairs, dtype=torch.int32, device=device)
+    converged = torch.zeros(pairs, dtype=torch.bool, device=device)
+    base_score = torch.zeros(pairs, dtype=dtype, device=device)
+    grid = torch.full((pairs, 2**lmax + 1), float("nan"), dtype=dtype, device=device)
+    grid[:, -1] = s_x.detach().reshape(-1)
+    pend = torch.zeros((pairs, lmax + 2), dtype=torch.long, device=device)
+    done = torch.full((pairs,), -1, dtype=torch.long, device=device)  # last finished level
+    queued = torch.full((pairs,), lmin, dtype=torch.long, device=device)
+
+    # the queue of rows (pair, level, alpha); level 0 runs a = 0 only (a = 1 is the pass at x)
+    def rows_of(p: torch.Tensor, levels: range):
+        parts = [(k, level_points(k)[:1] if k == 0 else level_points(k)) for k in levels]
+        pts = torch.as_tensor(np.concatenate([a for _, a in parts]), dtype=dtype, device=device)
+        lev = torch.as_tensor(np.concatenate([np.full(len(a), k) for k, a in parts]), device=device)
+        for k, a in parts:
+            pend[p, k] += len(a)
+        m = len(pts)
+        return p.repeat_interleave(m), lev.repeat(len(p)), pts.repeat(len(p))
+
+    q_pair, q_level, q_alpha = rows_of(torch.arange(pairs, device=device), range(lmin + 1))
+    budget = (budget_mb or _default_budget_mb(device)) * 2**20
+    chunk = int(max(1, budget // per_row_bytes))
+    name = _PREPARED[net].input_layer if net in _PREPARED else None
+    first = net.get_submodule(name) if name is not None else None
+    z_base = z_diff = None
+    if first is not None:
+        with torch.no_grad():
+            z_base = first(base)
+            z_diff = first(diff) - first(torch.zeros_like(base[:1]))
+
+    def finish(p: torch.Tensor, k: int):
+        """Level k of the pairs p is complete: Romberg row, estimates, stop or queue k + 1."""
+        nonlocal prev, q_pair, q_level, q_alpha
+        slot = (k % ring) * pairs + p
+        h = held[slot]
+        held[slot] = 0
+        if k == 0:
+            t = h / 2
+            row = romberg_row(0, t)
+        else:
+            row_prev = tuple(c[p] for c in prev)
+            t = row_prev[0] / 2 + h / 2**k
+            row = romberg_row(k, t, row_prev)
+        d_img = diff[pimg[p]]
+        maps = torch.stack([d_img * c for c in row], dim=1)  # (P, 3, C, H, W)
+        flat = maps.reshape(len(p), 3, -1)
+        norm = flat.norm(dim=2).clamp_min(torch.finfo(dtype).tiny)
+        if k == 0:
+            d = torch.full_like(norm, float("inf"))
+        else:
+            d = (maps - torch.stack([d_img * c for c in row_prev], dim=1)).reshape(len(p), 3, -1)
+            d = d.norm(dim=2)
+        rel = d / norm
+        if k >= 3:
+            rel = rel * _rate_factor(d, dh[0, p], dh[1, p])
+        gap = s_x.detach().reshape(-1)[p] - base_score[p]
+        compl = (flat.sum(dim=2) - gap[:, None]).abs() / flat.abs().sum(dim=2).clamp_min(
+            torch.finfo(dtype).tiny
+        )
+        e = torch.maximum(rel, compl)  # (P, 3)
+        e_best, col = e.min(dim=1)
+        best[p] = maps[torch.arange(len(p), device=device), col]
+        est[p], steps[p] = e_best, 2**k + 1
+        if prev is None:
+            prev = tuple(zeros(pairs) for _ in range(3))
+        for c, v in zip(prev, row, strict=True):
+            c[p] = v
+        dh[1, p], dh[0, p] = dh[0, p], d
+        done[p] = k
+        if k < lmin:
+            return
+        conv = e_best <= adaptive.tol
+        converged[p] = conv
+        more = p[~conv] if k < lmax else p[:0]
+        if len(more):
+            rp, rl, ra = rows_of(more, range(k + 1, k + 2))
+            queued[more] = k + 1
+            q_pair, q_level, q_alpha = (
+                torch.cat([q_pair, rp]),
+                torch.cat([q_level, rl]),
+                torch.cat([q_alpha, ra]),
+            )
+
+    head = 0
+    while head < len(q_pair):
+        pair, level = q_pair[head : head + chunk], q_level[head : head + chunk]
+        alpha = q_alpha[head : head + chunk].view(-1, 1, 1, 1)
+        head += len(pair)
+        img = pimg[pair]
+        b_img = img if base.shape[0] > 1 else torch.zeros_like(img)
+        s, g, g_z, first = _path_gradients(
+            net, base, diff, alpha, img, b_img, tflat[pair], score, autocast, first, z_base, z_diff
+        )
+        # sum the rows of each (pair, level) of the chunk; map z-gradients back with L^T
+        key = level * pairs + pair
+        keys, inv = torch.unique(key, return_inverse=True)
+        mix = torch.zeros(len(keys), len(pair), dtype=dtype, device=device)
+        mix[inv, torch.arange(len(pair), device=device)] = 1
+        summed = None
+        if g_z is not None:
+            gz = (mix @ _wide(g_z).reshape(len(pair), -1)).reshape(len(keys), *g_z.shape[1:])
+            probe = zeros(len(keys)).requires_grad_(True)
+            with torch.enable_grad():
+                (summed,) = torch.autograd.grad(first(probe), probe, gz.to(memory_format=fmt))
+        if g is not None:
+            gs = (mix @ _wide(g).reshape(len(pair), -1)).reshape(len(keys), *x.shape[1:])
+            summed = gs if summed is None else summed + gs
+        k_level, k_pair = keys // pairs, keys % pairs
+        held.index_add_(0, (k_level % ring) * pairs + k_pair, summed.to(dtype))
+        sd = s.detach().to(dtype)
+        zero = alpha.view(-1) == 0
+        base_score[pair[zero]] = sd[zero]
+        grid[pair, (alpha.view(-1) * 2**lmax).round().long()] = sd
+        pend.index_put_((pair, level), torch.full_like(pair, -1), accumulate=True)
+        while True:  # finish every level now complete, in level order
+            nxt = done + 1
+            ready = (nxt <= queued) & (pend.gather(1, nxt[:, None])[:, 0] == 0)
+            if not ready.any():
+                break
+            k = int(nxt[ready].min())
+            finish(torch.nonzero(ready & (nxt == k)).reshape(-1), k)
+
+    # the path trace: the evaluated points of each pair in alpha order
+    idx = torch.arange(2**lmax + 1, device=device)
+    stride = 2 ** (lmax - done)  # (pairs,)
+    pos = (idx[None] * stride[:, None]).clamp_max(2**lmax)
+    valid = idx[None] < steps[:, None]
+    alphas = torch.where(valid, pos.to(dtype) / 2**lmax, float("nan"))
+    trace = torch.where(valid, grid.gather(1, pos), float("nan"))
+    lead = (n, kk)
+    return {
+        "integrated_gradients": best.reshape(*lead, *x.shape[1:]).contiguous(),
+        "baseline_score": base_score.view(lead),
+        "ig_steps": steps.view(lead),
+        "ig_error_est": est.float().view(lead),
+        "ig_converged": converged.view(lead),
+        "ig_path_alpha": alphas.float().view(*lead, -1),
+        "ig_path_score": trace.float().view(*lead, -1),
+    }

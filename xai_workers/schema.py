@@ -20,6 +20,10 @@ topk_probs            fixed_size_list<float32>[R]
 score                 float32 (list [K] with topk)                     F(x)
 baseline_score        float32 (list [K]); only with IG                 F(x')
 ig_delta              float32 (list [K]); only with IG                 completeness delta
+ig_steps              int32 (list [K]); only with IG steps ``auto``     gradient evaluations used
+ig_error_est          float32 (list [K]); IG steps ``auto``            estimated rel. L2 error
+ig_converged          bool (list [K]); IG steps ``auto``               ig_error_est <= ig_tol
+ig_path               struct<alpha, score> (list [K]); IG steps auto   the path trace
 saliency              fixed_shape_tensor<float32>[H, W]                ([K, H, W] with topk)
 integrated_gradients  fixed_shape_tensor<float32>[C, H, W]             ([K, C, H, W])
 gradcam, cam          fixed_shape_tensor<float32>[H, W]                ([K, H, W])
@@ -58,6 +62,11 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"
 #: Type of the class-name columns: dictionary-encoded strings (few distinct values).
 NAME_TYPE = pa.dictionary(pa.int32(), pa.string())
+#: One row's IG path trace: the alphas of the evaluated points in ascending order and the
+#: target's score F(x' + alpha (x - x')) at each (``ig_steps`` entries each).
+IG_PATH_TYPE = pa.struct(
+    [pa.field("alpha", pa.list_(pa.float32())), pa.field("score", pa.list_(pa.float32()))]
+)
 #: Columns every output file has, whatever the configuration (besides ``label``).
 KEY_COLUMNS = ("source", "source_row")
 
@@ -77,6 +86,10 @@ _DESCRIPTIONS = {
     "score": "F(x): the target's logit (or probability with score=prob)",
     "baseline_score": "F(x') at the IG baseline",
     "ig_delta": "sum(IG) - (F(x) - F(x')): IG completeness error",
+    "ig_steps": "gradient evaluations used by the IG of this row (--ig-steps auto)",
+    "ig_error_est": "estimated relative L2 error of the IG map (--ig-steps auto)",
+    "ig_converged": "ig_error_est <= --ig-tol before --ig-max-steps was reached",
+    "ig_path": "alphas (ascending) and the target's score F at each evaluated IG path point",
     "saliency": "max_c |dF/dx|",
     "integrated_gradients": "Integrated Gradients, (C, H, W)",
     "gradcam": "Grad-CAM upsampled to (H, W), raw (after its ReLU)",
@@ -111,6 +124,8 @@ class OutputLayout:
     - ``has_names``: whether class names are known (``target_name``, ``pred_name`` columns).
     - ``store``: the storage profile, ``full`` (default here), ``compact`` or ``stats``;
       ``map_size``: M of compact maps (never above H).
+    - ``adaptive_ig``: IG with ``ig_steps="auto"``: the columns ``ig_steps``, ``ig_error_est``,
+      ``ig_converged`` and ``ig_path`` exist (with IG only).
     """
 
     methods: tuple[str, ...]
@@ -123,6 +138,7 @@ class OutputLayout:
     store: str = "full"
     map_size: int = DEFAULT_MAP_SIZE
     has_names: bool = False
+    adaptive_ig: bool = False
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in MAP_METHODS]
@@ -142,6 +158,10 @@ class OutputLayout:
     @property
     def has_ig_scalars(self) -> bool:
         return "integrated_gradients" in self.methods
+
+    @property
+    def has_adaptive_ig(self) -> bool:
+        return self.adaptive_ig and self.has_ig_scalars
 
     def map_shape(self, method: str) -> tuple[int, ...] | None:
         """Shape of one row's stored ``method`` map, K in front for topk; None under ``stats``.
@@ -166,6 +186,8 @@ class OutputLayout:
         cols = ["target", "score"]
         if self.has_ig_scalars:
             cols += ["baseline_score", "ig_delta"]
+        if self.has_adaptive_ig:
+            cols += ["ig_steps", "ig_error_est", "ig_converged", "ig_path"]
         return (*cols, *self.stat_names)
 
 
@@ -197,6 +219,13 @@ def output_schema(layout: OutputLayout) -> pa.Schema:
         fields += [
             pa.field("baseline_score", layout.per_target_type(pa.float32())),
             pa.field("ig_delta", layout.per_target_type(pa.float32())),
+        ]
+    if layout.has_adaptive_ig:
+        fields += [
+            pa.field("ig_steps", layout.per_target_type(pa.int32())),
+            pa.field("ig_error_est", layout.per_target_type(pa.float32())),
+            pa.field("ig_converged", layout.per_target_type(pa.bool_())),
+            pa.field("ig_path", layout.per_target_type(IG_PATH_TYPE)),
         ]
     for method in MAP_METHODS:
         if method in layout.methods and layout.map_shape(method) is not None:
@@ -271,6 +300,14 @@ def _to_arrow(values, t: pa.DataType, valid: np.ndarray | None, n: int) -> pa.Ar
         return pa.nulls(n, type=t)
     if is_tensor_type(t):
         return tensor_array(values, None if invalid is None else ~invalid, t.shape, t.value_type)
+    if pa.types.is_struct(t) or (
+        pa.types.is_fixed_size_list(t) and pa.types.is_struct(t.value_type)
+    ):
+        # ig_path: per row a dict (a list of K dicts with topk) of Python lists
+        items = list(values)
+        if invalid is not None:
+            items = [None if bad else v for v, bad in zip(items, invalid, strict=True)]
+        return pa.array(items, type=t)
     if pa.types.is_fixed_size_list(t):
         size = t.list_size
         arr = np.asarray(values, dtype=t.value_type.to_pandas_dtype()).reshape(n, size)

@@ -41,8 +41,10 @@ Columns: ``labeled`` (ok rows with a label), ``correct`` (of those, ``pred_class
 ``accuracy = correct / labeled`` (null without labels; per predicted class this is the precision
 of the class, per label its recall). Per statistic ``s`` (every float statistic column of the
 output: ``{method}_{gini,entropy,border_frac,com_x,com_y}``, ``ig_rel_error``, ``agree_*``,
-``pred_prob``): ``s_mean`` (exact, over finite values; NaN statistics, e.g. of an all-zero map,
-are left out), ``s_p5``, ``s_p50``, ``s_p95`` (from a fixed-bin histogram, see below). Per method
+``pred_prob``; with ``--ig-steps auto`` also ``ig_error_est``, ``ig_steps`` and
+``ig_converged``, whose mean is the share of rows converged): ``s_mean`` (exact, over finite
+values; NaN statistics, e.g. of an all-zero map, are left out), ``s_p5``, ``s_p50``,
+``s_p95`` (from a fixed-bin histogram, see below). Per method
 ``m`` in ``MAP_METHODS`` that the output has: ``m_mean_map``, the mean of the rows' 2-D maps
 (``stats.map_2d``) after ``adaptive_avg_pool2d`` to 32x32, raw units; and ``m_share_map``, the
 mean of each row's pooled map divided by its sum (every image weighs the same; sums to 1; a row
@@ -104,6 +106,9 @@ PARTIALS_DIR = "partials"
 SUMMARY_FILE = "summary.parquet"
 #: Float columns of the output that are not per-image statistics.
 NOT_STATISTICS = frozenset({"score", "baseline_score", "ig_delta", "topk_probs"})
+#: Integer and bool columns summarized like statistics (``--ig-steps auto``): the distribution of
+#: the IG steps, and the share of rows converged (the mean of ``ig_converged``).
+COUNT_STATISTICS = frozenset({"ig_steps", "ig_converged"})
 _COUNTS = ("count", "errors", "labeled", "correct")
 
 
@@ -166,7 +171,7 @@ def binning_for(stat: str) -> Binning:
     every worker agrees): [0, 1] for ``*_gini``, ``*_entropy``, ``*_border_frac``, ``*_com_x``,
     ``*_com_y``, ``pred_prob``; [-1, 1] for ``agree_*``; log bins for the rest
     (``ig_rel_error``)."""
-    if stat == "pred_prob" or stat.endswith(_UNIT_SUFFIXES):
+    if stat in ("pred_prob", "ig_converged") or stat.endswith(_UNIT_SUFFIXES):
         return UNIT_BINNING
     if stat.startswith("agree_"):
         return SIGNED_UNIT_BINNING
@@ -223,7 +228,7 @@ def statistic_columns(schema: pa.Schema) -> tuple[str, ...]:
             continue
         if pa.types.is_fixed_size_list(t):
             t = t.value_type
-        if pa.types.is_floating(t):
+        if pa.types.is_floating(t) or f.name in COUNT_STATISTICS:
             out.append(f.name)
     return tuple(out)
 
@@ -266,6 +271,8 @@ def _float_values(col) -> np.ndarray:
     if isinstance(col, (pa.Array, pa.ChunkedArray)):
         if pa.types.is_fixed_size_list(col.type):
             return tensor_to_numpy(col)[:, 0].astype(np.float64)
+        if not pa.types.is_floating(col.type):  # ig_steps, ig_converged: nulls become NaN
+            col = col.cast(pa.float64())
         return np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
     arr = np.asarray(col, dtype=np.float64)
     return arr[:, 0] if arr.ndim == 2 else arr

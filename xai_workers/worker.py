@@ -113,8 +113,10 @@ def output_layout(
     store: str = DEFAULT_PROFILE,
     map_size: int = DEFAULT_MAP_SIZE,
     has_names: bool = False,
+    adaptive_ig: bool = False,
 ) -> S.OutputLayout:
-    """The output layout a worker with these settings produces (the driver uses it too)."""
+    """The output layout a worker with these settings produces (the driver uses it too);
+    ``adaptive_ig``: IG runs with ``ig_steps="auto"``."""
     mode, value = parse_target(target)
     topk = value if mode == "topk" else None
     image_shape = (3, int(image_size), int(image_size))
@@ -129,6 +131,7 @@ def output_layout(
         store=store,
         map_size=map_size,
         has_names=has_names,
+        adaptive_ig=adaptive_ig,
     )
 
 
@@ -143,8 +146,10 @@ class AttributionWorker:
             (seeded by ``seed``), for a spec.
         methods: maps to compute, any of saliency, integrated_gradients, gradcam, cam.
         target: ``predicted`` (default), ``label`` (the row's label), a class index, ``topk:K``.
-        ig_steps, ig_method: the IG quadrature; ig_baseline: black | gray | blur | uniform |
-            zeros (``engine.make_baseline``, seeded with ``seed``; so is ``weights="random"``).
+        ig_steps, ig_method: the IG quadrature (``ig_steps="auto"``: per image, to ``ig_tol``
+            with at most ``ig_max_steps`` gradient evaluations; see ``engine.attribute``);
+            ig_baseline: black | gray | blur | uniform | zeros (``engine.make_baseline``, seeded
+            with ``seed``; so is ``weights="random"``).
         gradcam_layer: dotted layer name; None: ``hooks.default_gradcam_layer``, found once here.
         score: ``logit`` or ``prob``; precision: ``fp32`` | ``bf16`` | ``auto`` (engine).
         batch_size: images per ``attribute`` call (a bigger Ray batch is cut into these).
@@ -178,8 +183,10 @@ class AttributionWorker:
         *,
         methods: Sequence[str] = ("saliency", "integrated_gradients", "gradcam"),
         target: str | int | None = "predicted",
-        ig_steps: int = 32,
+        ig_steps: int | str = 32,
         ig_method: str = "gausslegendre",
+        ig_tol: float = 0.01,
+        ig_max_steps: int = 256,
         ig_baseline: str = "black",
         gradcam_layer: str | None = None,
         score: str = "logit",
@@ -274,12 +281,15 @@ class AttributionWorker:
         elif gradcam_layer is not None:
             get_submodule(self.net, gradcam_layer)  # a readable KeyError if it is not there
         self.gradcam_layer = gradcam_layer
-        self.ig_steps, self.ig_method, self.ig_baseline = int(ig_steps), ig_method, ig_baseline
+        self.ig_steps = "auto" if ig_steps == "auto" else int(ig_steps)
+        self.ig_method, self.ig_baseline = ig_method, ig_baseline
+        self.ig_tol, self.ig_max_steps = float(ig_tol), int(ig_max_steps)
         self.score, self.precision = score, precision
         self.batch_size, self.batch_budget_mb, self.seed = int(batch_size), batch_budget_mb, seed
         self.layout = output_layout(
             self.methods, s, self.num_classes, target, id_type=id_type, label_type=label_type,
             store=store, map_size=map_size, has_names=class_names is not None,
+            adaptive_ig=self.ig_steps == "auto",
         )  # fmt: skip
         self.store, self.map_size = self.layout.store, self.layout.map_size
         self.pooled_columns = bool(pooled_columns)
@@ -413,6 +423,8 @@ class AttributionWorker:
             methods=self.methods,
             ig_steps=self.ig_steps,
             ig_method=self.ig_method,
+            ig_tol=self.ig_tol,
+            ig_max_steps=self.ig_max_steps,
             baseline=baseline,
             gradcam_layer=self.gradcam_layer,
             score=self.score,
@@ -430,6 +442,10 @@ class AttributionWorker:
         out = {k: v.detach().cpu().numpy() for k, v in result.items() if k in names}
         out.update({k: v.detach().cpu().numpy() for k, v in stats.items() if k in names})
         out.update(pooled)
+        if "ig_path" in names:
+            out["ig_path"] = _path_rows(
+                out["ig_steps"], result["ig_path_alpha"], result["ig_path_score"]
+            )
         return out
 
     def _explain(self, x, targets, rows, n, errors) -> dict[str, np.ndarray]:
@@ -465,6 +481,22 @@ class AttributionWorker:
                     except Exception as e1:  # noqa: BLE001
                         errors[r[0]] = _describe(e1)
         return full
+
+
+def _path_rows(steps: np.ndarray, alpha: torch.Tensor, score: torch.Tensor) -> np.ndarray:
+    """The engine's padded path traces -> an object array (N,) of ``{"alpha": [...], "score":
+    [...]}`` (a list of K of them per row with topk), ``steps[i]`` entries each."""
+    alpha, score = alpha.detach().cpu().numpy(), score.detach().cpu().numpy()
+    flat_n = steps.reshape(-1)
+    a, f = alpha.reshape(len(flat_n), -1), score.reshape(len(flat_n), -1)
+    traces = [
+        {"alpha": a[i, :m].tolist(), "score": f[i, :m].tolist()} for i, m in enumerate(flat_n)
+    ]
+    out = np.empty(steps.shape[0], dtype=object)
+    per = len(flat_n) // max(steps.shape[0], 1)
+    for i in range(steps.shape[0]):
+        out[i] = traces[i] if steps.ndim == 1 else traces[i * per : (i + 1) * per]
+    return out
 
 
 def _describe(e: BaseException) -> str:
