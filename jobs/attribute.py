@@ -343,6 +343,7 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
         cfg.target,
         id_type=plan.id_type,
         label_type=plan.label_type,
+        faithfulness=cfg.faithfulness,
     )
     from xai_workers.schema import output_schema
 
@@ -860,6 +861,8 @@ def _pipeline(
             id_type=plan.id_type,
             label_type=plan.label_type,
             seed=cfg.seed,
+            faithfulness=cfg.faithfulness,
+            faithfulness_steps=cfg.faithfulness_steps,
         ),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",

@@ -64,6 +64,8 @@ class JobConfig:
     seed: int = 0
     progress_interval_s: float = 5.0
     summary: bool = True
+    faithfulness: tuple[str, ...] = ()
+    faithfulness_steps: int = 16
 
     # ---------------------------------------------------------------------------------------
 
@@ -103,7 +105,8 @@ class JobConfig:
         keys = (
             "input", "model", "weights", "methods", "target", "score", "ig_steps", "ig_method",
             "ig_baseline", "gradcam_layer", "precision", "image_size", "mean", "std",
-            "id_column", "image_column", "label_column", "seed",
+            "id_column", "image_column", "label_column", "seed", "faithfulness",
+            "faithfulness_steps",
         )  # fmt: skip
         d = self.as_dict()
         return {k: d[k] for k in keys}
@@ -154,6 +157,16 @@ class JobConfig:
             raise ConfigError(f"--rows-per-file must be >= 1, got {self.rows_per_file}")
         if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
             raise ConfigError(f"--max-error-rate must be in [0, 1], got {self.max_error_rate}")
+        from xai_workers.faithfulness import METRICS
+
+        bad = [m for m in self.faithfulness if m not in METRICS]
+        if bad or len(set(self.faithfulness)) != len(self.faithfulness):
+            raise ConfigError(
+                f"--faithfulness takes {','.join(METRICS)} (each once), got "
+                f"{','.join(self.faithfulness)!r}"
+            )
+        if self.faithfulness_steps < 1:
+            raise ConfigError(f"--faithfulness-steps must be >= 1, got {self.faithfulness_steps}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
 
@@ -163,7 +176,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     try:
         if value is None:
             return None
-        if name == "methods":
+        if name in ("methods", "faithfulness"):
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(m).strip() for m in items if str(m).strip())
         if name in ("mean", "std"):
@@ -172,7 +185,10 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             if len(vals) != 3 or not all(math.isfinite(v) for v in vals):
                 raise ValueError("expected three numbers R,G,B")
             return vals
-        if name in ("ig_steps", "image_size", "batch_size", "actors", "rows_per_file", "seed"):
+        if name in (
+            "ig_steps", "image_size", "batch_size", "actors", "rows_per_file", "seed",
+            "faithfulness_steps",
+        ):  # fmt: skip
             if isinstance(value, bool) or float(value) != int(float(value)):
                 raise ValueError("expected an integer")
             return int(float(value))
