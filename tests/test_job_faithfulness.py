@@ -112,3 +112,6 @@ def test_job_writes_auc_columns_and_their_summary_means(data, tmp_path):
         mean = everything.column(f"{c}_mean")[0].as_py()
         # 1e-6: the summary's mean is exact (float64 sums of the float32 column)
         assert mean == pytest.approx(np.mean(t.column(c).to_numpy()), abs=1e-6), c
+    # the audit report still renders with the extra statistic columns
+    assert main(["report", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "report" / "index.html").stat().st_size > 0
