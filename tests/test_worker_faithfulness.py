@@ -94,5 +94,7 @@ def test_worker_columns_equal_the_library_and_do_not_depend_on_the_batch(model):
 def test_bad_faithfulness_settings(model):
     with pytest.raises(ValueError, match="faithfulness"):
         AttributionWorker(model, faithfulness=("pixelflip",), **KW)
+    with pytest.raises(ValueError, match="each once"):
+        AttributionWorker(model, faithfulness=("deletion", "deletion"), **KW)
     with pytest.raises(ValueError, match="steps >= 1"):
         AttributionWorker(model, faithfulness=("deletion",), faithfulness_steps=0, **KW)

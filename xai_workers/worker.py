@@ -200,10 +200,14 @@ class AttributionWorker:
         from xai_workers.faithfulness import METRICS
 
         self.faithfulness, self.faithfulness_steps = tuple(faithfulness), int(faithfulness_steps)
-        if any(m not in METRICS for m in self.faithfulness) or self.faithfulness_steps < 1:
+        if (
+            any(m not in METRICS for m in self.faithfulness)
+            or len(set(self.faithfulness)) != len(self.faithfulness)
+            or self.faithfulness_steps < 1
+        ):
             raise ValueError(
-                f"faithfulness must be any of {', '.join(METRICS)} with steps >= 1, got "
-                f"{faithfulness!r}, {faithfulness_steps!r}"
+                f"faithfulness must be any of {', '.join(METRICS)} (each once) with steps >= 1, "
+                f"got {faithfulness!r}, {faithfulness_steps!r}"
             )
 
         if isinstance(model, nn.Module):
