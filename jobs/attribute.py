@@ -380,6 +380,7 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
         map_size=cfg.map_size,
         has_names=classes is not None,
         adaptive_ig=cfg.ig_steps == "auto",
+        faithfulness=cfg.faithfulness,
     )
     if layout.map_size != cfg.map_size and cfg.store == "compact":
         log(f"--map-size {cfg.map_size} is above the image size: compact maps are "
@@ -967,6 +968,8 @@ def _pipeline(
             map_size=cfg.map_size,
             pooled_columns=True,  # the summary's maps from the full maps (write_attributions)
             class_names=(prep.model_info["class_names"] or {}).get("names"),
+            faithfulness=cfg.faithfulness,
+            faithfulness_steps=cfg.faithfulness_steps,
         ),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",

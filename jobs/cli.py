@@ -80,6 +80,9 @@ RUN_FLAGS = (
                           "cluster, else a new local Ray); 'local' forces a new one"),
     ("--num-cpus", "N", "CPUs of a new local Ray (default: all)"),
     ("--seed", "N", "seed of the uniform baseline and of --weights random (default 0)"),
+    ("--faithfulness", "LIST", "deletion,insertion: AUC columns per method and for a random "
+                               "pixel order (default: none)"),
+    ("--faithfulness-steps", "K", "steps of the deletion/insertion curves (default 16)"),
     ("--progress-interval-s", "SEC", "seconds between progress lines (default 5)"),
 )  # fmt: skip
 BOOL_FLAGS = (

@@ -77,6 +77,8 @@ class JobConfig:
     input_format: str = "auto"
     labels_from: str = "auto"
     class_names: str | None = None
+    faithfulness: tuple[str, ...] = ()
+    faithfulness_steps: int = 16
 
     # ---------------------------------------------------------------------------------------
 
@@ -118,7 +120,7 @@ class JobConfig:
             "ig_baseline", "gradcam_layer", "precision", "image_size", "resize_size", "crop_pct",
             "interpolation", "mean", "std",
             "id_column", "image_column", "label_column", "seed", "store", "map_size",
-            "input_format", "labels_from", "class_names",
+            "input_format", "labels_from", "class_names", "faithfulness", "faithfulness_steps",
         )  # fmt: skip
         if self.ig_steps == "auto":  # only then: manifests of fixed-step runs stay comparable
             keys += ("ig_tol", "ig_max_steps")
@@ -200,6 +202,16 @@ class JobConfig:
             raise ConfigError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}")
         if self.labels_from not in LABELS_FROM:
             raise ConfigError(f"--labels-from must be one of {', '.join(LABELS_FROM)}")
+        from xai_workers.faithfulness import METRICS
+
+        bad = [m for m in self.faithfulness if m not in METRICS]
+        if bad or len(set(self.faithfulness)) != len(self.faithfulness):
+            raise ConfigError(
+                f"--faithfulness takes {','.join(METRICS)} (each once), got "
+                f"{','.join(self.faithfulness)!r}"
+            )
+        if self.faithfulness_steps < 1:
+            raise ConfigError(f"--faithfulness-steps must be >= 1, got {self.faithfulness_steps}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
 
@@ -209,7 +221,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     try:
         if value is None:
             return None
-        if name == "methods":
+        if name in ("methods", "faithfulness"):
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(m).strip() for m in items if str(m).strip())
         if name in ("mean", "std"):
@@ -222,7 +234,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             return "auto"
         if name in (
             "ig_steps", "ig_max_steps", "image_size", "resize_size", "batch_size", "actors",
-            "rows_per_file", "seed", "map_size",
+            "rows_per_file", "seed", "map_size", "faithfulness_steps",
         ):  # fmt: skip
             if isinstance(value, bool) or float(value) != int(float(value)):
                 raise ValueError("expected an integer")

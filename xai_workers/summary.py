@@ -163,14 +163,16 @@ UNIT_BINNING = Binning("linear", 0.0, 1.0, 200)
 SIGNED_UNIT_BINNING = Binning("linear", -1.0, 1.0, 400)
 #: anything else (>= 0 expected): ratio 1.047 per bin between 1e-6 and 1e6.
 LOG_BINNING = Binning("log", 1e-6, 1e6, 600)
-_UNIT_SUFFIXES = ("_gini", "_entropy", "_border_frac", "_com_x", "_com_y")
+_UNIT_SUFFIXES = (
+    "_gini", "_entropy", "_border_frac", "_com_x", "_com_y", "_deletion_auc", "_insertion_auc"
+)  # fmt: skip
 
 
 def binning_for(stat: str) -> Binning:
     """The histogram of statistic column ``stat`` (decided by its name, so every accumulator of
     every worker agrees): [0, 1] for ``*_gini``, ``*_entropy``, ``*_border_frac``, ``*_com_x``,
-    ``*_com_y``, ``pred_prob``; [-1, 1] for ``agree_*``; log bins for the rest
-    (``ig_rel_error``)."""
+    ``*_com_y``, ``*_deletion_auc``, ``*_insertion_auc``, ``pred_prob``; [-1, 1] for
+    ``agree_*``; log bins for the rest (``ig_rel_error``)."""
     if stat in ("pred_prob", "ig_converged") or stat.endswith(_UNIT_SUFFIXES):
         return UNIT_BINNING
     if stat.startswith("agree_"):

@@ -114,16 +114,20 @@ def output_layout(
     map_size: int = DEFAULT_MAP_SIZE,
     has_names: bool = False,
     adaptive_ig: bool = False,
+    faithfulness: Sequence[str] = (),
 ) -> S.OutputLayout:
     """The output layout a worker with these settings produces (the driver uses it too);
     ``adaptive_ig``: IG runs with ``ig_steps="auto"``."""
+    from xai_workers.faithfulness import column_names
+
     mode, value = parse_target(target)
     topk = value if mode == "topk" else None
     image_shape = (3, int(image_size), int(image_size))
+    faithful = column_names(methods, faithfulness) if faithfulness else ()
     return S.OutputLayout(
         methods=tuple(methods),
         image_shape=image_shape,
-        stat_names=stat_names(methods, image_shape, topk),
+        stat_names=stat_names(methods, image_shape, topk) + faithful,
         topk=topk,
         num_reported=min(5, int(num_classes)),
         id_type=id_type if id_type is not None else pa.string(),
@@ -156,6 +160,11 @@ class AttributionWorker:
         image_size, resize_size, interpolation, mean, std: preprocessing overrides (default:
             the model's own).
         s3_endpoint: S3 endpoint for the weights (else ``$AWS_ENDPOINT_URL``).
+        faithfulness: any of ``deletion``, ``insertion`` (``faithfulness.curves``): the columns
+            ``{method}_{metric}_auc`` and ``random_{metric}_auc``, with ``faithfulness_steps``
+            steps; deletion puts the IG baseline (``ig_baseline``) in, insertion starts from
+            ``make_baseline(x, "blur")``; the random order is seeded from the row's
+            (source, source_row) (``faithfulness.row_key``).
         device: ``cuda``/``cpu``/...; None: CUDA if available, else CPU.
         num_threads: torch threads on the CPU; None: every core of the affinity mask.
         id_type, label_type: Arrow types of the passed-through ``id`` and ``label`` columns
@@ -208,6 +217,8 @@ class AttributionWorker:
         map_size: int = DEFAULT_MAP_SIZE,
         pooled_columns: bool = False,
         class_names: Sequence[str] | None = None,
+        faithfulness: Sequence[str] = (),
+        faithfulness_steps: int = 16,
     ):
         from xai_workers.engine import BASELINES, keep_freed_memory, prepare_model
         from xai_workers.hooks import default_gradcam_layer, get_submodule
@@ -226,6 +237,18 @@ class AttributionWorker:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         check_profile(store, map_size)
+        from xai_workers.faithfulness import METRICS
+
+        self.faithfulness, self.faithfulness_steps = tuple(faithfulness), int(faithfulness_steps)
+        if (
+            any(m not in METRICS for m in self.faithfulness)
+            or len(set(self.faithfulness)) != len(self.faithfulness)
+            or self.faithfulness_steps < 1
+        ):
+            raise ValueError(
+                f"faithfulness must be any of {', '.join(METRICS)} (each once) with steps >= 1, "
+                f"got {faithfulness!r}, {faithfulness_steps!r}"
+            )
 
         if isinstance(model, nn.Module):
             module = model
@@ -289,7 +312,7 @@ class AttributionWorker:
         self.layout = output_layout(
             self.methods, s, self.num_classes, target, id_type=id_type, label_type=label_type,
             store=store, map_size=map_size, has_names=class_names is not None,
-            adaptive_ig=self.ig_steps == "auto",
+            adaptive_ig=self.ig_steps == "auto", faithfulness=self.faithfulness,
         )  # fmt: skip
         self.store, self.map_size = self.layout.store, self.layout.map_size
         self.pooled_columns = bool(pooled_columns)
@@ -327,8 +350,9 @@ class AttributionWorker:
                 errors[idx[j]] = "input has NaN or infinite values"
             keep = np.array([errors[i] is None for i in idx], dtype=bool)
             if keep.any():
+                keys = self._row_keys(batch, idx[keep])
                 values = self._explain(
-                    x[keep], None if targets is None else targets[keep], idx[keep], n, errors
+                    x[keep], None if targets is None else targets[keep], idx[keep], n, errors, keys
                 )
         self.counters["rows"] += n
         self.counters["errors"] += sum(e is not None for e in errors)
@@ -396,7 +420,19 @@ class AttributionWorker:
                 out[j] = int(v)
         return torch.from_numpy(out)
 
-    def _attribute(self, x: torch.Tensor, targets: torch.Tensor | None) -> dict[str, np.ndarray]:
+    def _row_keys(self, batch: pa.Table, idx: np.ndarray) -> list[int] | None:
+        """``faithfulness.row_key`` of rows ``idx`` (None without faithfulness columns)."""
+        if not self.faithfulness:
+            return None
+        from xai_workers.faithfulness import row_key
+
+        src = batch.column("source").to_pylist()
+        row = batch.column("source_row").to_pylist()
+        return [row_key(src[i], row[i]) for i in idx]
+
+    def _attribute(
+        self, x: torch.Tensor, targets: torch.Tensor | None, keys: list[int] | None = None
+    ) -> dict[str, np.ndarray]:
         """One ``attribute`` call + statistics on CPU tensors -> numpy arrays per column."""
         from xai_workers.engine import attribute, make_baseline
         from xai_workers.profiles import reduce_maps
@@ -432,6 +468,8 @@ class AttributionWorker:
             precision=self.precision,
         )
         stats = row_statistics(result)  # from the full maps, under every profile
+        if self.faithfulness:
+            stats.update(self._faithfulness(x, result, keys))
         pooled = {
             POOLED_PREFIX + m: pooled_maps(m, result[m].detach().cpu().numpy())
             for m in self.pooled_methods
@@ -448,7 +486,33 @@ class AttributionWorker:
             )
         return out
 
-    def _explain(self, x, targets, rows, n, errors) -> dict[str, np.ndarray]:
+    def _faithfulness(self, x, result, keys) -> dict[str, torch.Tensor]:
+        """Deletion/insertion AUCs of every method's 2-D map (``stats.map_2d``)."""
+        from xai_workers.engine import make_baseline
+        from xai_workers.faithfulness import deletion_insertion
+        from xai_workers.stats import map_2d
+
+        maps = {m: map_2d(m, result[m]) for m in self.methods if m in result}
+        kind = self.ig_baseline
+        base = (
+            torch.zeros_like(x[:1])
+            if kind == "zeros"
+            else make_baseline(x, kind, self.preprocessing, seed=self.seed)
+        )
+        return deletion_insertion(
+            self.net,
+            x,
+            result["target"],
+            maps,
+            base,
+            make_baseline(x, "blur", self.preprocessing),
+            steps=self.faithfulness_steps,
+            metrics=self.faithfulness,
+            keys=keys,
+            budget_mb=self.batch_budget_mb,
+        )
+
+    def _explain(self, x, targets, rows, n, errors, keys=None) -> dict[str, np.ndarray]:
         """Attribute ``x`` (rows ``rows`` of a batch of ``n``) in chunks of ``batch_size``.
 
         A chunk that raises is redone row by row, so one bad row costs one error row and the
@@ -466,8 +530,9 @@ class AttributionWorker:
         for start in range(0, len(rows), self.batch_size):
             sl = slice(start, start + self.batch_size)
             xs, ts = x[sl], None if targets is None else targets[sl]
+            ks = None if keys is None else keys[sl]
             try:
-                put(self._attribute(xs, ts), rows[sl])
+                put(self._attribute(xs, ts, ks), rows[sl])
             except Exception as e:  # noqa: BLE001 - isolate the row(s) that fail
                 if len(xs) == 1:
                     errors[rows[sl][0]] = _describe(e)
@@ -475,8 +540,12 @@ class AttributionWorker:
                 for j in range(len(xs)):
                     r = rows[sl][j : j + 1]
                     try:
+                        t1 = None if ts is None else ts[j : j + 1]
                         put(
-                            self._attribute(xs[j : j + 1], None if ts is None else ts[j : j + 1]), r
+                            self._attribute(
+                                xs[j : j + 1], t1, None if ks is None else ks[j : j + 1]
+                            ),
+                            r,
                         )
                     except Exception as e1:  # noqa: BLE001
                         errors[r[0]] = _describe(e1)
