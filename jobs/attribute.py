@@ -52,6 +52,7 @@ from ray.data import Datasink  # the driver side of the job is Ray's; the librar
 from jobs import output as out
 from jobs import sources
 from jobs.config import ConfigError, JobConfig
+from xai_workers.engine import LAYER_METHODS
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -240,9 +241,9 @@ def _check_gradcam_layer(cfg: JobConfig, loaded) -> str:
     from xai_workers.hooks import default_gradcam_layer
     from xai_workers.models import is_gradcam_layer
 
-    asked = [m for m in cfg.methods if m in ("gradcam", "cam")]
+    asked = [m for m in cfg.methods if m in LAYER_METHODS]
     if not loaded.layers:
-        rest = [m for m in cfg.methods if m not in ("gradcam", "cam")]
+        rest = [m for m in cfg.methods if m not in LAYER_METHODS]
         raise ConfigError(
             f"model {cfg.model} cannot be hooked (TorchScript), so {', '.join(asked)} "
             "cannot run on it; the methods that do work: "
@@ -339,7 +340,7 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
         raise ConfigError(f"--target topk:{tval} > the model's {loaded.num_classes} classes")
     classes = _class_names(cfg, loaded, plan, log)
     layer = cfg.gradcam_layer
-    if "gradcam" in cfg.methods or "cam" in cfg.methods:
+    if any(m in LAYER_METHODS for m in cfg.methods):
         layer = _check_gradcam_layer(cfg, loaded)
     label_column = plan.label_column
     cfg = dataclasses.replace(

@@ -71,15 +71,24 @@ ERROR_SHARE_FINDING = 0.01
 ERRORS_LISTED = 100
 #: IG completeness error (95th percentile) above this is a finding.
 IG_ERROR_FINDING = 0.1
-METHODS = ("saliency", "integrated_gradients", "gradcam", "cam")
+METHODS = (
+    "saliency", "integrated_gradients", "gradcam", "cam", "gradcam_pp", "xgradcam", "layercam",
+    "eigencam",
+)  # fmt: skip
 METHOD_TITLES = {
     "saliency": "Saliency", "integrated_gradients": "IG", "gradcam": "Grad-CAM", "cam": "CAM",
+    "gradcam_pp": "Grad-CAM++", "xgradcam": "XGrad-CAM", "layercam": "LayerCAM",
+    "eigencam": "EigenCAM",
 }  # fmt: skip
 METHOD_LONG = {
     "saliency": "Saliency",
     "integrated_gradients": "Integrated Gradients",
     "gradcam": "Grad-CAM",
     "cam": "CAM",
+    "gradcam_pp": "Grad-CAM++",
+    "xgradcam": "XGrad-CAM",
+    "layercam": "LayerCAM",
+    "eigencam": "EigenCAM",
 }
 #: Methods with per-class mean maps, in the order the page shows them.
 CLASS_MAP_METHODS = ("gradcam", "integrated_gradients", "cam")

@@ -11,7 +11,7 @@ from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, LayerCAM, XGrad
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from xai_workers.cams import CAMS, cam_map, eigencam
+from xai_workers.cams import CAMS, FAMILY, cam_map, eigencam
 from xai_workers.hooks import capture_activation
 
 REFERENCE = {
@@ -135,3 +135,25 @@ def test_bad_inputs_are_refused():
         cam_map("layercam", a, a[:, :2], (6, 6))
     with pytest.raises(ValueError, match=r"\(N, K, h, w\)"):
         cam_map("gradcam", a[0], a[0], (6, 6))
+
+
+def test_engine_reads_the_family_out_of_its_pass_at_x(case):
+    """``attribute(methods=...)`` gives every member from the one pass at x (its own
+    activations and gradients), equal to the weighting functions on A and G captured by hand:
+    float64 throughout, so 1e-9 of the map's maximum catches any other layer, target, gradient
+    or upsampling (which move maps by > 1%)."""
+    from xai_workers.engine import attribute
+
+    arch, a, g, size, _ = case
+    build, layer, side = CASES[arch]
+    torch.manual_seed(0)
+    model = build().eval().double().requires_grad_(False)
+    x = torch.randn(2, 3, side, side, dtype=torch.float64)
+    names = ("gradcam", *FAMILY)
+    out = attribute(model, x, methods=names, gradcam_layer=layer)
+    for name in names:
+        want = cam_map(name, a, g, size)
+        scale = want.abs().amax().item()
+        assert scale > 0, name
+        err = (out[name] - want).abs().max().item()
+        assert err <= 1e-9 * scale, f"{arch}/{name}: {err:.3g} of {scale:.3g}"

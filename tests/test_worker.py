@@ -204,3 +204,20 @@ def test_model_spec_with_weights_file(model, tmp_path):
     out = w(_batch(x))
     ref = attribute(prepare_model(model), torch.from_numpy(x), methods=("saliency",))
     assert_maps_close(S.tensor_to_numpy(out["saliency"]), ref["saliency"].numpy(), "saliency")
+
+
+def test_cam_family_columns_and_statistics(model):
+    """The Grad-CAM family goes through the worker like Grad-CAM: a map column each (full
+    store), the five statistics of it, rank agreements, all from the one pass at x."""
+    x = _images(3)
+    names = ("gradcam", "gradcam_pp", "xgradcam", "layercam", "eigencam")
+    w = AttributionWorker(model, methods=names, **KW)  # KW: store="full"
+    out = w(_batch(x))
+    assert out.column("status").to_pylist() == ["ok"] * 3
+    ref = attribute(prepare_model(model), torch.from_numpy(x), methods=names,
+                    gradcam_layer=w.gradcam_layer)  # fmt: skip
+    for name in names:
+        assert f"{name}_border_frac" in out.column_names
+        assert_maps_close(S.tensor_to_numpy(out[name]), ref[name].numpy(), name)
+    assert "agree_gradcam_gradcam_pp" in out.column_names
+    assert_statistics_from_own_maps(out)

@@ -104,6 +104,8 @@ CAMS: dict[str, Callable[..., Tensor]] = {
 }
 #: the members that need no gradient at the layer.
 GRADIENT_FREE = frozenset({"eigencam"})
+#: The members besides Grad-CAM itself: the engine's methods of those names (``engine.attribute``).
+FAMILY = ("gradcam_pp", "xgradcam", "layercam", "eigencam")
 
 
 def upsample(m: Tensor, size: tuple[int, int]) -> Tensor:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xai_workers import cams
 from xai_workers.hooks import (
     as_grid,
     capture_activation,
@@ -36,7 +37,12 @@ from xai_workers.hooks import (
 )
 from xai_workers.quadrature import ADAPTIVE_MIN_LEVEL, adaptive_max_level, path_points
 
-METHODS = ("saliency", "integrated_gradients", "gradcam", "cam")
+#: The Grad-CAM family besides Grad-CAM itself: weighting functions (``xai_workers.cams``) over
+#: the same layer's activations and gradients at x, read out of the pass at x (no extra pass).
+CAM_FAMILY = cams.FAMILY
+METHODS = ("saliency", "integrated_gradients", "gradcam", "cam", *CAM_FAMILY)
+#: Methods that read the Grad-CAM layer (``gradcam_layer``).
+LAYER_METHODS = ("gradcam", "cam", *CAM_FAMILY)
 DEFAULT_METHODS = ("saliency", "integrated_gradients", "gradcam")
 BASELINES = ("black", "gray", "zeros", "blur", "uniform")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -468,7 +474,9 @@ def attribute(
         target: None (the predicted class, argmax of the logits at x), an int for every image,
             a sequence/LongTensor (N,) with one class per image, or ``"topk:K"`` (the K best
             classes of each image: every per-target output gains an axis of size K after N).
-        methods: any of "saliency", "integrated_gradients", "gradcam", "cam".
+        methods: any of "saliency", "integrated_gradients", "gradcam", "cam", and the rest of the
+            Grad-CAM family, "gradcam_pp", "xgradcam", "layercam", "eigencam" (``cams``: weighting
+            functions of the same layer's activations and gradients at x, upsampled as Grad-CAM).
         ig_steps, ig_method: the IG quadrature (``quadrature.path_points``). ``ig_steps="auto"``
             chooses the steps per image (and target): nested trapezoid levels of 2^k + 1 points
             with Romberg extrapolation, refined until the estimated relative L2 error of the IG
@@ -542,7 +550,7 @@ def attribute(
         if baseline.dim() < 4:
             baseline = baseline.expand(x.shape) if baseline.dim() == 0 else baseline[None]
     net = prepare_model(model, device=x.device, gradcam_layer=gradcam_layer)
-    if "gradcam" in methods or "cam" in methods:
+    if any(m in LAYER_METHODS for m in methods):
         if gradcam_layer is None:
             key = (tuple(x.shape[1:]), x.dtype, x.device)
             layers = _DEFAULT_LAYER.setdefault(net, {})
@@ -621,10 +629,13 @@ def _run(
     mode, given = _parse_target(target, n, device)
     want_ig = "integrated_gradients" in methods
     want_sal, want_gc, want_cam = "saliency" in methods, "gradcam" in methods, "cam" in methods
+    family = [m for m in CAM_FAMILY if m in methods]
+    # the layer's gradient at x: Grad-CAM and every family member but EigenCAM
+    want_layer_grad = want_gc or any(m not in cams.GRADIENT_FREE for m in family)
     # ig_steps="auto" (``adaptive``) evaluates a = 0 and a = 1 on every level
     has_one = bool(want_ig and (adaptive is not None or abs(alphas[-1] - 1.0) < 1e-12))
     has_zero = bool(want_ig and (adaptive is not None or abs(alphas[0]) < 1e-12))
-    grad_at_x = want_sal or want_gc or has_one
+    grad_at_x = want_sal or want_layer_grad or has_one
 
     # ---- 1. forward (and backward) at x itself: prediction, target, saliency, Grad-CAM, CAM
     result: dict[str, torch.Tensor] = {}
@@ -638,7 +649,7 @@ def _run(
                 fc_in["x"] = inputs[0]
 
             handles.append(fc.register_forward_hook(keep_head_input))
-        layer_ctx = capture_activation(net, layer) if (want_gc or want_cam) else None
+        layer_ctx = capture_activation(net, layer) if (want_gc or want_cam or family) else None
         with layer_ctx or contextlib.nullcontext() as store, saving, autocast:
             # with IG the graph is kept even without a backward here: it measures the memory
             # autograd saves per row, which sizes the sweep's chunks
@@ -672,6 +683,7 @@ def _run(
     result["score"] = _wide(s_x.detach())
 
     sal, gc, g_x, cam = [], [], [], []
+    fam: dict[str, list[torch.Tensor]] = {m: [] for m in family}
     act = store["act"] if store is not None else None
     layout = None
     if act is not None:
@@ -683,7 +695,7 @@ def _run(
             )
     for j in range(kk):
         if grad_at_x:
-            inputs = [xin] + ([act] if want_gc else [])
+            inputs = [xin] + ([act] if want_layer_grad else [])
             grads = torch.autograd.grad(s_x[:, j].sum(), inputs, retain_graph=j < kk - 1)
             gx = _wide(grads[0])
             if has_one:
@@ -695,6 +707,9 @@ def _run(
                 gc.append(
                     _gradcam_map(as_grid(act.detach(), layout), as_grid(grads[1], layout), size)
                 )
+        for m in family:
+            g_layer = None if m in cams.GRADIENT_FREE else as_grid(grads[1], layout)
+            fam[m].append(cams.cam_map(m, as_grid(act.detach(), layout), g_layer, size))
         if want_cam:
             a = _wide(as_grid(act.detach(), layout))
             pooled, head_in = a.mean(dim=(2, 3)), _wide(fc_in["x"].detach())
@@ -716,6 +731,8 @@ def _run(
         result["gradcam"] = stack(gc)
     if want_cam:
         result["cam"] = stack(cam)
+    for m in family:
+        result[m] = stack(fam[m])
 
     # ---- 2. the IG sweep over path points of all (image, target) pairs
     if want_ig and adaptive is not None:

@@ -54,10 +54,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from xai_workers.profiles import DEFAULT_MAP_SIZE, check_profile, effective_map_size, stored_shape
+from xai_workers.profiles import (
+    DEFAULT_MAP_SIZE,
+    MAP_KEYS,
+    check_profile,
+    effective_map_size,
+    stored_shape,
+)
 
 SCHEMA_VERSION = "1"
-MAP_METHODS = ("saliency", "integrated_gradients", "gradcam", "cam")
+MAP_METHODS = MAP_KEYS
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 #: Type of the class-name columns: dictionary-encoded strings (few distinct values).
@@ -94,6 +100,10 @@ _DESCRIPTIONS = {
     "integrated_gradients": "Integrated Gradients, (C, H, W)",
     "gradcam": "Grad-CAM upsampled to (H, W), raw (after its ReLU)",
     "cam": "CAM upsampled to (H, W), raw (signed)",
+    "gradcam_pp": "Grad-CAM++ upsampled to (H, W), raw (after its ReLU)",
+    "xgradcam": "XGrad-CAM upsampled to (H, W), raw (after its ReLU)",
+    "layercam": "LayerCAM upsampled to (H, W), raw (after its ReLU)",
+    "eigencam": "EigenCAM upsampled to (H, W), raw (after its ReLU)",
     "source": "input file, relative to --input",
     "source_row": "row index in the input file (0 for an image file)",
 }

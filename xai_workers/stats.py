@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-METHODS = ("saliency", "integrated_gradients", "gradcam", "cam")
+from xai_workers.cams import FAMILY
+
+METHODS = ("saliency", "integrated_gradients", "gradcam", "cam", *FAMILY)
 MAP_STATS = ("gini", "entropy", "border_frac", "com_x", "com_y")
 
 #: Fraction of the width (height) that counts as border, on each side.
@@ -39,7 +41,8 @@ def map_2d(method: str, value: Tensor) -> Tensor:
 
     - ``saliency``: (..., H, W) -> itself.
     - ``integrated_gradients``: (..., C, H, W) -> ``sum_c |IG[c]|``, (..., H, W).
-    - ``gradcam``: (..., H, W) -> itself.
+    - ``gradcam`` and the Grad-CAM family (``gradcam_pp``, ``xgradcam``, ``layercam``,
+      ``eigencam``): (..., H, W) -> itself (already after their ReLU).
     - ``cam``: (..., H, W) -> ``ReLU(cam)``: the positive evidence for the class, the part
       Grad-CAM keeps (on a GAP + linear model ``gradcam = ReLU(cam) / (h*w)``, so the two have
       the same statistics there). The stored ``cam`` stays signed and raw.
@@ -53,7 +56,7 @@ def map_2d(method: str, value: Tensor) -> Tensor:
                 f"integrated_gradients must be (..., C, H, W); got {tuple(value.shape)}"
             )
         return value.detach().abs().sum(dim=-3)
-    if method in ("saliency", "gradcam", "cam"):
+    if method in ("saliency", "gradcam", "cam", *FAMILY):
         if value.dim() < 2:
             raise ValueError(f"{method} must be (..., H, W); got {tuple(value.shape)}")
         return value.detach().clamp(min=0) if method == "cam" else value.detach()

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 from xai_workers import schema as S
+from xai_workers.cams import FAMILY
+from xai_workers.engine import LAYER_METHODS
 from xai_workers.profiles import DEFAULT_MAP_SIZE, DEFAULT_PROFILE, check_profile
 from xai_workers.summary import MAP_METHODS as SUMMARY_MAP_METHODS
 from xai_workers.summary import MAP_SIZE as SUMMARY_MAP_SIZE
@@ -96,7 +98,7 @@ def stat_names(
         fake["integrated_gradients"] = torch.zeros(*lead, c, h, w)
         fake["baseline_score"] = torch.zeros(lead)
         fake["ig_delta"] = torch.zeros(lead)
-    for m in ("saliency", "gradcam", "cam"):
+    for m in ("saliency", "gradcam", "cam", *FAMILY):
         if m in methods:
             fake[m] = torch.zeros(*lead, h, w)
     return tuple(row_statistics(fake))
@@ -297,7 +299,7 @@ class AttributionWorker:
         self.net = prepare_model(module, device=self.device, gradcam_layer=gradcam_layer)
         s = self.preprocessing.image_size
         self.methods = tuple(methods)
-        if gradcam_layer is None and ("gradcam" in self.methods or "cam" in self.methods):
+        if gradcam_layer is None and any(m in LAYER_METHODS for m in self.methods):
             gradcam_layer = default_gradcam_layer(
                 self.net, torch.zeros(1, 3, s, s, device=self.device)
             )
