@@ -4,9 +4,9 @@
 
     from_items(shards)                      one item per shard (jobs.sources.make_shards)
       .map_batches(read_and_preprocess)     CPU tasks: read rows, decode, preprocess -> x / error
-      .map_batches(AttributionWorker,       actors, one model each: 1 GPU per actor on a GPU
-                   compute=ActorPoolStrategy)  cluster, a fraction of a node's CPUs otherwise
-      .write_datasink(PartsDatasink)        CPU tasks: one atomic Parquet part per >= N rows
+      .map_batches(JobWorker,               actors (an AttributionWorker each, one model): 1 GPU
+                   compute=ActorPoolStrategy)  per actor on a GPU cluster, else part of a node
+      .write_datasink(PartsDatasink)        CPU tasks: atomic Parquet parts of at most N rows
 
 Why the sink is ours and not ``Dataset.write_parquet``: in Ray 2.60 that names files
 ``{write_uuid}_{task}-{i}.parquet`` and writes them in place (not atomically), so after a crash a
@@ -49,6 +49,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 from ray.data import Datasink  # the driver side of the job is Ray's; the library never is
 
+from jobs import lock as output_lock
 from jobs import output as out
 from jobs import sources
 from jobs.config import ConfigError, JobConfig
@@ -157,6 +158,14 @@ def _progress_actor_class():
 
         def __init__(self):
             self.totals = [0, 0, 0, 0]
+            self.starts = 0
+
+        def started(self) -> None:
+            """An attribution actor started (a restarted one counts again)."""
+            self.starts += 1
+
+        def get_starts(self) -> int:
+            return self.starts
 
         def add(self, rows: int, errors: int, nbytes: int) -> None:
             self.totals[0] += rows
@@ -181,8 +190,9 @@ def _poll(counter, progress: Progress, force: bool = False) -> None:
     progress.update(*totals, force=force)
 
 
-def _run_pipeline(prep, shards, resources, attr_uri, progress: Progress) -> None:
-    """Run the pipeline in a thread; poll the write tasks' counts for progress lines."""
+def _run_pipeline(prep, shards, resources, attr_uri, progress: Progress) -> int:
+    """Run the pipeline in a thread; poll the write tasks' counts for progress lines. Returns
+    how many times an attribution actor started (restarts after a crash count again)."""
     import threading
 
     import ray
@@ -204,6 +214,10 @@ def _run_pipeline(prep, shards, resources, attr_uri, progress: Progress) -> None
             thread.join(timeout=poll)
             _poll(counter, progress)
         _poll(counter, progress, force=True)
+        try:
+            starts = int(ray.get(counter.get_starts.remote(), timeout=30))
+        except Exception:  # noqa: BLE001 - a count is never worth failing the job
+            starts = -1
     finally:
         try:
             ray.kill(counter)
@@ -211,6 +225,41 @@ def _run_pipeline(prep, shards, resources, attr_uri, progress: Progress) -> None
             pass
     if failure:
         raise failure[0]
+    return starts
+
+
+#: Test-only fault switch: ``"K:PATH"`` makes the first attribution actor that reaches its K-th
+#: batch while PATH does not exist create PATH and die (``os._exit``), as a preempted node's
+#: process would. Forwarded to the actors by the job when set in the driver.
+FAULT_ENV = "XAI_AUDIT_TEST_ACTOR_EXIT"
+
+
+class JobWorker:
+    """The job's actor: the library's ``AttributionWorker`` plus what only a Ray job has: it
+    reports its start to the progress actor (restarts are counted in the manifest), and the
+    test-only fault switch ``FAULT_ENV``."""
+
+    def __init__(self, *, progress=None, **kwargs):
+        from xai_workers.worker import AttributionWorker
+
+        self.worker = AttributionWorker(**kwargs)
+        self.batches = 0
+        if progress is not None:
+            progress.started.remote()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self.batches += 1
+        fault = os.environ.get(FAULT_ENV)
+        if fault:
+            k, _, path = fault.partition(":")
+            if self.batches == int(k):
+                try:
+                    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    pass
+                else:
+                    os._exit(1)
+        return self.worker(batch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,6 +280,8 @@ class Prepared:
     state: out.OutputState
     rows_per_file: int
     duplicate_ids: int = 0
+    #: the output's lock (``jobs.lock``), held from ``prepare`` on; ``run_job`` releases it
+    lock: output_lock.Lock | None = None
 
 
 def _check_gradcam_layer(cfg: JobConfig, loaded) -> str:
@@ -392,23 +443,29 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
 
     schema = output_schema(layout)
 
-    state = out.inspect(cfg.output, cfg.s3_endpoint)
-    if not state.empty:
-        if cfg.overwrite:
-            log(f"--overwrite: removing the earlier output in {cfg.output}")
-            out.remove_owned(cfg.output, cfg.s3_endpoint)
-            state = out.OutputState(None, [], [])
-        elif cfg.resume:
-            _check_resumable(state, settings, plan, cfg)
-        else:
-            what = _describe_state(state)
-            raise ConfigError(
-                f"output {cfg.output} already holds {what}; pass --resume to finish that run "
-                "or --overwrite to replace it"
-            )
     out.check_writable(cfg.output, cfg.s3_endpoint)
+    # one writer per output, from here on (before --overwrite removes anything)
+    held = output_lock.acquire(cfg.output, cfg.s3_endpoint, log=log)
+    try:
+        state = out.inspect(cfg.output, cfg.s3_endpoint)
+        if not state.empty:
+            if cfg.overwrite:
+                log(f"--overwrite: removing the earlier output in {cfg.output}")
+                out.remove_owned(cfg.output, cfg.s3_endpoint)
+                state = out.OutputState(None, [], [])
+            elif cfg.resume:
+                _check_resumable(state, settings, plan, cfg)
+            else:
+                what = _describe_state(state)
+                raise ConfigError(
+                    f"output {cfg.output} already holds {what}; pass --resume to finish that "
+                    "run or --overwrite to replace it"
+                )
+    except BaseException:
+        held.release()
+        raise
     rpf = cfg.rows_per_file or out.rows_per_file(schema, plan.total_rows)
-    return Prepared(cfg, plan, settings, model_info, layout, schema, state, rpf, n_dup)
+    return Prepared(cfg, plan, settings, model_info, layout, schema, state, rpf, n_dup, held)
 
 
 def _class_names(cfg: JobConfig, loaded, plan, log) -> dict | None:
@@ -694,6 +751,15 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> JobRes
     t_start = time.monotonic()
     started_at = _now()
     prep = prepare(cfg, log)
+    prep.lock.start_heartbeat()
+    try:
+        return _run_prepared(prep, t_start, started_at, log)
+    finally:
+        prep.lock.release()
+
+
+def _run_prepared(prep: Prepared, t_start: float, started_at: str, log) -> JobResult:
+    """The run itself, with the output's lock held (``run_job``)."""
     cfg, plan = prep.cfg, prep.plan
     attr_uri = out.join(cfg.output, out.ATTRIBUTIONS)
     manifest_uri = out.join(cfg.output, out.MANIFEST)
@@ -769,7 +835,9 @@ def run_job(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> JobRes
                 f"{prep.rows_per_file} rows per file -> {attr_uri}"
             )
             progress.start()
-            _run_pipeline(prep, shards, resources, attr_uri, progress)
+            starts = _run_pipeline(prep, shards, resources, attr_uri, progress)
+            manifest["ray"]["actor_starts"] = starts
+            manifest["ray"]["actor_restarts"] = max(0, starts - resources.actors)
         t_pipe_end = time.monotonic()
         final = out.scan(attr_uri, rows_by_source, s3_endpoint=cfg.s3_endpoint)
         if final.duplicates:
@@ -898,8 +966,6 @@ def _pipeline(
     """Build and run the Ray Data pipeline to the end (blocking); parts report to the actor."""
     import ray
 
-    from xai_workers.worker import AttributionWorker
-
     cfg, plan = prep.cfg, prep.plan
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(os.environ.get("XAI_AUDIT_RAY_PROGRESS"))
@@ -939,9 +1005,11 @@ def _pipeline(
     )
     # Ray Data schedules actors with DataContext.scheduling_strategy, "SPREAD" by default:
     # one CPU actor per node, not two on one
+    fault = {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else None
     ds = ds.map_batches(
-        AttributionWorker,
+        JobWorker,
         fn_constructor_kwargs=dict(
+            progress=progress_actor,
             model=cfg.model,
             weights=cfg.weights,
             methods=cfg.methods,
@@ -977,6 +1045,7 @@ def _pipeline(
         compute=ray.data.ActorPoolStrategy(size=res.actors),
         num_cpus=res.actor_num_cpus,
         num_gpus=res.actor_num_gpus or None,
+        **({"runtime_env": {"env_vars": fault}} if fault else {}),
     )
     sink = PartsDatasink(
         dest=attr_uri,

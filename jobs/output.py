@@ -70,12 +70,14 @@ def _is_local(pafs) -> bool:
     return isinstance(pafs, pafs_mod.LocalFileSystem)
 
 
-def list_files(uri: str, s3_endpoint: str | None = None) -> list[str]:
-    """Paths (filesystem paths, not URIs) of the files directly under folder/prefix ``uri``."""
+def list_files(uri: str, s3_endpoint: str | None = None, recursive: bool = False) -> list[str]:
+    """Paths (filesystem paths, not URIs) of the files directly under folder/prefix ``uri``
+    (``recursive``: at any depth)."""
     import pyarrow.fs as pafs_mod
 
     fs, path = _fs(uri, s3_endpoint)
-    infos = fs.get_file_info(pafs_mod.FileSelector(path, allow_not_found=True, recursive=False))
+    selector = pafs_mod.FileSelector(path, allow_not_found=True, recursive=recursive)
+    infos = fs.get_file_info(selector)
     return sorted(i.path for i in infos if i.type == pafs_mod.FileType.File)
 
 
@@ -178,8 +180,8 @@ def remove_owned(output: str, s3_endpoint: str | None = None) -> None:
             fs.delete_dir(path)
         elif info.type == pafs_mod.FileType.File:
             fs.delete_file(path)
-        elif not _is_local(fs):  # S3 "folders" are prefixes: delete what is under it
-            for p in list_files(join(output, name), s3_endpoint):
+        elif not _is_local(fs):  # S3 "folders" are prefixes: delete all that is under it
+            for p in list_files(join(output, name), s3_endpoint, recursive=True):
                 fs.delete_file(p)
 
 

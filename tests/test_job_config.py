@@ -250,3 +250,23 @@ def test_class_names_file_must_match_the_model(capsys, dataset, tmp_path):
     prep = job.prepare(cfg, log=lambda m: None)
     assert prep.model_info["class_names"]["names"][3] == "digit 3"
     assert {"pred_name", "target_name"} <= set(prep.schema.names)
+
+
+def test_overwrite_on_s3_removes_nested_prefixes(s3_server, s3_bucket):
+    """On S3 a 'folder' is a key prefix: --overwrite removes every key under the owned prefixes,
+    nested ones too (summary/partials/, report/img/), and keeps the user's own keys."""
+    import boto3
+
+    from jobs import output as out
+
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    keys = [
+        "run/manifest.json", "run/attributions/part-1.parquet", "run/summary/summary.parquet",
+        "run/summary/partials/part-1.parquet", "run/report/index.html",
+        "run/report/img/r000-image.png", "run/notes/mine.txt",
+    ]  # fmt: skip
+    for k in keys:
+        s3.put_object(Bucket=s3_bucket, Key=k, Body=b"x")
+    out.remove_owned(f"s3://{s3_bucket}/run", s3_server)
+    left = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket).get("Contents", []))
+    assert left == ["run/notes/mine.txt"]
