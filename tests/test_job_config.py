@@ -186,3 +186,20 @@ def test_class_names_file_must_match_the_model(capsys, dataset, tmp_path):
     prep = job.prepare(cfg, log=lambda m: None)
     assert prep.model_info["class_names"]["names"][3] == "digit 3"
     assert {"pred_name", "target_name"} <= set(prep.schema.names)
+
+
+def test_more_class_folders_than_model_classes(capsys, tmp_path):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, "PNG")
+    for c in range(11):  # the demo model has 10 classes
+        (tmp_path / "in" / f"c{c:02d}").mkdir(parents=True)
+        (tmp_path / "in" / f"c{c:02d}" / "a.png").write_bytes(buf.getvalue())
+    _fails(capsys, _argv(str(tmp_path / "in"), tmp_path / "o"), "11 class folders", "10 classes")
+    cfg = JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "o"), model=SPEC,
+                    image_size=32, labels_from="none")  # fmt: skip
+    prep = job.prepare(cfg, log=print)
+    assert prep.plan.label_column is None and prep.plan.total_rows == 11
