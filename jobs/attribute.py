@@ -389,6 +389,12 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
         )
     if mode == "topk" and tval > loaded.num_classes:
         raise ConfigError(f"--target topk:{tval} > the model's {loaded.num_classes} classes")
+    if plan.kind == "images" and plan.class_names and len(plan.class_names) > loaded.num_classes:
+        raise ConfigError(
+            f"the input has {len(plan.class_names)} class folders but the model has "
+            f"{loaded.num_classes} classes, so folder indices are not its classes; pass "
+            "--labels-from none, or point --input at folders of the model's classes"
+        )
     classes = _class_names(cfg, loaded, plan, log)
     layer = cfg.gradcam_layer
     if any(m in LAYER_METHODS for m in cfg.methods):

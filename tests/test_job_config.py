@@ -270,3 +270,20 @@ def test_overwrite_on_s3_removes_nested_prefixes(s3_server, s3_bucket):
     out.remove_owned(f"s3://{s3_bucket}/run", s3_server)
     left = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket).get("Contents", []))
     assert left == ["run/notes/mine.txt"]
+
+
+def test_more_class_folders_than_model_classes(capsys, tmp_path):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, "PNG")
+    for c in range(11):  # the demo model has 10 classes
+        (tmp_path / "in" / f"c{c:02d}").mkdir(parents=True)
+        (tmp_path / "in" / f"c{c:02d}" / "a.png").write_bytes(buf.getvalue())
+    _fails(capsys, _argv(str(tmp_path / "in"), tmp_path / "o"), "11 class folders", "10 classes")
+    cfg = JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "o"), model=SPEC,
+                    image_size=32, labels_from="none")  # fmt: skip
+    prep = job.prepare(cfg, log=print)
+    assert prep.plan.label_column is None and prep.plan.total_rows == 11

@@ -105,9 +105,10 @@ def discover(
         _, ex = filesystem(exclude, s3_endpoint)
         ex = ex.rstrip("/")
         paths = [p for p in paths if p != ex and not p.startswith(ex + "/")]
-    paths = [p for p in paths if not posixpath.basename(p).startswith((".", "_"))]
+    # hidden and underscore Parquet files (_SUCCESS, _metadata, .part-x.crc) are not data
+    hidden = {p for p in paths if posixpath.basename(p).startswith((".", "_"))}
     found = {
-        "parquet": [p for p in paths if p.lower().endswith(PARQUET_EXTENSIONS)],
+        "parquet": [p for p in paths if p.lower().endswith(PARQUET_EXTENSIONS) and p not in hidden],
         "images": [p for p in paths if p.lower().endswith(IMAGE_EXTENSIONS)],
         "webdataset": [p for p in paths if p.lower().endswith(TAR_EXTENSIONS)],
     }
