@@ -1045,6 +1045,8 @@ def _pipeline(
             class_names=(prep.model_info["class_names"] or {}).get("names"),
             faithfulness=cfg.faithfulness,
             faithfulness_steps=cfg.faithfulness_steps,
+            smoothgrad_samples=cfg.smoothgrad_samples,
+            smoothgrad_sigma=cfg.smoothgrad_sigma,
         ),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",

@@ -35,7 +35,9 @@ RUN_FLAGS = (
                         "torchscript:<uri> | <module>:<callable>"),
     ("--weights", "URI", "state_dict (.pt/.pth/.safetensors, local or s3://), a "
                          "torchvision weights name, or 'random' (seeded by --seed; for tests)"),
-    ("--methods", "LIST", "comma-separated: saliency,integrated_gradients,gradcam[,cam]"),
+    ("--methods", "LIST", "comma-separated: saliency,integrated_gradients,gradcam (default); "
+                          "also cam, gradcam_pp, xgradcam, layercam, eigencam, smoothgrad, "
+                          "smoothgrad_sq, vargrad"),
     ("--target", "T", "predicted (default) | label | <class index> | topk:K"),
     ("--score", "S", "logit (default) or prob"),
     ("--ig-steps", "N", "Integrated Gradients steps (default 32), or auto: per image until "
@@ -83,6 +85,9 @@ RUN_FLAGS = (
     ("--faithfulness", "LIST", "deletion,insertion: AUC columns per method and for a random "
                                "pixel order (default: none)"),
     ("--faithfulness-steps", "K", "steps of the deletion/insertion curves (default 16)"),
+    ("--smoothgrad-samples", "M", "noisy copies for smoothgrad/smoothgrad_sq/vargrad (default 16)"),
+    ("--smoothgrad-sigma", "F", "SmoothGrad noise, times each image's max(x) - min(x) "
+                                "(default 0.15)"),
     ("--progress-interval-s", "SEC", "seconds between progress lines (default 5)"),
 )  # fmt: skip
 BOOL_FLAGS = (

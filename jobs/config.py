@@ -79,6 +79,8 @@ class JobConfig:
     class_names: str | None = None
     faithfulness: tuple[str, ...] = ()
     faithfulness_steps: int = 16
+    smoothgrad_samples: int = 16
+    smoothgrad_sigma: float = 0.15
 
     # ---------------------------------------------------------------------------------------
 
@@ -121,6 +123,7 @@ class JobConfig:
             "interpolation", "mean", "std",
             "id_column", "image_column", "label_column", "seed", "store", "map_size",
             "input_format", "labels_from", "class_names", "faithfulness", "faithfulness_steps",
+            "smoothgrad_samples", "smoothgrad_sigma",
         )  # fmt: skip
         if self.ig_steps == "auto":  # only then: manifests of fixed-step runs stay comparable
             keys += ("ig_tol", "ig_max_steps")
@@ -212,6 +215,10 @@ class JobConfig:
             )
         if self.faithfulness_steps < 1:
             raise ConfigError(f"--faithfulness-steps must be >= 1, got {self.faithfulness_steps}")
+        if self.smoothgrad_samples < 1:
+            raise ConfigError(f"--smoothgrad-samples must be >= 1, got {self.smoothgrad_samples}")
+        if not self.smoothgrad_sigma > 0:
+            raise ConfigError(f"--smoothgrad-sigma must be > 0, got {self.smoothgrad_sigma}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
 
@@ -234,12 +241,15 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             return "auto"
         if name in (
             "ig_steps", "ig_max_steps", "image_size", "resize_size", "batch_size", "actors",
-            "rows_per_file", "seed", "map_size", "faithfulness_steps",
+            "rows_per_file", "seed", "map_size", "faithfulness_steps", "smoothgrad_samples",
         ):  # fmt: skip
             if isinstance(value, bool) or float(value) != int(float(value)):
                 raise ValueError("expected an integer")
             return int(float(value))
-        if name in ("ig_tol", "max_error_rate", "num_cpus", "progress_interval_s", "crop_pct"):
+        if name in (
+            "ig_tol", "max_error_rate", "num_cpus", "progress_interval_s", "crop_pct",
+            "smoothgrad_sigma",
+        ):  # fmt: skip
             return float(value)
         if name in ("resume", "overwrite", "summary", "unique_ids"):
             if isinstance(value, str):

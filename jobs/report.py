@@ -73,12 +73,13 @@ ERRORS_LISTED = 100
 IG_ERROR_FINDING = 0.1
 METHODS = (
     "saliency", "integrated_gradients", "gradcam", "cam", "gradcam_pp", "xgradcam", "layercam",
-    "eigencam",
+    "eigencam", "smoothgrad", "smoothgrad_sq", "vargrad",
 )  # fmt: skip
 METHOD_TITLES = {
     "saliency": "Saliency", "integrated_gradients": "IG", "gradcam": "Grad-CAM", "cam": "CAM",
     "gradcam_pp": "Grad-CAM++", "xgradcam": "XGrad-CAM", "layercam": "LayerCAM",
-    "eigencam": "EigenCAM",
+    "eigencam": "EigenCAM", "smoothgrad": "SmoothGrad", "smoothgrad_sq": "SmoothGrad²",
+    "vargrad": "VarGrad",
 }  # fmt: skip
 METHOD_LONG = {
     "saliency": "Saliency",
@@ -89,6 +90,9 @@ METHOD_LONG = {
     "xgradcam": "XGrad-CAM",
     "layercam": "LayerCAM",
     "eigencam": "EigenCAM",
+    "smoothgrad": "SmoothGrad",
+    "smoothgrad_sq": "SmoothGrad (squared)",
+    "vargrad": "VarGrad",
 }
 #: Methods with per-class mean maps, in the order the page shows them.
 CLASS_MAP_METHODS = ("gradcam", "integrated_gradients", "cam")
@@ -454,11 +458,14 @@ def load_images(
     pre_d = (manifest.get("model") or {}).get("preprocessing") or {}
     if not root or not pre_d.get("image_size"):
         return out
+    # the run's own preprocessing (the model's resize, crop and filter), as the manifest has it
+    extra = {k: pre_d[k] for k in ("max_pixels", "resize_size", "resize_mode", "interpolation",
+                                   "crop_anchor") if pre_d.get(k) is not None}  # fmt: skip
     pre = Preprocessing(
         image_size=int(pre_d["image_size"]),
         mean=tuple(pre_d.get("mean") or (0.485, 0.456, 0.406)),
         std=tuple(pre_d.get("std") or (0.229, 0.224, 0.225)),
-        **({"max_pixels": int(pre_d["max_pixels"])} if pre_d.get("max_pixels") else {}),
+        **extra,
     )
     try:
         fs, root_path = filesystem(root, s3_endpoint)

@@ -138,3 +138,33 @@ def test_error_rows_are_listed_with_their_messages(tmp_path):
     page = open(res.index, encoding="utf-8").read()
     assert 'id="errors"' in page and "cannot decode image: row 9" in page and "i5" in page
     assert "What stands out" in page  # 27% error rows
+
+
+def test_report_pictures_use_the_runs_own_preprocessing(tmp_path):
+    """A model with its own resize and filter (timm, HF, torchvision weights): the report draws
+    the image as the model saw it, from the manifest's preprocessing, not a plain centre crop."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from xai_workers.preprocess import Preprocessing, input_to_pixels, preprocess_bytes
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(buf, "PNG")
+    data = str(tmp_path / "d.parquet")
+    pq.write_table(pa.table({"id": ["a"], "image": [buf.getvalue()]}), data)
+    own = {"image_size": 32, "resize_size": 40, "resize_mode": "shorter_side",
+           "interpolation": "bicubic", "crop_anchor": "floor", "mean": [0.5] * 3,
+           "std": [0.5] * 3}  # fmt: skip
+    manifest = {"input": {"root": data, "kind": "parquet", "image_column": "image"},
+                "model": {"preprocessing": own}}  # fmt: skip
+    (pic,) = R.load_images(manifest, [{"source": "d.parquet", "source_row": 0}])
+    pre = Preprocessing(image_size=32, resize_size=40, interpolation="bicubic",
+                        crop_anchor="floor", mean=(0.5,) * 3, std=(0.5,) * 3)  # fmt: skip
+    want = input_to_pixels(preprocess_bytes(buf.getvalue(), pre), pre).clamp(0, 1)
+    np.testing.assert_allclose(pic, want.permute(1, 2, 0).numpy(), atol=1e-6)  # same pixels
+    plain = Preprocessing(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    other = input_to_pixels(preprocess_bytes(buf.getvalue(), plain), plain).clamp(0, 1)
+    assert np.abs(pic - other.permute(1, 2, 0).numpy()).max() > 0.1  # the check can fail

@@ -221,3 +221,26 @@ def test_cam_family_columns_and_statistics(model):
         assert_maps_close(S.tensor_to_numpy(out[name]), ref[name].numpy(), name)
     assert "agree_gradcam_gradcam_pp" in out.column_names
     assert_statistics_from_own_maps(out)
+
+
+def test_smoothgrad_noise_is_seeded_by_the_row_key(model):
+    """The worker seeds each row's SmoothGrad noise with faithfulness.row_key(source,
+    source_row): the same row gives the same map in any batch, on any actor, on resume."""
+    from xai_workers.faithfulness import row_key
+
+    x = _images(4)
+    w = AttributionWorker(model, methods=("smoothgrad", "vargrad"), smoothgrad_samples=3, **KW)
+    out = w(_batch(x))
+    keys = [row_key("src.parquet", i) for i in range(4)]
+    ref = attribute(prepare_model(model), torch.from_numpy(x), methods=("smoothgrad", "vargrad"),
+                    smoothgrad_samples=3, noise_keys=keys)  # fmt: skip
+    for name in ("smoothgrad", "vargrad"):
+        assert_maps_close(S.tensor_to_numpy(out[name]), ref[name].numpy(), name)
+        assert f"{name}_gini" in out.column_names
+    one = _batch(x[2:3])
+    one = one.set_column(
+        one.schema.get_field_index("source_row"), "source_row", pa.array([2], pa.int64())
+    )  # the same row, alone in its batch
+    alone = w(one)
+    assert_maps_close(S.tensor_to_numpy(alone["smoothgrad"]), ref["smoothgrad"][2:3].numpy(),
+                      "smoothgrad")  # fmt: skip

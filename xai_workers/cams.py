@@ -106,6 +106,9 @@ CAMS: dict[str, Callable[..., Tensor]] = {
 GRADIENT_FREE = frozenset({"eigencam"})
 #: The members besides Grad-CAM itself: the engine's methods of those names (``engine.attribute``).
 FAMILY = ("gradcam_pp", "xgradcam", "layercam", "eigencam")
+#: SmoothGrad and its variants (``engine.attribute``): 2-D maps like saliency, not CAMs; named
+#: here, beside the other map methods' names, so the library has one list of them.
+SMOOTHGRAD = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 
 def upsample(m: Tensor, size: tuple[int, int]) -> Tensor:

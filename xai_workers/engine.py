@@ -40,7 +40,9 @@ from xai_workers.quadrature import ADAPTIVE_MIN_LEVEL, adaptive_max_level, path_
 #: The Grad-CAM family besides Grad-CAM itself: weighting functions (``xai_workers.cams``) over
 #: the same layer's activations and gradients at x, read out of the pass at x (no extra pass).
 CAM_FAMILY = cams.FAMILY
-METHODS = ("saliency", "integrated_gradients", "gradcam", "cam", *CAM_FAMILY)
+#: SmoothGrad (Smilkov et al. 2017) and its variants: input gradients at noisy copies of x.
+SMOOTHGRAD = cams.SMOOTHGRAD
+METHODS = ("saliency", "integrated_gradients", "gradcam", "cam", *CAM_FAMILY, *SMOOTHGRAD)
 #: Methods that read the Grad-CAM layer (``gradcam_layer``).
 LAYER_METHODS = ("gradcam", "cam", *CAM_FAMILY)
 DEFAULT_METHODS = ("saliency", "integrated_gradients", "gradcam")
@@ -461,6 +463,9 @@ def attribute(
     saliency_channels: bool = False,
     batch_budget_mb: float | None = None,
     precision: str = "fp32",
+    smoothgrad_samples: int = 16,
+    smoothgrad_sigma: float = 0.15,
+    noise_keys: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Saliency, Integrated Gradients, Grad-CAM and CAM for a batch, in one fused sweep.
 
@@ -527,6 +532,11 @@ def attribute(
         raise ValueError(f"saliency_mode must be 'abs' or 'square', got {saliency_mode!r}")
     if precision not in ("fp32", "bf16", "auto"):
         raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {precision!r}")
+    if any(m in SMOOTHGRAD for m in methods):
+        if int(smoothgrad_samples) < 1 or not smoothgrad_sigma > 0:
+            raise ValueError("smoothgrad_samples must be >= 1 and smoothgrad_sigma > 0")
+        if noise_keys is not None and len(noise_keys) != x.shape[0]:
+            raise ValueError(f"noise_keys: one per image ({x.shape[0]}), got {len(noise_keys)}")
     adaptive = None
     if isinstance(ig_steps, str):
         if ig_steps != "auto":
@@ -575,6 +585,7 @@ def attribute(
         saliency_channels=saliency_channels,
         budget_mb=batch_budget_mb,
         adaptive=adaptive,
+        smoothgrad=(int(smoothgrad_samples), float(smoothgrad_sigma), noise_keys),
     )
     use_bf16 = precision == "bf16" or (precision == "auto" and x.device.type == "cuda")
     with torch.enable_grad():
@@ -621,6 +632,7 @@ def _run(
     budget_mb,
     bf16: bool,
     adaptive: _Adaptive | None = None,
+    smoothgrad: tuple = (16, 0.15, None),
 ) -> dict[str, torch.Tensor]:
     n, size = x.shape[0], tuple(x.shape[-2:])
     device = x.device
@@ -628,6 +640,9 @@ def _run(
     x = x.contiguous(memory_format=torch.channels_last)
     mode, given = _parse_target(target, n, device)
     want_ig = "integrated_gradients" in methods
+    # a graph at x also measures the bytes autograd saves per row, which sizes IG's and
+    # SmoothGrad's chunks
+    measure = want_ig or any(m in SMOOTHGRAD for m in methods)
     want_sal, want_gc, want_cam = "saliency" in methods, "gradcam" in methods, "cam" in methods
     family = [m for m in CAM_FAMILY if m in methods]
     # the layer's gradient at x: Grad-CAM and every family member but EigenCAM
@@ -653,8 +668,8 @@ def _run(
         with layer_ctx or contextlib.nullcontext() as store, saving, autocast:
             # with IG the graph is kept even without a backward here: it measures the memory
             # autograd saves per row, which sizes the sweep's chunks
-            xin = x.clone().requires_grad_(grad_at_x or want_ig)
-            with torch.set_grad_enabled(grad_at_x or want_ig):
+            xin = x.clone().requires_grad_(grad_at_x or measure)
+            with torch.set_grad_enabled(grad_at_x or measure):
                 logits = net(xin)
             if logits.dim() != 2:
                 raise ValueError(f"model output must be (N, classes), got {tuple(logits.shape)}")
@@ -777,9 +792,68 @@ def _run(
             for key in ("integrated_gradients", "baseline_score", "ig_delta", *_AUTO_KEYS):
                 if key in result:
                     result[key] = result[key].squeeze(1)
+    # ---- 3. SmoothGrad: gradients at noisy copies of x, chunked under the same budget
+    want_sg = [m for m in SMOOTHGRAD if m in methods]
+    if want_sg:
+        samples, sigma, keys = smoothgrad
+        sg = _smoothgrad(net, x, targets, score, samples, sigma, keys, budget_mb, per_row_bytes)
+        for m in want_sg:
+            result[m] = sg[m] if mode == "topk" else sg[m][:, 0]
     if mode != "topk":
         result["target"], result["score"] = targets[:, 0], result["score"][:, 0]
     return result
+
+
+def smoothgrad_noise(x: torch.Tensor, samples: int, sigma: float, keys=None) -> torch.Tensor:
+    """The noise SmoothGrad adds: (N, M, C, H, W), x's dtype and device.
+
+    Image i's M draws come from a CPU ``torch.Generator`` seeded with ``keys[i]`` (the row's key,
+    ``faithfulness.row_key``; default i), standard normal in that order, times
+    ``sigma * (max(x_i) - min(x_i))``: a row gets the same noise on any actor, in any batch."""
+    n = x.shape[0]
+    keys = range(n) if keys is None else keys
+    out = torch.empty((n, samples, *x.shape[1:]), dtype=x.dtype)
+    for i, key in enumerate(keys):
+        g = torch.Generator().manual_seed(int(key))
+        z = torch.randn((samples, *x.shape[1:]), generator=g, dtype=torch.float64)
+        spread = float((x[i].amax() - x[i].amin()).item())
+        out[i] = (z * (sigma * spread)).to(x.dtype)
+    return out.to(x.device)
+
+
+def _smoothgrad(net, x, targets, score, samples, sigma, keys, budget_mb, per_row_bytes):
+    """smoothgrad, smoothgrad_sq, vargrad (N, K, H, W) from the gradients at x + noise.
+
+    Per channel, over the M noisy copies: mean |g|, mean g^2, and mean g^2 - (mean |g|)^2 (the
+    variance of |g|, as Captum's NoiseTunnel over Saliency); then the largest over channels, as
+    saliency is. Rows (image, sample) run in chunks of the memory budget."""
+    n, kk = x.shape[0], targets.shape[1]
+    noise = smoothgrad_noise(x, samples, sigma, keys)
+    s1 = torch.zeros((n, kk, *x.shape[1:]), dtype=_wide(x).dtype, device=x.device)
+    s2 = torch.zeros_like(s1)
+    rows = n * samples
+    budget = (budget_mb or _default_budget_mb(x.device)) * 2**20
+    chunk = int(max(1, min(rows, budget // per_row_bytes)))
+    img = torch.arange(n, device=x.device).repeat_interleave(samples)
+    flat = noise.reshape(rows, *x.shape[1:])
+    for start in range(0, rows, chunk):
+        idx = img[start : start + chunk]
+        xs = (x[idx] + flat[start : start + chunk]).contiguous(memory_format=torch.channels_last)
+        xs.requires_grad_(True)
+        s_all = _scores(net(xs), score)
+        for j in range(kk):
+            (g,) = torch.autograd.grad(
+                s_all.gather(1, targets[idx][:, j : j + 1]).sum(), xs, retain_graph=j < kk - 1
+            )
+            g = _wide(g)
+            s1[:, j].index_add_(0, idx, g.abs())
+            s2[:, j].index_add_(0, idx, g * g)
+    m1, m2 = s1 / samples, s2 / samples
+    return {
+        "smoothgrad": m1.amax(dim=2),
+        "smoothgrad_sq": m2.amax(dim=2),
+        "vargrad": (m2 - m1 * m1).amax(dim=2),
+    }
 
 
 def _add_weighted_rows(acc: torch.Tensor, pair: torch.Tensor, w: torch.Tensor, g: torch.Tensor):

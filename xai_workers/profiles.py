@@ -28,13 +28,13 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from xai_workers.cams import FAMILY
+from xai_workers.cams import FAMILY, SMOOTHGRAD
 
 PROFILES = ("compact", "full", "stats")
 DEFAULT_PROFILE = "compact"
 DEFAULT_MAP_SIZE = 64
 #: The result keys that are maps (the others are per-target scalars or classes).
-MAP_KEYS = ("saliency", "integrated_gradients", "gradcam", "cam", *FAMILY)
+MAP_KEYS = ("saliency", "integrated_gradients", "gradcam", "cam", *FAMILY, *SMOOTHGRAD)
 
 
 def check_profile(store: str, map_size: int | None = None) -> None:

@@ -104,6 +104,9 @@ _DESCRIPTIONS = {
     "xgradcam": "XGrad-CAM upsampled to (H, W), raw (after its ReLU)",
     "layercam": "LayerCAM upsampled to (H, W), raw (after its ReLU)",
     "eigencam": "EigenCAM upsampled to (H, W), raw (after its ReLU)",
+    "smoothgrad": "SmoothGrad: max_c mean over noisy copies of |dF/dx|",
+    "smoothgrad_sq": "SmoothGrad-squared: max_c mean over noisy copies of (dF/dx)^2",
+    "vargrad": "VarGrad: max_c variance over noisy copies of |dF/dx|",
     "source": "input file, relative to --input",
     "source_row": "row index in the input file (0 for an image file)",
 }

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from xai_workers.cams import FAMILY
+from xai_workers.cams import FAMILY, SMOOTHGRAD
 
-METHODS = ("saliency", "integrated_gradients", "gradcam", "cam", *FAMILY)
+METHODS = ("saliency", "integrated_gradients", "gradcam", "cam", *FAMILY, *SMOOTHGRAD)
 MAP_STATS = ("gini", "entropy", "border_frac", "com_x", "com_y")
 
 #: Fraction of the width (height) that counts as border, on each side.
@@ -43,6 +43,7 @@ def map_2d(method: str, value: Tensor) -> Tensor:
     - ``integrated_gradients``: (..., C, H, W) -> ``sum_c |IG[c]|``, (..., H, W).
     - ``gradcam`` and the Grad-CAM family (``gradcam_pp``, ``xgradcam``, ``layercam``,
       ``eigencam``): (..., H, W) -> itself (already after their ReLU).
+    - ``smoothgrad``, ``smoothgrad_sq``, ``vargrad``: (..., H, W) -> itself (>= 0).
     - ``cam``: (..., H, W) -> ``ReLU(cam)``: the positive evidence for the class, the part
       Grad-CAM keeps (on a GAP + linear model ``gradcam = ReLU(cam) / (h*w)``, so the two have
       the same statistics there). The stored ``cam`` stays signed and raw.
@@ -56,7 +57,7 @@ def map_2d(method: str, value: Tensor) -> Tensor:
                 f"integrated_gradients must be (..., C, H, W); got {tuple(value.shape)}"
             )
         return value.detach().abs().sum(dim=-3)
-    if method in ("saliency", "gradcam", "cam", *FAMILY):
+    if method in ("saliency", "gradcam", "cam", *FAMILY, *SMOOTHGRAD):
         if value.dim() < 2:
             raise ValueError(f"{method} must be (..., H, W); got {tuple(value.shape)}")
         return value.detach().clamp(min=0) if method == "cam" else value.detach()

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from xai_workers import schema as S
-from xai_workers.cams import FAMILY
+from xai_workers.cams import FAMILY, SMOOTHGRAD
 from xai_workers.engine import LAYER_METHODS
 from xai_workers.profiles import DEFAULT_MAP_SIZE, DEFAULT_PROFILE, check_profile
 from xai_workers.summary import MAP_METHODS as SUMMARY_MAP_METHODS
@@ -98,7 +98,7 @@ def stat_names(
         fake["integrated_gradients"] = torch.zeros(*lead, c, h, w)
         fake["baseline_score"] = torch.zeros(lead)
         fake["ig_delta"] = torch.zeros(lead)
-    for m in ("saliency", "gradcam", "cam", *FAMILY):
+    for m in ("saliency", "gradcam", "cam", *FAMILY, *SMOOTHGRAD):
         if m in methods:
             fake[m] = torch.zeros(*lead, h, w)
     return tuple(row_statistics(fake))
@@ -221,6 +221,8 @@ class AttributionWorker:
         class_names: Sequence[str] | None = None,
         faithfulness: Sequence[str] = (),
         faithfulness_steps: int = 16,
+        smoothgrad_samples: int = 16,
+        smoothgrad_sigma: float = 0.15,
     ):
         from xai_workers.engine import BASELINES, keep_freed_memory, prepare_model
         from xai_workers.hooks import default_gradcam_layer, get_submodule
@@ -242,6 +244,7 @@ class AttributionWorker:
         from xai_workers.faithfulness import METRICS
 
         self.faithfulness, self.faithfulness_steps = tuple(faithfulness), int(faithfulness_steps)
+        self.smoothgrad_samples, self.smoothgrad_sigma = int(smoothgrad_samples), smoothgrad_sigma
         if (
             any(m not in METRICS for m in self.faithfulness)
             or len(set(self.faithfulness)) != len(self.faithfulness)
@@ -423,8 +426,9 @@ class AttributionWorker:
         return torch.from_numpy(out)
 
     def _row_keys(self, batch: pa.Table, idx: np.ndarray) -> list[int] | None:
-        """``faithfulness.row_key`` of rows ``idx`` (None without faithfulness columns)."""
-        if not self.faithfulness:
+        """``faithfulness.row_key`` of rows ``idx``: what seeds their random pixel order and their
+        SmoothGrad noise (None when neither is computed)."""
+        if not self.faithfulness and not any(m in SMOOTHGRAD for m in self.methods):
             return None
         from xai_workers.faithfulness import row_key
 
@@ -468,6 +472,9 @@ class AttributionWorker:
             score=self.score,
             batch_budget_mb=self.batch_budget_mb,
             precision=self.precision,
+            smoothgrad_samples=self.smoothgrad_samples,
+            smoothgrad_sigma=self.smoothgrad_sigma,
+            noise_keys=keys,
         )
         stats = row_statistics(result)  # from the full maps, under every profile
         if self.faithfulness:
