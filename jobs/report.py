@@ -267,6 +267,17 @@ def galleries_for(names: Sequence[str]) -> list[Gallery]:
             "of the path, see ig_path) and ill-conditioned ones come first.",
             ("ig_error_est", "ig_steps"), lambda c: c["ig_error_est"],
         ))  # fmt: skip
+    dels = tuple(c for c in names if c.endswith("_deletion_auc") and not c.startswith("random_"))
+    if dels and "random_deletion_auc" in names:
+        out.append(Gallery(
+            "unfaithful", "Least faithful maps",
+            "Deletion AUC of the map minus that of a random pixel order (the larger over "
+            "methods): removing the pixels a map ranks first should make the score fall faster "
+            "than removing random ones; near or above 0, the map does not show what the model "
+            "uses.",
+            (*dels, "random_deletion_auc"),
+            lambda c, d=dels: _nanmax([c[k] - c["random_deletion_auc"] for k in d]),
+        ))  # fmt: skip
     agree = tuple(c for c in names if c.startswith("agree_"))
     if agree:
         out.append(Gallery(
@@ -1013,6 +1024,7 @@ table.classes { border-collapse: collapse; background: var(--card); font-size: 1
 table.classes th, table.classes td { border: 1px solid var(--line); padding: 4px 9px;
                                      text-align: right; }
 table.classes th { background: #eef1f5; }
+table.classes td.good { background: #e3f4e6; }
 table.classes td.flag { background: #fde3e0; color: var(--accent); font-weight: 700; }
 dl.run { display:grid; grid-template-columns: max-content 1fr; gap: 3px 16px; margin: 8px 0; }
 dl.run dt { color: var(--muted); }
@@ -1425,6 +1437,48 @@ def _cls(index, name: str | None = None) -> str:
     return f"{name} ({index})" if name else str(index)
 
 
+def _faithfulness_section(summary: pa.Table) -> str:
+    """'Which method is faithful for this model': per class (and all rows), each method's mean
+    deletion AUC (lower is better) and insertion AUC (higher is better) beside a random pixel
+    order's (the floor). Empty when the run had no --faithfulness."""
+    rows = _rows(summary, "all") + _rows(summary, map_group(summary))
+    if not rows:
+        return ""
+    metrics = [m for m in ("deletion", "insertion") if f"random_{m}_auc_mean" in rows[0]]
+    if not metrics:
+        return ""
+    methods = [m for m in METHODS if any(f"{m}_{k}_auc_mean" in rows[0] for k in metrics)]
+    titles = {**METHOD_TITLES, "random": "random"}
+    head = (
+        "<tr><th>class</th>"
+        + "".join(f"<th>{_e(titles[m])} {k}</th>" for k in metrics for m in [*methods, "random"])
+        + "</tr>"
+    )
+    body = []
+    for r in rows:
+        name = "all rows" if r.get("class") is None else _cls(r["class"], r.get("name"))
+        cells = [f"<td><b>{_e(name)}</b></td>"]
+        for k in metrics:
+            floor = r.get(f"random_{k}_auc_mean")
+            for m in [*methods, "random"]:
+                v = r.get(f"{m}_{k}_auc_mean")
+                better = (
+                    m != "random" and v is not None and floor is not None
+                    and (v < floor if k == "deletion" else v > floor)
+                )  # fmt: skip
+                cls = ' class="good"' if better else ""
+                cells.append(f"<td{cls}>{'–' if v is None else _num(v, 3)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (
+        '<h2 id="faithful">Which method is faithful for this model</h2><p class="lead">Deletion '
+        "and insertion (Petsiuk et al. 2018): the target's probability as the pixels a map ranks "
+        "first are removed (deletion: lower area is better) or restored into a blurred image "
+        "(insertion: higher is better), against a random pixel order (the floor). Green: better "
+        "than random. Means per class explained; docs/conventions.md has the definitions.</p>"
+        f'<div style="overflow:auto"><table class="classes">{head}{"".join(body)}</table></div>'
+    )
+
+
 def _class_table(summary: pa.Table, stand: list[dict]) -> str:
     rows = _rows(summary, map_group(summary))
     if not rows:
@@ -1542,6 +1596,7 @@ rows whose prediction agrees with their label). Red: a border share that stands 
 table, with percentiles and the predicted-class and label views, is
 <code>summary/summary.parquet</code>.</p>
 {_class_table(summary, stand)}
+{_faithfulness_section(summary)}
 {_errors_section(errors)}
 <h2 id="run">The run</h2>
 {details}

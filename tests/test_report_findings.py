@@ -168,3 +168,21 @@ def test_report_pictures_use_the_runs_own_preprocessing(tmp_path):
     plain = Preprocessing(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
     other = input_to_pixels(preprocess_bytes(buf.getvalue(), plain), plain).clamp(0, 1)
     assert np.abs(pic - other.permute(1, 2, 0).numpy()).max() > 0.1  # the check can fail
+
+
+def test_which_method_is_faithful_section_and_gallery(tmp_path):
+    """With --faithfulness the page compares each method's mean deletion/insertion AUC with a
+    random order's, per class, and ranks the least faithful maps (deletion AUC above random)."""
+    output = _worker_output(tmp_path, faithfulness=("deletion", "insertion"),
+                            faithfulness_steps=4)  # fmt: skip
+    res = R.build_report(output, top=3, log=lambda m: None)
+    page = open(res.index, encoding="utf-8").read()
+    assert 'id="faithful"' in page and "Which method is faithful" in page
+    s = SM.read_summary(output)
+    all_row = s.filter(pa.compute.equal(s["group_by"], "all")).to_pylist()[0]
+    for col in ("gradcam_deletion_auc_mean", "random_insertion_auc_mean"):
+        assert f">{all_row[col]:.3f}<" in page, col  # the summary's own mean, shown
+    rows = res.galleries["unfaithful"]
+    methods = ("saliency", "integrated_gradients", "gradcam")
+    gaps = [max(r[f"{m}_deletion_auc"] - r["random_deletion_auc"] for m in methods) for r in rows]
+    assert len(rows) == 3 and gaps == sorted(gaps, reverse=True)  # largest gap first
