@@ -7,6 +7,7 @@
     xai-audit demo [--output demo-out]
     xai-audit summarize <output> | report <output>          (jobs.report)
     xai-audit visualize --model SPEC --objectives LIST --output URI [...]   (jobs.visualize)
+    xai-audit compare OUT_A OUT_B [--dest URI]                             (jobs.compare)
 
 ``run`` flags are listed by ``xai-audit run --help`` and in docs/conventions.md; a YAML file
 given with ``--config`` takes the same keys (``ig-steps`` or ``ig_steps``) and flags override it.
@@ -143,11 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS,
                         help="where the demo dataset and weights live (default: "
                         "~/.cache/xai-workers/demo)")  # fmt: skip
+    from jobs.compare import add_subcommand as add_compare
     from jobs.report import add_subcommands
     from jobs.visualize import add_subcommand as add_visualize
 
     add_subcommands(sub)
     add_visualize(sub)
+    add_compare(sub)
     return parser
 
 
@@ -235,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "layers":
             return _layers(ns)
-        if ns.command in ("summarize", "report", "visualize"):
+        if ns.command in ("summarize", "report", "visualize", "compare"):
             return ns.handler(ns)
         if ns.command == "demo":
             cfg = config_from_args(ns, _demo_base(ns))
