@@ -190,9 +190,16 @@ def _poll(counter, progress: Progress, force: bool = False) -> None:
     progress.update(*totals, force=force)
 
 
-def _run_pipeline(prep, shards, resources, attr_uri, progress: Progress) -> int:
-    """Run the pipeline in a thread; poll the write tasks' counts for progress lines. Returns
-    how many times an attribution actor started (restarts after a crash count again)."""
+def drive_pipeline(
+    pipeline: Callable[[object], None],
+    progress: Progress,
+    interval: float,
+    name: str = "xai-audit-pipeline",
+) -> int:
+    """Run ``pipeline(counter)`` (a blocking Ray Data pipeline whose write tasks report to the
+    progress ``counter`` actor) in a thread, and print progress lines from the counter while it
+    runs. Returns how many times an actor reported its start (restarts count again; -1 when
+    unknown). The pipeline's exception is re-raised here; the counter is always killed."""
     import threading
 
     import ray
@@ -202,13 +209,13 @@ def _run_pipeline(prep, shards, resources, attr_uri, progress: Progress) -> int:
 
     def target():
         try:
-            _pipeline(prep, shards, resources, attr_uri, counter)
+            pipeline(counter)
         except BaseException as e:  # noqa: BLE001 - re-raised in the driver's thread
             failure.append(e)
 
-    thread = threading.Thread(target=target, name="xai-audit-pipeline", daemon=True)
+    thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
-    poll = max(0.2, min(2.0, prep.cfg.progress_interval_s or 0.2))
+    poll = max(0.2, min(2.0, interval or 0.2))
     try:
         while thread.is_alive():
             thread.join(timeout=poll)
@@ -841,7 +848,10 @@ def _run_prepared(prep: Prepared, t_start: float, started_at: str, log) -> JobRe
                 f"{prep.rows_per_file} rows per file -> {attr_uri}"
             )
             progress.start()
-            starts = _run_pipeline(prep, shards, resources, attr_uri, progress)
+            starts = drive_pipeline(
+                lambda counter: _pipeline(prep, shards, resources, attr_uri, counter),
+                progress, cfg.progress_interval_s,
+            )  # fmt: skip
             manifest["ray"]["actor_starts"] = starts
             manifest["ray"]["actor_restarts"] = max(0, starts - resources.actors)
         t_pipe_end = time.monotonic()

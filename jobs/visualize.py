@@ -649,37 +649,13 @@ def run_visualize(
 
 
 def _run_pipeline(items, res, worker_kwargs, parts_uri, png_dir, cfg, progress) -> None:
-    """The pipeline in a thread; the write tasks' counts (``jobs.attribute``'s counter actor)
-    are polled for progress lines, as ``run`` does."""
-    import threading
+    """The pipeline, with progress lines from its write tasks, as ``run`` does."""
+    from jobs.attribute import drive_pipeline
 
-    import ray
-
-    from jobs.attribute import _poll, _progress_actor_class
-
-    counter = _progress_actor_class().remote()
-    failure: list[BaseException] = []
-
-    def target():
-        try:
-            _pipeline(items, res, worker_kwargs, parts_uri, png_dir, cfg, counter)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the driver's thread
-            failure.append(e)
-
-    thread = threading.Thread(target=target, name="xai-audit-visualize", daemon=True)
-    thread.start()
-    try:
-        while thread.is_alive():
-            thread.join(timeout=max(0.2, min(2.0, cfg.progress_interval_s or 0.2)))
-            _poll(counter, progress)
-        _poll(counter, progress, force=True)
-    finally:
-        try:
-            ray.kill(counter)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
-    if failure:
-        raise failure[0]
+    drive_pipeline(
+        lambda counter: _pipeline(items, res, worker_kwargs, parts_uri, png_dir, cfg, counter),
+        progress, cfg.progress_interval_s, name="xai-audit-visualize",
+    )  # fmt: skip
 
 
 def _pipeline(items, res, worker_kwargs, parts_uri, png_dir, cfg, counter=None) -> None:
