@@ -289,6 +289,8 @@ class Prepared:
     duplicate_ids: int = 0
     #: the output's lock (``jobs.lock``), held from ``prepare`` on; ``run_job`` releases it
     lock: output_lock.Lock | None = None
+    #: ``--incremental``: the input's files new, grown, changed, removed since the last run
+    changes: dict | None = None
 
 
 def _check_gradcam_layer(cfg: JobConfig, loaded) -> str:
@@ -459,6 +461,7 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
     out.check_writable(cfg.output, cfg.s3_endpoint)
     # one writer per output, from here on (before --overwrite removes anything)
     held = output_lock.acquire(cfg.output, cfg.s3_endpoint, log=log)
+    changes = None
     try:
         state = out.inspect(cfg.output, cfg.s3_endpoint)
         if not state.empty:
@@ -468,17 +471,20 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
                 state = out.OutputState(None, [], [])
             elif cfg.resume:
                 _check_resumable(state, settings, plan, cfg)
+            elif cfg.incremental:
+                changes = _input_changes(state, settings, plan, cfg, log)
             else:
                 what = _describe_state(state)
                 raise ConfigError(
                     f"output {cfg.output} already holds {what}; pass --resume to finish that "
-                    "run or --overwrite to replace it"
+                    "run, --incremental to add what is new, or --overwrite to replace it"
                 )
     except BaseException:
         held.release()
         raise
     rpf = cfg.rows_per_file or out.rows_per_file(schema, plan.total_rows)
-    return Prepared(cfg, plan, settings, model_info, layout, schema, state, rpf, n_dup, held)
+    return Prepared(cfg, plan, settings, model_info, layout, schema, state, rpf, n_dup, held,
+                    changes)  # fmt: skip
 
 
 def _class_names(cfg: JobConfig, loaded, plan, log) -> dict | None:
@@ -541,11 +547,11 @@ def _describe_state(state: out.OutputState) -> str:
     )
 
 
-def _check_resumable(state: out.OutputState, settings: dict, plan, cfg: JobConfig) -> None:
+def _same_settings(state: out.OutputState, settings: dict, cfg: JobConfig, flag: str) -> None:
     if state.manifest is None:
         raise ConfigError(
             f"output {cfg.output} has part files but no manifest.json, so it cannot be checked "
-            "for resuming; use --overwrite or another output"
+            f"for {flag}; use --overwrite or another output"
         )
     before = state.manifest.get("settings", {})
     diffs = [
@@ -555,10 +561,45 @@ def _check_resumable(state: out.OutputState, settings: dict, plan, cfg: JobConfi
     ]
     if diffs:
         raise ConfigError(
-            "cannot --resume: the output was written with other settings ("
+            f"cannot {flag}: the output was written with other settings ("
             + "; ".join(diffs)
             + "); use the same settings, --overwrite, or another output"
         )
+
+
+def _input_changes(state: out.OutputState, settings: dict, plan, cfg: JobConfig, log) -> dict:
+    """``--incremental``: the same settings as the output's runs, the input compared with the
+    last run's (``manifest input.sources``, rows per file). Returns lists of file names:
+    ``new``, ``grown`` (rows appended: the new rows are explained), ``changed`` (fewer rows
+    than before) and ``removed`` (gone from the input; their rows stay in the output unless
+    ``--reprocess-changed``)."""
+    _same_settings(state, settings, cfg, "--incremental")
+    old = (state.manifest.get("input") or {}).get("sources")
+    if old is None:
+        raise ConfigError(
+            f"cannot --incremental: the manifest of {cfg.output} does not list its input files "
+            "(written before --incremental existed); finish it with --resume, or start anew"
+        )
+    now = {s.rel: s.rows for s in plan.sources}
+    changes = {
+        "new": sorted(r for r in now if r not in old),
+        "grown": sorted(r for r in now if r in old and now[r] > old[r]),
+        "changed": sorted(r for r in now if r in old and now[r] < old[r]),
+        "removed": sorted(r for r in old if r not in now),
+    }
+    said = ", ".join(f"{len(v)} {k}" for k, v in changes.items() if v) or "no file changed"
+    log(f"--incremental: {said} since the last run")
+    for kind in ("changed", "removed"):
+        if changes[kind] and not cfg.reprocess_changed:
+            shown = ", ".join(changes[kind][:5]) + (" ..." if len(changes[kind]) > 5 else "")
+            log(f"warning: {len(changes[kind])} input files {kind} since the last run ({shown}): "
+                "their earlier rows are kept; --reprocess-changed replaces them")  # fmt: skip
+    changes["previous"] = old  # rows per file of the last run (what the kept rows came from)
+    return changes
+
+
+def _check_resumable(state: out.OutputState, settings: dict, plan, cfg: JobConfig) -> None:
+    _same_settings(state, settings, cfg, "--resume")
     fp = state.manifest.get("input", {}).get("fingerprint")
     if fp and fp != plan.fingerprint():
         raise ConfigError(
@@ -785,6 +826,11 @@ def _run_prepared(prep: Prepared, t_start: float, started_at: str, log) -> JobRe
     if prep.state.temps:
         n = out.remove_temps(cfg.output, prep.state.temps, cfg.s3_endpoint)
         log(f"removed {n} temporary files of an interrupted run")
+    replace = (prep.changes or {}).get("changed", []) + (prep.changes or {}).get("removed", [])
+    if cfg.reprocess_changed and replace:
+        n = out.remove_sources(attr_uri, replace, s3_endpoint=cfg.s3_endpoint)
+        log(f"--reprocess-changed: removed {n} rows of {len(replace)} changed or removed files")
+        prep.state = out.inspect(cfg.output, cfg.s3_endpoint)
     done = None
     before = 0
     if prep.state.parts:
@@ -828,6 +874,13 @@ def _run_prepared(prep: Prepared, t_start: float, started_at: str, log) -> JobRe
         "started_at": (prep.state.manifest or {}).get("started_at", started_at),
     }
     run_info = {"started_at": started_at, "resumed": before > 0, "rows_before": before}
+    if prep.changes is not None:
+        run_info["incremental"] = {
+            k: len(prep.changes[k]) for k in ("new", "grown", "changed", "removed")
+        }
+        if not cfg.reprocess_changed:  # the output still holds those files' earlier rows
+            kept = prep.changes["changed"] + prep.changes["removed"]
+            manifest["input"]["sources"].update({r: prep.changes["previous"][r] for r in kept})
     manifest["runs"] = previous_runs + [run_info]
     out.write_json(manifest_uri, manifest, cfg.s3_endpoint)
 
@@ -890,7 +943,8 @@ def _run_prepared(prep: Prepared, t_start: float, started_at: str, log) -> JobRe
     missing = final.missing(rows_by_source)
     wall = time.monotonic() - t_start
     pipe_s = t_pipe_end - t_pipe
-    computed = max(0, final.rows - before)  # rows this run wrote (retries counted once)
+    # rows this run wrote (retries counted once; rows of files gone or shrunk are not this run's)
+    computed = max(0, final.rows - final.unknown - before)
     counts = {
         "rows_total": plan.total_rows,
         "rows_written": final.rows,

@@ -96,6 +96,12 @@ BOOL_FLAGS = (
     ("--overwrite", "replace what xai-audit wrote in --output before"),
     ("--no-summary", "skip the per-class summary (<output>/summary/)"),
     ("--unique-ids", "fail (exit 2) when an id appears twice in the input (default: warn)"),
+    (
+        "--incremental",
+        "explain only input rows new since the output's last run (new files, "
+        "rows appended to a file); report changed or removed files",
+    ),
+    ("--reprocess-changed", "with --incremental: replace the rows of changed or removed files"),
 )
 
 
@@ -186,6 +192,12 @@ def _run(cfg: JobConfig) -> int:
         _err(f"what was written is kept; `xai-audit run ... --resume` continues ({cfg.output})")
         return EXIT_FAILED
     print(result.summary, flush=True)
+    if cfg.incremental and result.exit_code == 0:
+        from jobs import output as out
+
+        if out.exists(out.join(cfg.output, out.REPORT, "index.html"), cfg.s3_endpoint):
+            endpoint = ["--s3-endpoint", cfg.s3_endpoint] if cfg.s3_endpoint else []
+            return main(["report", cfg.output, *endpoint])  # the audit report, brought up to date
     return result.exit_code
 
 

@@ -65,6 +65,8 @@ class JobConfig:
     resume: bool = False
     overwrite: bool = False
     unique_ids: bool = False
+    incremental: bool = False
+    reprocess_changed: bool = False
     max_error_rate: float | None = None
     s3_endpoint: str | None = None
     address: str | None = None
@@ -221,6 +223,10 @@ class JobConfig:
             raise ConfigError(f"--smoothgrad-sigma must be > 0, got {self.smoothgrad_sigma}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
+        if self.incremental and self.overwrite:
+            raise ConfigError("--incremental and --overwrite exclude each other")
+        if self.reprocess_changed and not self.incremental:
+            raise ConfigError("--reprocess-changed goes with --incremental")
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
@@ -251,7 +257,8 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             "smoothgrad_sigma",
         ):  # fmt: skip
             return float(value)
-        if name in ("resume", "overwrite", "summary", "unique_ids"):
+        if name in ("resume", "overwrite", "summary", "unique_ids", "incremental",
+                    "reprocess_changed"):  # fmt: skip
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
                     raise ValueError("expected true or false")

@@ -392,8 +392,10 @@ def scan(
                 sel = src == s
                 d = res.done.get(s)
                 rows = row[sel]
-                if d is None or rows.min(initial=0) < 0 or rows.max(initial=-1) >= len(d):
-                    res.unknown += int(sel.sum())
+                known = np.zeros(len(rows), bool) if d is None else (rows >= 0) & (rows < len(d))
+                res.unknown += int((~known).sum())  # a file gone, or rows past its end now
+                rows = rows[known]
+                if not len(rows):
                     continue
                 seen = d[rows]
                 # a key twice inside one part, or already in an earlier part
@@ -406,6 +408,35 @@ def scan(
                 res.dup_files[path] = dups
                 res.duplicates += dups
     return res
+
+
+def remove_sources(dest: str, rels: Iterable[str], *, s3_endpoint: str | None = None) -> int:
+    """Rewrite the parts that hold rows of the input files ``rels`` without those rows (a part
+    left empty is deleted). Returns the number of rows removed (``--reprocess-changed``)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    rels = pa.array(sorted(set(rels)), pa.string())
+    fs, _ = _fs(dest, s3_endpoint)
+    removed = 0
+    for path in list_files(dest, s3_endpoint):
+        name = posixpath.basename(path)
+        if not (name.startswith(PART_PREFIX) and name.endswith(PART_SUFFIX)):
+            continue
+        with fs.open_input_file(path) as f:
+            src = pq.read_table(f, columns=["source"]).column("source")
+        drop = pc.is_in(src, value_set=rels)
+        n = pc.sum(drop).as_py() or 0
+        if not n:
+            continue
+        with fs.open_input_file(path) as f:
+            table = pq.read_table(f)
+        keep = pc.invert(drop)
+        if n < table.num_rows:  # the new part first: a crash in between loses nothing
+            write_part(table.filter(keep), dest, s3_endpoint=s3_endpoint)
+        fs.delete_file(path)
+        removed += n
+    return removed
 
 
 def remove_duplicates(

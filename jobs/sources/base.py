@@ -85,6 +85,8 @@ class InputPlan:
             "label_column": self.label_column,
             "class_names": len(self.class_names) if self.class_names else None,
             "fingerprint": self.fingerprint(),
+            # rows per file: what --incremental compares a later input with
+            "sources": {s.rel: s.rows for s in self.sources},
         }
 
 
