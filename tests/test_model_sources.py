@@ -199,6 +199,8 @@ def test_torchvision_vit_block_layer_and_default():
     layer = default_gradcam_layer(model, x[:1])
     assert layer == "encoder.layers.encoder_layer_1.ln_1"
     ours = attribute(model, x, methods=("gradcam",), gradcam_layer=layer)
+    spread = ours["gradcam"].amax(dim=(1, 2)) - ours["gradcam"].amin(dim=(1, 2))
+    assert (spread > 0).all()  # not a constant map: the comparison below compares something
     ref = _pgc(
         copy.deepcopy(model).double(), x.double(), layer, ours["target"],
         reshape=lambda t: _vit_tokens(t, 4),
