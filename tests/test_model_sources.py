@@ -374,3 +374,31 @@ def test_model_source_through_the_job(case, ray_session, photos_parquet, tmp_pat
     pgc = _pgc(ref64, x64, layer, t, reshape)
     # after min-max scaling, within OpenCV's float32 resize in pytorch-grad-cam (test_engine)
     assert (_minmax(ours).double() - pgc).abs().max() <= 2e-3, case
+
+
+def test_timm_without_weights_uses_the_cached_pretrained_file(monkeypatch, tmp_path):
+    """The cache lookup is faked (no network here); timm itself loads the file it is given."""
+    import hashlib
+
+    import huggingface_hub
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    ref = timm.create_model("test_resnet", pretrained=False).eval()
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    asked = []
+
+    def cached(repo_id, filename, *args, **kwargs):
+        asked.append((repo_id, filename))
+        return str(path) if filename == "model.safetensors" else None
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", cached)
+    loaded = load_model("timm:test_resnet", image_size=64)
+    assert asked[0][0].startswith("timm/test_resnet")
+    assert loaded.checksum == hashlib.sha256(path.read_bytes()).hexdigest()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded.module(x), ref(x))
+    assert loaded.class_names is not None and len(loaded.class_names) == 1000
+    assert loaded.class_names[0] == timm.data.ImageNetInfo().index_to_description(0)
