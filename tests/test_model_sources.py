@@ -168,8 +168,10 @@ def _vit_tokens(t: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def _minmax(m: torch.Tensor) -> torch.Tensor:
+    """Per-map min-max scaling, independent of the map's scale (pytorch-grad-cam scales twice,
+    with an epsilon of 1e-7 each time, which leaves its output scale-free too)."""
     lo = m.amin(dim=(-2, -1), keepdim=True)
-    return (m - lo) / (1e-7 + (m - lo).amax(dim=(-2, -1), keepdim=True))
+    return (m - lo) / (m - lo).amax(dim=(-2, -1), keepdim=True)
 
 
 def _pgc(model, x, layer, targets, reshape=None) -> torch.Tensor:
@@ -210,6 +212,30 @@ def test_torchvision_vit_block_layer_and_default():
     assert (_minmax(ours["gradcam"]).double() - ref).abs().max() <= 2e-3
     with pytest.raises(ValueError, match=r"outputs \(2, 5\), which does not read as a grid"):
         attribute(model, x, methods=("gradcam",), gradcam_layer="heads")
+
+
+def test_channels_last_layer_equals_pytorch_grad_cam():
+    """ConvNeXt's inner LayerNorm outputs (N, h, w, C): read permuted, as pytorch-grad-cam's
+    reshape_transform ``t.permute(0, 3, 1, 2)`` does (the Swin/ConvNeXt recipe)."""
+    from xai_workers import attribute
+
+    # float64 (the engine's exact mode): timm's layer scale starts at 1e-6, so these maps are
+    # ~1e-9 and float32 rounding would be all one compares
+    model = load_model("timm:test_convnext", "random", image_size=64).module.double()
+    layer = "stages.2.blocks.1.norm"
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)).double()
+    with torch.no_grad():
+        y = model.get_submodule(layer)(torch.zeros(1, 4, 4, 48, dtype=torch.float64))
+        assert tuple(y.shape) == (1, 4, 4, 48)
+    ours = attribute(model, x, methods=("gradcam",), gradcam_layer=layer)
+    spread = ours["gradcam"].amax(dim=(1, 2)) - ours["gradcam"].amin(dim=(1, 2))
+    assert (spread > 0).all()  # not a constant map: the comparison below compares something
+    ref = _pgc(
+        copy.deepcopy(model), x, layer, ours["target"], reshape=lambda t: t.permute(0, 3, 1, 2)
+    )
+    # OpenCV's float32 resize inside pytorch-grad-cam (as above); reading (N, h, w, C) as
+    # (N, C, h, w) would average over the wrong axes and fail by O(1)
+    assert (_minmax(ours["gradcam"]).double() - ref).abs().max() <= 2e-3
 
 
 # --- each model source through the batch job, against Captum and pytorch-grad-cam ---------------
