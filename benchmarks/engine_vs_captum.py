@@ -91,7 +91,11 @@ def build(arch: str) -> torch.nn.Module:
         import timm
 
         return timm.create_model(arch[5:], pretrained=False).eval()
-    return torchvision.models.get_model(arch, weights=None).eval()
+    model = torchvision.models.get_model(arch, weights=None).eval()
+    for m in model.modules():  # torchvision's ViT head starts at zero: every map would be 0
+        if isinstance(m, torch.nn.Linear) and not m.weight.any():
+            torch.nn.init.normal_(m.weight, std=0.02)
+    return model
 
 
 def _minmax(m):

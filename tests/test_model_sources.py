@@ -168,8 +168,10 @@ def _vit_tokens(t: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def _minmax(m: torch.Tensor) -> torch.Tensor:
+    """Per-map min-max scaling, independent of the map's scale (pytorch-grad-cam scales twice,
+    with an epsilon of 1e-7 each time, which leaves its output scale-free too)."""
     lo = m.amin(dim=(-2, -1), keepdim=True)
-    return (m - lo) / (1e-7 + (m - lo).amax(dim=(-2, -1), keepdim=True))
+    return (m - lo) / (m - lo).amax(dim=(-2, -1), keepdim=True)
 
 
 def _pgc(model, x, layer, targets, reshape=None) -> torch.Tensor:
@@ -199,6 +201,8 @@ def test_torchvision_vit_block_layer_and_default():
     layer = default_gradcam_layer(model, x[:1])
     assert layer == "encoder.layers.encoder_layer_1.ln_1"
     ours = attribute(model, x, methods=("gradcam",), gradcam_layer=layer)
+    spread = ours["gradcam"].amax(dim=(1, 2)) - ours["gradcam"].amin(dim=(1, 2))
+    assert (spread > 0).all()  # not a constant map: the comparison below compares something
     ref = _pgc(
         copy.deepcopy(model).double(), x.double(), layer, ours["target"],
         reshape=lambda t: _vit_tokens(t, 4),
@@ -208,6 +212,30 @@ def test_torchvision_vit_block_layer_and_default():
     assert (_minmax(ours["gradcam"]).double() - ref).abs().max() <= 2e-3
     with pytest.raises(ValueError, match=r"outputs \(2, 5\), which does not read as a grid"):
         attribute(model, x, methods=("gradcam",), gradcam_layer="heads")
+
+
+def test_channels_last_layer_equals_pytorch_grad_cam():
+    """ConvNeXt's inner LayerNorm outputs (N, h, w, C): read permuted, as pytorch-grad-cam's
+    reshape_transform ``t.permute(0, 3, 1, 2)`` does (the Swin/ConvNeXt recipe)."""
+    from xai_workers import attribute
+
+    # float64 (the engine's exact mode): timm's layer scale starts at 1e-6, so these maps are
+    # ~1e-9 and float32 rounding would be all one compares
+    model = load_model("timm:test_convnext", "random", image_size=64).module.double()
+    layer = "stages.2.blocks.1.norm"
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)).double()
+    with torch.no_grad():
+        y = model.get_submodule(layer)(torch.zeros(1, 4, 4, 48, dtype=torch.float64))
+        assert tuple(y.shape) == (1, 4, 4, 48)
+    ours = attribute(model, x, methods=("gradcam",), gradcam_layer=layer)
+    spread = ours["gradcam"].amax(dim=(1, 2)) - ours["gradcam"].amin(dim=(1, 2))
+    assert (spread > 0).all()  # not a constant map: the comparison below compares something
+    ref = _pgc(
+        copy.deepcopy(model), x, layer, ours["target"], reshape=lambda t: t.permute(0, 3, 1, 2)
+    )
+    # OpenCV's float32 resize inside pytorch-grad-cam (as above); reading (N, h, w, C) as
+    # (N, C, h, w) would average over the wrong axes and fail by O(1)
+    assert (_minmax(ours["gradcam"]).double() - ref).abs().max() <= 2e-3
 
 
 # --- each model source through the batch job, against Captum and pytorch-grad-cam ---------------
@@ -376,3 +404,31 @@ def test_model_source_through_the_job(case, ray_session, photos_parquet, tmp_pat
     pgc = _pgc(ref64, x64, layer, t, reshape)
     # after min-max scaling, within OpenCV's float32 resize in pytorch-grad-cam (test_engine)
     assert (_minmax(ours).double() - pgc).abs().max() <= 2e-3, case
+
+
+def test_timm_without_weights_uses_the_cached_pretrained_file(monkeypatch, tmp_path):
+    """The cache lookup is faked (no network here); timm itself loads the file it is given."""
+    import hashlib
+
+    import huggingface_hub
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    ref = timm.create_model("test_resnet", pretrained=False).eval()
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    asked = []
+
+    def cached(repo_id, filename, *args, **kwargs):
+        asked.append((repo_id, filename))
+        return str(path) if filename == "model.safetensors" else None
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", cached)
+    loaded = load_model("timm:test_resnet", image_size=64)
+    assert asked[0][0].startswith("timm/test_resnet")
+    assert loaded.checksum == hashlib.sha256(path.read_bytes()).hexdigest()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded.module(x), ref(x))
+    assert loaded.class_names is not None and len(loaded.class_names) == 1000
+    assert loaded.class_names[0] == timm.data.ImageNetInfo().index_to_description(0)

@@ -102,11 +102,6 @@ class Preprocessing:
                     f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
                 )
 
-    @property
-    def crop_pct(self) -> float:
-        """S / R: the share of the resized image's shorter side that the crop keeps."""
-        return self.image_size / (self.resize_size or self.image_size)
-
 
 class ImageDecodeError(ValueError):
     """Encoded bytes that cannot become an RGB image; the message says why, for a person."""

@@ -142,7 +142,7 @@ def _cached_pretrained(timm, name: str):
 
         subset = infer_imagenet_subset(model)
         if subset:
-            class_names = tuple(ImageNetInfo(subset).label_names())
+            class_names = tuple(ImageNetInfo(subset).label_descriptions())
     except Exception:  # noqa: BLE001 - names are a convenience; unknown stays None
         class_names = None
     if class_names is not None and len(class_names) != model.num_classes:
