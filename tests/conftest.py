@@ -6,6 +6,9 @@ or profile is ever used) and yields the endpoint URL, e.g. ``http://127.0.0.1:54
 ``s3_endpoint=`` / ``--s3-endpoint``; ``AWS_ENDPOINT_URL`` is NOT set, so tests choose.
 
 ``s3_bucket`` (function): creates a new, empty bucket on that server and yields its name.
+
+``ray_session`` (module): a local Ray (2 CPUs, no dashboard) for the module's tests, shut down
+after them; started after ``s3_server`` so that Ray's workers inherit its AWS_* variables.
 """
 
 from __future__ import annotations
@@ -52,3 +55,18 @@ def s3_bucket(s3_server):
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     client.create_bucket(Bucket=name)
     yield name
+
+
+@pytest.fixture(scope="module")
+def ray_session(s3_server):
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=256 * 2**20,
+        logging_level="WARNING",
+    )
+    yield
+    ray.shutdown()

@@ -40,20 +40,6 @@ SPEC = "xai_workers.demo:build_demo_model"
 
 
 @pytest.fixture(scope="module")
-def ray_session(s3_server):
-    # s3_server first: its AWS_* variables must be in the environment Ray's workers inherit
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=256 * 2**20,
-        logging_level="WARNING",
-    )
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     dataset = str(root / "digits.parquet")

@@ -17,7 +17,6 @@ from jobs.attribute import FAULT_ENV, run_job
 from jobs.config import JobConfig
 from xai_workers.demo import DEMO_MEAN, DEMO_STD, build_demo_model, write_demo_dataset
 
-ray = pytest.importorskip("ray")
 N = 48
 
 
@@ -32,21 +31,19 @@ def data(tmp_path):
     return dataset, weights
 
 
-def test_actor_dies_mid_batch_and_the_job_completes_exactly_once(data, tmp_path, monkeypatch):
+def test_actor_dies_mid_batch_and_the_job_completes_exactly_once(
+    ray_session, data, tmp_path, monkeypatch
+):
     """The actor exits on its 3rd batch: Ray restarts it and retries the batch; every id is
     written exactly once and the manifest counts the restart."""
     dataset, weights = data
     marker = tmp_path / "died"
-    monkeypatch.setenv(FAULT_ENV, f"3:{marker}")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    try:
-        cfg = JobConfig(input=dataset, output=str(tmp_path / "out"),
-                        model="xai_workers.demo:build_demo_model", weights=weights,
-                        image_size=32, mean=DEMO_MEAN, std=DEMO_STD, ig_steps=2, batch_size=4,
-                        rows_per_file=8, progress_interval_s=0.0)  # fmt: skip
-        res = run_job(cfg, log=lambda m: None)
-    finally:
-        ray.shutdown()
+    monkeypatch.setenv(FAULT_ENV, f"3:{marker}")  # the job forwards it to its actors
+    cfg = JobConfig(input=dataset, output=str(tmp_path / "out"),
+                    model="xai_workers.demo:build_demo_model", weights=weights,
+                    image_size=32, mean=DEMO_MEAN, std=DEMO_STD, ig_steps=2, batch_size=4,
+                    rows_per_file=8, progress_interval_s=0.0)  # fmt: skip
+    res = run_job(cfg, log=lambda m: None)
     assert marker.exists(), "the fault did not fire: this test would prove nothing"
     assert res.exit_code == 0 and res.status == "complete", res.summary
     scan = out.scan(str(tmp_path / "out" / "attributions"), {"digits.parquet": N})

@@ -16,15 +16,6 @@ from jobs.attribute import run_job
 from jobs.config import ConfigError, JobConfig
 from xai_workers.demo import DEMO_MEAN, DEMO_STD, build_demo_model, write_demo_dataset
 
-ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
 
 def _ids(output) -> list:
     return pq.read_table(output / "attributions", columns=["id"])["id"].to_pylist()

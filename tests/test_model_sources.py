@@ -240,21 +240,7 @@ def test_channels_last_layer_equals_pytorch_grad_cam():
 
 # --- each model source through the batch job, against Captum and pytorch-grad-cam ---------------
 
-ray = pytest.importorskip("ray")
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=256 * 2**20,
-        logging_level="WARNING",
-    )
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
