@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import html
+import io
 import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 #: Columns of comparison.parquet, in order.
 SCHEMA = pa.schema(
@@ -41,26 +43,26 @@ SCHEMA = pa.schema(
 
 
 def _group(summary: pa.Table) -> dict[int, dict]:
-    groups = set(summary["group_by"].to_pylist())
-    g = "target" if "target" in groups else "pred_class"
-    t = summary.filter(pc.equal(summary["group_by"], g))
-    rows = {}
-    for i, r in enumerate(t.select([c for c in t.column_names if not c.endswith("_map")])
-                          .to_pylist()):  # fmt: skip
-        maps = {}
-        for m in ("gradcam", "integrated_gradients"):
-            col = f"{m}_share_map"
-            if col in t.column_names and t[col][i].is_valid:
-                from xai_workers.schema import tensor_to_numpy
+    """class -> its summary row (the group the report draws, ``report.map_group``), with the
+    mean share maps of Grad-CAM and IG as float64 (32, 32) under ``_maps``."""
+    from jobs.report import map_group
+    from xai_workers.schema import tensor_to_numpy
 
-                maps[m] = tensor_to_numpy(t[col].slice(i, 1))[0].astype(np.float64)
-        rows[r["class"]] = {**r, "_maps": maps}
+    t = summary.filter(pc.equal(summary["group_by"], map_group(summary)))
+    maps = {
+        m: (tensor_to_numpy(t[f"{m}_share_map"]).astype(np.float64),
+            np.asarray(t[f"{m}_share_map"].is_valid()))
+        for m in ("gradcam", "integrated_gradients") if f"{m}_share_map" in t.column_names
+    }  # fmt: skip
+    rows = {}
+    plain = t.select([c for c in t.column_names if not c.endswith("_map")]).to_pylist()
+    for i, r in enumerate(plain):
+        r["_maps"] = {m: v[i] for m, (v, ok) in maps.items() if ok[i]}
+        rows[r["class"]] = r
     return rows
 
 
 def _predictions(output: str, s3_endpoint: str | None) -> pa.Table:
-    import pyarrow.parquet as pq
-
     from xai_workers import summary as SM
     from xai_workers.storage import join_uri, pyarrow_filesystem
 
@@ -130,10 +132,6 @@ def compare(
     rows.sort(key=lambda r: (-r["change"], r["class"]))
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     dest = dest or out.join(out_b, "compare")
-    import io
-
-    import pyarrow.parquet as pq
-
     buf = io.BytesIO()
     pq.write_table(table, buf)
     out.write_bytes_atomic(out.join(dest, "comparison.parquet"), buf.getvalue(), s3_endpoint)
