@@ -995,10 +995,13 @@ def _run_prepared(prep: Prepared, t_start: float, started_at: str, log) -> JobRe
 
     rate = f"{computed / pipe_s:.1f} rows/s" if pipe_s > 0 and computed else "nothing to do"
     earlier = f", {before} from an earlier run" if before else ""
+    # rows of inputs gone or shrunk since an earlier run (kept, --incremental) are not counted
+    # against this input's total: "N/M rows" never reads more than M of M
+    gone = f", {final.unknown} of them from inputs no longer present" if final.unknown else ""
     summary = (
-        f"{status}: {final.rows}/{plan.total_rows} rows ({final.ok} ok, {final.error} errors "
-        f"= {100 * error_rate:.2f}%{earlier}) in {_hms(wall)}, {rate}; {final.files} files, "
-        f"{final.bytes / 2**20:.1f} MiB -> {attr_uri}"
+        f"{status}: {final.rows - final.unknown}/{plan.total_rows} rows ({final.ok} ok, "
+        f"{final.error} errors = {100 * error_rate:.2f}%{gone}{earlier}) in {_hms(wall)}, "
+        f"{rate}; {final.files} files, {final.bytes / 2**20:.1f} MiB -> {attr_uri}"
     )
     if exceeded:
         summary += f"; error rate above --max-error-rate {cfg.max_error_rate}"

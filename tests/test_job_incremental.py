@@ -56,6 +56,9 @@ def test_incremental_runs_on_a_growing_input(ray_session, tmp_path):
     assert res.counts["rows_computed_this_run"] == 0, "\n".join(logs[-12:])
     assert any("input files changed" in m and "b.parquet" in m for m in logs)
     assert len(_ids(output)) == 30
+    # the 4 rows past b's new end are kept but are not rows of this input: "26/26", not "30/26"
+    assert res.summary.startswith("complete: 26/26 rows (30 ok, 0 errors = 0.00%, 4 of them "
+                                  "from inputs no longer present"), res.summary  # fmt: skip
     # --reprocess-changed: b's rows replaced, none twice
     res = run_job(cfg(incremental=True, reprocess_changed=True), log=logs.append)
     assert res.exit_code == 0 and res.counts["rows_computed_this_run"] == 6
