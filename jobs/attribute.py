@@ -369,8 +369,9 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
     n_dup, dup_examples = duplicate_ids(plan, cfg.s3_endpoint)
     if n_dup:
         shown = ", ".join(f"{i!r} ({k}x)" for i, k in dup_examples)
+        where = f"column {plan.id_column!r}" if plan.id_column else "WebDataset sample keys"
         what = (f"{n_dup} input rows repeat an id that an earlier row has (e.g. {shown}) in "
-                f"column {plan.id_column!r}")  # fmt: skip
+                f"{where}")  # fmt: skip
         if cfg.unique_ids:
             raise ConfigError(f"--unique-ids: {what}; make the ids unique or drop --unique-ids")
         log(f"warning: {what}; every row is still explained, but joins on id will match "

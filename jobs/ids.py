@@ -1,10 +1,11 @@
 """Duplicate ids in the input: counted before any heavy work (ids are what downstream joins use).
 
-Only a Parquet input with an id column is checked: an image folder's ids are its paths and a
-Parquet without an id column gets ``<file>#<row>``, unique by construction (WebDataset sample keys
-are unique within a shard by the format; two shards could share one, which is not checked). The
-id column alone is read (in parallel, one file per task), so the check costs a small share of
-reading the images (about 20 bytes per row in memory for short string ids).
+A Parquet input with an id column is checked here: the id column alone is read (in parallel, one
+file per task), so the check costs a small share of reading the images (about 20 bytes per row in
+memory for short string ids). WebDataset sample keys are unique within a tar by the format, but two
+tars may share one: they are counted while the plan reads the tars anyway
+(``InputPlan.repeated_ids``). An image folder's ids are its paths and a Parquet without an id
+column gets ``<file>#<row>``, unique by construction.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ def duplicate_ids(
     """``(rows whose id an earlier row already has, [(id, times it appears)] for up to
     ``examples`` repeated ids, most repeated first)``. ``plan``: a ``jobs.sources.InputPlan``.
     (0, []) for inputs whose ids cannot repeat."""
+    if plan.kind == "webdataset":
+        n, top = plan.repeated_ids
+        return n, list(top)[:examples]
     if plan.kind != "parquet" or plan.id_column is None or not plan.sources:
         return 0, []  # ids made from file and row (or path) cannot repeat
     import pyarrow.parquet as pq
@@ -38,13 +42,24 @@ def duplicate_ids(
         chunks = [c for col in ex.map(ids, plan.sources) for c in col.chunks]
     if not chunks:
         return 0, []
-    counts = pc.value_counts(pa.chunked_array(chunks, type=chunks[0].type))
+    n, top = repeated_ids(pa.chunked_array(chunks, type=chunks[0].type), examples)
+    return n, list(top)
+
+
+def repeated_ids(
+    ids: pa.ChunkedArray, examples: int = 5
+) -> tuple[int, tuple[tuple[object, int], ...]]:
+    """``(rows whose id an earlier row already has, ((id, times), ...))`` of ``ids``, the
+    ``examples`` most repeated first (ties by id)."""
+    if not len(ids):
+        return 0, ()
+    counts = pc.value_counts(ids)
     n = counts.field("counts").to_numpy()
     repeated = n > 1
     if not repeated.any():
-        return 0, []
+        return 0, ()
     values = counts.field("values").to_pylist()
     top = sorted(
         ((values[i], int(n[i])) for i in repeated.nonzero()[0]), key=lambda kv: (-kv[1], str(kv[0]))
     )
-    return int((n[repeated] - 1).sum()), top[:examples]
+    return int((n[repeated] - 1).sum()), tuple(top[:examples])

@@ -6,6 +6,7 @@ xai-audit wrote, and `xai-audit layers`.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 
@@ -287,3 +288,29 @@ def test_more_class_folders_than_model_classes(capsys, tmp_path):
                     image_size=32, labels_from="none")  # fmt: skip
     prep = job.prepare(cfg, log=print)
     assert prep.plan.label_column is None and prep.plan.total_rows == 11
+
+
+def test_webdataset_keys_repeated_across_tars_are_counted(capsys, tmp_path):
+    """Two tars written by separate writers both count from 000000: the keys (the ids) repeat
+    across tars. The plan counts them while it reads the tars; the job warns, --unique-ids
+    refuses."""
+    wds = pytest.importorskip("webdataset")
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), (90, 120, 30)).save(png, format="PNG")
+    for shard, n in (("a", 3), ("b", 2)):  # keys 000000.. in each: 000000, 000001 twice
+        with wds.TarWriter(str(folder / f"{shard}.tar")) as sink:
+            for i in range(n):
+                sink.write({"__key__": f"{i:06d}", "png": png.getvalue(), "cls": b"1"})
+    logs: list[str] = []
+    cfg = JobConfig(input=str(folder), output=str(tmp_path / "o"), model=SPEC, image_size=32)
+    prep = job.prepare(cfg, log=logs.append)
+    assert prep.duplicate_ids == 2  # 5 samples, 3 distinct keys
+    warning = [m for m in logs if m.startswith("warning:")]
+    assert len(warning) == 1 and "WebDataset sample keys" in warning[0], logs
+    assert "'000000' (2x)" in warning[0] and "'000001' (2x)" in warning[0]
+    _fails(capsys, _argv(str(folder), tmp_path / "o2", "--unique-ids"),
+           "--unique-ids", "2 input rows repeat an id")  # fmt: skip

@@ -61,6 +61,9 @@ class InputPlan:
     label_type: pa.DataType | None
     image_kind: str = "binary"
     class_names: tuple[str, ...] | None = None
+    # WebDataset: (rows whose key an earlier tar already has, ((key, times), ...)), counted
+    # while the tars are read for the plan; (0, ()) for other kinds (jobs.ids checks those)
+    repeated_ids: tuple = (0, ())
 
     @property
     def total_rows(self) -> int:

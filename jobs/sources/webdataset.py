@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.config import ConfigError
+from jobs.ids import repeated_ids
 from jobs.sources.base import (
     Block,
     InputPlan,
@@ -77,29 +78,32 @@ def discover(uri, root, paths, *, label_column, need_label, s3_endpoint, threads
     if label_column:
         raise ConfigError(f"--label-column {label_column!r}: WebDataset tars have no columns")
 
-    def count(path: str) -> tuple[int, bool]:
+    def count(path: str) -> tuple[int, bool, pa.Array]:
         u, _ = join(uri, root, path)
         try:
             with open_file(u, "rb", s3_endpoint=s3_endpoint) as f:
-                n, labelled = 0, False
-                for _, parts in iter_samples(f, read=False):
-                    n += 1
+                keys, labelled = [], False
+                for key, parts in iter_samples(f, read=False):
+                    keys.append(key)
                     labelled = labelled or any(e in parts for e in LABEL_EXTS)
-                return n, labelled
+                return len(keys), labelled, pa.array(keys, pa.string())
         except (OSError, tarfile.TarError) as e:
             raise ConfigError(f"cannot read tar file {u}: {type(e).__name__}: {e}") from None
 
     with ThreadPoolExecutor(max(1, min(threads, len(paths)))) as ex:
         counts = list(ex.map(count, paths))
-    labelled = any(lab for _, lab in counts)
+    labelled = any(lab for _, lab, _ in counts)
     if need_label and not labelled:
         raise ConfigError("--target label needs labels; no sample has a cls or json member")
     sources = tuple(
-        Source(*join(uri, root, p), rows=n) for p, (n, _) in zip(paths, counts, strict=True)
+        Source(*join(uri, root, p), rows=n) for p, (n, _, _) in zip(paths, counts, strict=True)
     )
+    # keys are unique within a tar by the format, but two tars may share one (shards written
+    # by separate processes, each counting from 000000): counted while the tars are read anyway
+    repeated = repeated_ids(pa.chunked_array([k for _, _, k in counts], pa.string()))
     return InputPlan(
         "webdataset", uri, sources, None, "image", "label" if labelled else None, pa.string(),
-        pa.int64() if labelled else None,
+        pa.int64() if labelled else None, repeated_ids=repeated,
     )  # fmt: skip
 
 
