@@ -582,10 +582,19 @@ def _input_changes(state: out.OutputState, settings: dict, plan, cfg: JobConfig,
             "(written before --incremental existed); finish it with --resume, or start anew"
         )
     now = {s.rel: s.rows for s in plan.sources}
+    # a file rewritten in place with as many rows (images replaced, a Parquet rewritten) is
+    # changed too: its stamp (size, ETag or modification time) differs from the last run's
+    old_stamps = (state.manifest.get("input") or {}).get("stamps") or {}
+    rewritten = {
+        s.rel for s in plan.sources
+        if s.stamp and old_stamps.get(s.rel) and old_stamps[s.rel] != s.stamp
+    }  # fmt: skip
     changes = {
         "new": sorted(r for r in now if r not in old),
         "grown": sorted(r for r in now if r in old and now[r] > old[r]),
-        "changed": sorted(r for r in now if r in old and now[r] < old[r]),
+        "changed": sorted(
+            r for r in now if r in old and (now[r] < old[r] or now[r] == old[r] and r in rewritten)
+        ),
         "removed": sorted(r for r in old if r not in now),
     }
     said = ", ".join(f"{len(v)} {k}" for k, v in changes.items() if v) or "no file changed"
@@ -596,6 +605,7 @@ def _input_changes(state: out.OutputState, settings: dict, plan, cfg: JobConfig,
             log(f"warning: {len(changes[kind])} input files {kind} since the last run ({shown}): "
                 "their earlier rows are kept; --reprocess-changed replaces them")  # fmt: skip
     changes["previous"] = old  # rows per file of the last run (what the kept rows came from)
+    changes["previous_stamps"] = old_stamps
     return changes
 
 
@@ -882,6 +892,9 @@ def _run_prepared(prep: Prepared, t_start: float, started_at: str, log) -> JobRe
         if not cfg.reprocess_changed:  # the output still holds those files' earlier rows
             kept = prep.changes["changed"] + prep.changes["removed"]
             manifest["input"]["sources"].update({r: prep.changes["previous"][r] for r in kept})
+            # and their earlier stamps, so the next run reports them again
+            old_stamps = prep.changes["previous_stamps"]
+            manifest["input"]["stamps"].update({r: old_stamps[r] for r in kept if r in old_stamps})
     manifest["runs"] = previous_runs + [run_info]
     out.write_json(manifest_uri, manifest, cfg.s3_endpoint)
 

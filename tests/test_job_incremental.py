@@ -71,5 +71,15 @@ def test_incremental_runs_on_a_growing_input(ray_session, tmp_path):
     assert len(m["runs"]) == 4 and m["runs"][1]["incremental"]["new"] == 1
     assert m["runs"][3]["incremental"]["changed"] == 1
     assert m["input"]["sources"] == {"a.parquet": 10, "b.parquet": 6, "c.parquet": 10}
+
+    # c.parquet rewritten in place with as many rows, other images (other ids): its stamp
+    # (size and modification time) changed, so it is "changed" although its row count is not
+    other = rows.slice(0, 10).set_column(0, "id", pa.array([f"new{i}" for i in range(10)]))
+    pq.write_table(other, data / "c.parquet", compression="zstd")  # another size, another mtime
+    res = run_job(cfg(incremental=True, reprocess_changed=True), log=logs.append)
+    assert any("--incremental: 1 changed since the last run" in m for m in logs), logs[-12:]
+    assert res.exit_code == 0 and res.counts["rows_computed_this_run"] == 10
+    ids = _ids(output)
+    assert len(ids) == len(set(ids)) == 26 and sum(i.startswith("new") for i in ids) == 10
     assert pa.types.is_string(pq.read_schema(output / "summary" / "summary.parquet")
                               .field("group_by").type)  # the summary was rebuilt  # fmt: skip

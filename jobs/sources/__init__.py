@@ -25,6 +25,7 @@ travels on and becomes an error row, it is never dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 from collections.abc import Iterator, Mapping
 
@@ -43,6 +44,7 @@ from jobs.sources.base import (
     TAR_EXTENSIONS,
     InputPlan,
     Source,
+    join,
 )
 
 __all__ = [
@@ -94,13 +96,11 @@ def discover(
         raise ConfigError(f"cannot read input {uri}: {type(e).__name__}: {e}") from None
     if not is_file and not is_dir:
         raise ConfigError(f"input not found: {uri}")
-    if is_file:
-        paths = [root]
-    else:
-        try:
-            paths = sorted(fs.find(root))
-        except OSError as e:
-            raise ConfigError(f"cannot list input {uri}: {type(e).__name__}: {e}") from None
+    try:
+        infos = {root: fs.info(root)} if is_file else fs.find(root, detail=True)
+    except OSError as e:
+        raise ConfigError(f"cannot list input {uri}: {type(e).__name__}: {e}") from None
+    paths = sorted(infos)
     if exclude:
         _, ex = filesystem(exclude, s3_endpoint)
         ex = ex.rstrip("/")
@@ -133,19 +133,32 @@ def discover(
     if kind != "parquet" and id_column is not None:
         raise ConfigError(f"--id-column {id_column!r}: {kind} inputs have no columns")
     if kind == "parquet":
-        return _parquet.discover(
+        plan = _parquet.discover(
             uri, fs, base, found[kind], id_column, image_column, label_column, need_label,
             s3_endpoint, threads,
         )  # fmt: skip
-    if kind == "images":
-        return _images.discover(
+    elif kind == "images":
+        plan = _images.discover(
             uri, base, found[kind], labels_from=labels_from, label_column=label_column,
             need_label=need_label,
         )  # fmt: skip
-    return _webdataset.discover(
-        uri, base, found[kind], label_column=label_column, need_label=need_label,
-        s3_endpoint=s3_endpoint, threads=threads,
-    )  # fmt: skip
+    else:
+        plan = _webdataset.discover(
+            uri, base, found[kind], label_column=label_column, need_label=need_label,
+            s3_endpoint=s3_endpoint, threads=threads,
+        )  # fmt: skip
+    stamps = {join(uri, base, p)[1]: stamp(infos[p]) for p in found[kind]}
+    return dataclasses.replace(
+        plan, sources=tuple(dataclasses.replace(s, stamp=stamps[s.rel]) for s in plan.sources)
+    )
+
+
+def stamp(info: Mapping) -> str:
+    """``<size>:<version>`` of a file from its listing (fsspec ``info``): the version is the S3
+    ETag, else the modification time. A file rewritten in place changes its stamp, even with the
+    same number of rows (what ``--incremental`` compares)."""
+    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+    return f"{info.get('size')}:{str(version).strip(chr(34))}"
 
 
 def make_shards(

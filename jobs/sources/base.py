@@ -26,13 +26,15 @@ REFERENCE_THREADS = 8
 @dataclass(frozen=True)
 class Source:
     """One input file: full ``uri``, ``rel`` path under the input root, ``rows`` it holds, for
-    Parquet the rows of each row group, for an image in a class folder its ``label``."""
+    Parquet the rows of each row group, for an image in a class folder its ``label``, its
+    listing's ``stamp`` (``jobs.sources.stamp``)."""
 
     uri: str
     rel: str
     rows: int
     row_groups: tuple[int, ...] = ()
     label: int | None = None
+    stamp: str = ""  # size and version (ETag or modification time) when listed
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,8 @@ class InputPlan:
             "fingerprint": self.fingerprint(),
             # rows per file: what --incremental compares a later input with
             "sources": {s.rel: s.rows for s in self.sources},
+            # size and version of each file: a file rewritten with as many rows is "changed"
+            "stamps": {s.rel: s.stamp for s in self.sources},
         }
 
 
