@@ -171,8 +171,7 @@ def _adaptive_ig_findings(all_row: dict) -> list[dict]:
     """--ig-steps auto: the error estimate beside the completeness error, and the steps."""
     if all_row.get("ig_error_est_p50") is None:
         return []
-    steps = [all_row.get(f"ig_steps_p{q}") for q in (5, 50, 95)]
-    p5, p50, p95 = (f"{math.nan if v is None else v:.0f}" for v in steps)
+    p5, p50, p95 = (_num(all_row.get(f"ig_steps_p{q}"), 0) for q in (5, 50, 95))
     return [
         {"kind": "ig_error_est", "hot": False, "p50": _pct(all_row["ig_error_est_p50"]),
          "p95": _pct(all_row.get("ig_error_est_p95")),
