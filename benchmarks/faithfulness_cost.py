@@ -117,9 +117,9 @@ def module_at(rev: str):
 
 class ChannelsLastInput(torch.nn.Module):
     """``net`` fed a channels_last copy of its input, as ``faithfulness`` feeds it. Quantus hands
-    the model plain NCHW tensors; the prepared model's weights are channels_last, and a
-    convolution given the other layout is several times slower (measured: about 8x per forward
-    of ResNet-18 on a CPU), which is the layout's cost, not Quantus'."""
+    the model plain NCHW tensors, while the prepared model's weights are channels_last: with
+    this wrapper both sides run exactly the same forward, so the comparison is of the loops
+    around it."""
 
     def __init__(self, net: torch.nn.Module):
         super().__init__()
