@@ -134,15 +134,21 @@ def test_noisy_rows_join_the_ig_sweep(arch, target, steps, monkeypatch):
         torch.testing.assert_close(tiny[name], joint[name], rtol=1e-9, atol=1e-12)
 
 
-def test_smoothgrad_stays_fp32_under_bf16():
+@pytest.mark.parametrize("steps", [4, "auto"])
+def test_smoothgrad_stays_fp32_under_bf16(steps):
     """With bf16 autocast on the path points, the noisy rows run in chunks of their own in fp32:
     the maps equal the fp32 run's (bf16 would be off by about 1e-2 relative)."""
     net = _net().float()
     x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(2))
-    kw = dict(methods=("integrated_gradients", *NAMES), ig_steps=4, smoothgrad_samples=3)
+    kw = dict(methods=("integrated_gradients", *NAMES), ig_steps=steps, smoothgrad_samples=3)
     fp32 = attribute(net, x, precision="fp32", **kw)
     bf16 = attribute(net, x, precision="bf16", **kw)
     assert (bf16["integrated_gradients"] - fp32["integrated_gradients"]).abs().max() > 0
+    # and the path points stay in bf16 chunks of their own: IG is the bf16 IG without SmoothGrad
+    # (a chunk shared with noisy rows would run in fp32, about 1e-2 relative away)
+    ig_only = attribute(net, x, precision="bf16", **(kw | {"methods": ("integrated_gradients",)}))
+    torch.testing.assert_close(bf16["integrated_gradients"], ig_only["integrated_gradients"],
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
     for name in NAMES:
         # float32 summation order only (1e-6 relative); bf16 arithmetic would be ~1e-2
         torch.testing.assert_close(bf16[name], fp32[name], rtol=1e-5, atol=1e-7)
