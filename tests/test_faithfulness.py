@@ -173,6 +173,30 @@ def test_forward_rows_are_shared_where_images_coincide(setup):
     assert sum(rows) == 3 * n + (len(maps) * metrics * n * t + metrics * n) * (STEPS - 1)
 
 
+def test_row_bytes_are_measured_once_and_not_in_inference_mode(setup):
+    """The bytes per row that size the chunks are autograd's saved activations (more than the
+    row's input copies), the same when the caller is in inference mode (where autograd would
+    record nothing), and measured once per prepared model and row shape."""
+    from xai_workers.engine import prepare_model
+    from xai_workers.faithfulness import _ROW_BYTES, _row_bytes
+
+    model, x, *_ = setup
+    net = prepare_model(model)
+    _ROW_BYTES.pop(net, None)
+    with torch.inference_mode():
+        inside = _row_bytes(net, x[:1])
+    assert inside > 3 * x[:1].numel() * x.element_size()  # activations were counted
+    calls = []
+    handle = net.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        assert _row_bytes(net, x[:1]) == inside
+    finally:
+        handle.remove()
+    assert not calls  # remembered, not measured again
+    _ROW_BYTES.pop(net, None)
+    assert _row_bytes(net, x[:1]) == inside
+
+
 def test_linear_model_ranked_by_w_times_x_beats_random():
     """logit_1 = w . x, logit_0 = 0: p = sigmoid(w . x). With every w * x >= 0 and the baseline
     (and the insertion start) 0, replacing the pixels of largest sum_c w * x first is the best

@@ -92,7 +92,8 @@ def _row_bytes(net: nn.Module, x1: Tensor) -> float:
     known = _ROW_BYTES.setdefault(net, {})
     if key not in known:
         counter, saving = _saved_bytes_counter(net)
-        with torch.enable_grad(), saving:
+        # autograd must record (inference mode would record nothing and count 0 bytes)
+        with torch.inference_mode(False), torch.enable_grad(), saving:
             net(x1.clone().requires_grad_(True))
         known[key] = float(counter["bytes"] + 3 * x1.numel() * x1.element_size()) or 1.0
     return known[key]
@@ -191,13 +192,13 @@ def curves(
     on_src = torch.tensor([src_of[m][0] for m in metrics], device=device)
     off_src = torch.tensor([src_of[m][1] for m in metrics], device=device)
 
+    if chunk_rows is None:
+        budget = (budget_mb or _default_budget_mb(device)) * 2**20
+        chunk_rows = int(max(1, budget // _row_bytes(net, x[:1])))
     # forwards only: inference mode (no autograd bookkeeping at all)
     with torch.inference_mode():
         # the ends of every curve: p at the image, the baseline and the blurred image, per pair
         ends_rows = 3 * n
-        if chunk_rows is None:
-            budget = (budget_mb or _default_budget_mb(device)) * 2**20
-            chunk_rows = int(max(1, budget // _row_bytes(net, x[:1])))
         ends = torch.empty(3, pairs, dtype=torch.float64, device=device)
         src_flat = sources.reshape(3 * n, *x.shape[1:])
         every = torch.arange(per, device=device)
