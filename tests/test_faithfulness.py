@@ -152,6 +152,51 @@ def test_chunk_size_changes_nothing(setup):
             torch.testing.assert_close(other[key], runs[0][key], rtol=0, atol=1e-12, equal_nan=True)
 
 
+def test_forward_rows_are_shared_where_images_coincide(setup):
+    """The ends (image, baseline, blurred image) run once per image, and the random order's
+    perturbed images once per image for all its topk targets: the rows forwarded are
+    3 N + (maps x metrics x N T + metrics x N) x (K - 1), not one per (order, target, step)."""
+    from xai_workers.engine import prepare_model
+
+    model, x, baseline, blurred, maps, keys = setup
+    net = prepare_model(model)
+    rows = []
+    handle = net.register_forward_hook(lambda m, inputs, out: rows.append(len(inputs[0])))
+    targets = torch.tensor([[0, 3], [4, 1], [2, 2]])
+    topk_maps = {k: v[:, None].expand(3, 2, SIDE, SIDE) for k, v in maps.items()}
+    try:
+        curves(net, x, targets, topk_maps, baseline, blurred, steps=STEPS, keys=keys,
+               chunk_rows=7)  # fmt: skip
+    finally:
+        handle.remove()
+    n, t, metrics = 3, 2, 2
+    assert sum(rows) == 3 * n + (len(maps) * metrics * n * t + metrics * n) * (STEPS - 1)
+
+
+def test_row_bytes_are_measured_once_and_not_in_inference_mode(setup):
+    """The bytes per row that size the chunks are autograd's saved activations (more than the
+    row's input copies), the same when the caller is in inference mode (where autograd would
+    record nothing), and measured once per prepared model and row shape."""
+    from xai_workers.engine import prepare_model
+    from xai_workers.faithfulness import _ROW_BYTES, _row_bytes
+
+    model, x, *_ = setup
+    net = prepare_model(model)
+    _ROW_BYTES.pop(net, None)
+    with torch.inference_mode():
+        inside = _row_bytes(net, x[:1])
+    assert inside > 3 * x[:1].numel() * x.element_size()  # activations were counted
+    calls = []
+    handle = net.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        assert _row_bytes(net, x[:1]) == inside
+    finally:
+        handle.remove()
+    assert not calls  # remembered, not measured again
+    _ROW_BYTES.pop(net, None)
+    assert _row_bytes(net, x[:1]) == inside
+
+
 def test_linear_model_ranked_by_w_times_x_beats_random():
     """logit_1 = w . x, logit_0 = 0: p = sigmoid(w . x). With every w * x >= 0 and the baseline
     (and the insertion start) 0, replacing the pixels of largest sum_c w * x first is the best

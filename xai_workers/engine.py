@@ -749,7 +749,13 @@ def _run(
     for m in family:
         result[m] = stack(fam[m])
 
-    # ---- 2. the IG sweep over path points of all (image, target) pairs
+    # ---- 2. one chunked sweep: IG's path points of all (image, target) pairs and SmoothGrad's
+    # noisy copies of x, one forward + backward per chunk for both kinds of rows
+    want_sg = [m for m in SMOOTHGRAD if m in methods]
+    noisy = None
+    if want_sg:
+        samples, sigma, keys = smoothgrad
+        noisy = _Noisy(smoothgrad_noise(x, samples, sigma, keys), apart=bf16)
     if want_ig and adaptive is not None:
         result.update(
             _ig_sweep_auto(
@@ -764,9 +770,10 @@ def _run(
                 budget_mb,
                 per_row_bytes,
                 autocast,
+                noisy,
             )
         )
-    elif want_ig:
+    elif want_ig or noisy is not None:
         result.update(
             _ig_sweep(
                 net,
@@ -782,6 +789,8 @@ def _run(
                 budget_mb,
                 per_row_bytes,
                 autocast,
+                noisy,
+                ig=want_ig,
             )
         )
     if want_ig:
@@ -792,13 +801,12 @@ def _run(
             for key in ("integrated_gradients", "baseline_score", "ig_delta", *_AUTO_KEYS):
                 if key in result:
                     result[key] = result[key].squeeze(1)
-    # ---- 3. SmoothGrad: gradients at noisy copies of x, chunked under the same budget
-    want_sg = [m for m in SMOOTHGRAD if m in methods]
-    if want_sg:
-        samples, sigma, keys = smoothgrad
-        sg = _smoothgrad(net, x, targets, score, samples, sigma, keys, budget_mb, per_row_bytes)
-        for m in want_sg:
-            result[m] = sg[m] if mode == "topk" else sg[m][:, 0]
+    for m in SMOOTHGRAD:
+        if m in result:
+            if m in want_sg:
+                result[m] = result[m] if mode == "topk" else result[m][:, 0]
+            else:
+                del result[m]
     if mode != "topk":
         result["target"], result["score"] = targets[:, 0], result["score"][:, 0]
     return result
@@ -821,39 +829,67 @@ def smoothgrad_noise(x: torch.Tensor, samples: int, sigma: float, keys=None) -> 
     return out.to(x.device)
 
 
-def _smoothgrad(net, x, targets, score, samples, sigma, keys, budget_mb, per_row_bytes):
-    """smoothgrad, smoothgrad_sq, vargrad (N, K, H, W) from the gradients at x + noise.
+@dataclass(frozen=True)
+class _Noisy:
+    """SmoothGrad's rows in the sweep: ``noise`` (N, M, C, H, W) from ``smoothgrad_noise``; row
+    (pair p, sample m) is x[p's image] + noise[p's image, m], scored for p's target. ``apart``:
+    these rows run in chunks of their own in fp32 (when the path points run under bf16
+    autocast), so SmoothGrad is computed in fp32 whatever the precision, as it always was."""
+
+    noise: torch.Tensor
+    apart: bool = False
+
+
+def _noisy_rows(x, noisy: _Noisy, q: torch.Tensor, kk: int):
+    """The rows q (int64 (R,), row = pair * M + m) of SmoothGrad: their pairs (R,) and inputs
+    x[img] + noise[img, m] (R, C, H, W)."""
+    samples = noisy.noise.shape[1]
+    pair, m = q // samples, q % samples
+    img = pair // kk
+    return pair, x[img] + noisy.noise[img, m]
+
+
+def _noisy_gradients(g, g_z, first, cut: int, shape) -> torch.Tensor:
+    """The input gradients (R, C, H, W) of a chunk's SmoothGrad rows (rows ``cut:``): each
+    row's gradient at the input layer's output mapped back through it (its transposed
+    convolution: ``first`` is linear in its input) plus what reached the input around it."""
+    gn = None
+    if g_z is not None:
+        gz = _wide(g_z[cut:])
+        probe = torch.zeros((len(gz), *shape), dtype=gz.dtype, device=gz.device)
+        probe = probe.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        (gn,) = torch.autograd.grad(first(probe), probe, gz)
+    if g is not None:
+        gn = _wide(g[cut:]) if gn is None else gn + _wide(g[cut:])
+    return gn
+
+
+def _smoothgrad_maps(s1: torch.Tensor, s2: torch.Tensor, samples: int) -> dict:
+    """smoothgrad, smoothgrad_sq, vargrad (P, H, W) from the per-pair sums over the M noisy
+    copies of |g| (``s1``) and g^2 (``s2``), (P, C, H, W).
 
     Per channel, over the M noisy copies: mean |g|, mean g^2, and mean g^2 - (mean |g|)^2 (the
     variance of |g|, as Captum's NoiseTunnel over Saliency); then the largest over channels, as
-    saliency is. Rows (image, sample) run in chunks of the memory budget."""
-    n, kk = x.shape[0], targets.shape[1]
-    noise = smoothgrad_noise(x, samples, sigma, keys)
-    s1 = torch.zeros((n, kk, *x.shape[1:]), dtype=_wide(x).dtype, device=x.device)
-    s2 = torch.zeros_like(s1)
-    rows = n * samples
-    budget = (budget_mb or _default_budget_mb(x.device)) * 2**20
-    chunk = int(max(1, min(rows, budget // per_row_bytes)))
-    img = torch.arange(n, device=x.device).repeat_interleave(samples)
-    flat = noise.reshape(rows, *x.shape[1:])
-    for start in range(0, rows, chunk):
-        idx = img[start : start + chunk]
-        xs = (x[idx] + flat[start : start + chunk]).contiguous(memory_format=torch.channels_last)
-        xs.requires_grad_(True)
-        s_all = _scores(net(xs), score)
-        for j in range(kk):
-            (g,) = torch.autograd.grad(
-                s_all.gather(1, targets[idx][:, j : j + 1]).sum(), xs, retain_graph=j < kk - 1
-            )
-            g = _wide(g)
-            s1[:, j].index_add_(0, idx, g.abs())
-            s2[:, j].index_add_(0, idx, g * g)
+    saliency is."""
     m1, m2 = s1 / samples, s2 / samples
     return {
-        "smoothgrad": m1.amax(dim=2),
-        "smoothgrad_sq": m2.amax(dim=2),
-        "vargrad": (m2 - m1 * m1).amax(dim=2),
+        "smoothgrad": m1.amax(dim=1),
+        "smoothgrad_sq": m2.amax(dim=1),
+        "vargrad": (m2 - m1 * m1).amax(dim=1),
     }
+
+
+def _chunks(rows: int, chunk: int, cut: int | None) -> list[tuple[int, int]]:
+    """[start, stop) of the chunks of ``rows`` rows, ``chunk`` at most each, evenly sized;
+    with ``cut`` no chunk holds rows on both sides of it."""
+    parts = [(0, rows)] if cut is None else [(0, cut), (cut, rows)]
+    out = []
+    for lo, hi in parts:
+        if hi <= lo:
+            continue
+        size = math.ceil((hi - lo) / math.ceil((hi - lo) / chunk))  # even chunks
+        out += [(s, min(hi, s + size)) for s in range(lo, hi, size)]
+    return out
 
 
 def _add_weighted_rows(acc: torch.Tensor, pair: torch.Tensor, w: torch.Tensor, g: torch.Tensor):
@@ -876,7 +912,8 @@ def _add_weighted_rows(acc: torch.Tensor, pair: torch.Tensor, w: torch.Tensor, g
 
 class _PathRows(torch.autograd.Function):
     """z[i] = z_base[b[i]] + alpha[i] * z_diff[img[i]] for the rows of a chunk: the input layer's
-    output along the path (all (R, K, h, w), channels_last like the layer's own output).
+    output along the path (all (R, K, h, w), channels_last like the layer's own output), followed
+    by the rows of ``tail`` (R2, K, h, w) as they are (SmoothGrad's noisy rows), or none.
 
     One ``addcmul`` per run of rows of the same image, straight into the output, with no
     gathered copies. The output has a grad_fn (``alpha`` (R, 1, 1, 1) requires grad), so the
@@ -885,9 +922,12 @@ class _PathRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, alpha, z_base, z_diff, b_img, img):
-        shape, fmt = (len(img), *z_diff.shape[1:]), torch.channels_last
+    def forward(ctx, alpha, z_base, z_diff, b_img, img, tail=None):
+        extra = 0 if tail is None else len(tail)
+        shape, fmt = (len(img) + extra, *z_diff.shape[1:]), torch.channels_last
         out = torch.empty(shape, dtype=z_diff.dtype, device=z_diff.device, memory_format=fmt)
+        if extra:
+            out[len(img) :] = tail
         keys = (img * z_base.shape[0] + b_img).tolist()
         start = 0
         for i in range(1, len(keys) + 1):
@@ -901,7 +941,7 @@ class _PathRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return None, None, None, None, None
+        return None, None, None, None, None, None
 
 
 @contextlib.contextmanager
@@ -931,18 +971,27 @@ def _output_given(module: nn.Module, inp: torch.Tensor, z: torch.Tensor):
 
 
 def _path_gradients(
-    net, base, diff, alpha, img, b_img, tgt, score, autocast, first, z_base, z_diff
+    net, base, diff, alpha, img, b_img, tgt, score, autocast, first, z_base, z_diff, noisy=None
 ):
-    """One chunk of path points: rows i at base[b_img[i]] + alpha[i] * diff[img[i]], scored for
-    class tgt[i]. Returns (s, g, g_z, first): the scores (R,); the input gradient (R, C, H, W),
-    or None when it all went through ``first``; the gradient at the output of the input layer
-    ``first`` (R, K, h, w), None on the plain path; and ``first`` itself, or None when the model
-    turned out not to feed the input to that layer exactly once (plain path from then on)."""
+    """One chunk of path points: rows i at base[b_img[i]] + alpha[i] * diff[img[i]], then the
+    rows of ``noisy`` (R2, C, H, W) (SmoothGrad's inputs, or None), scored for class tgt[i].
+    Returns (s, g, g_z, first) over all R + R2 rows: the scores (R + R2,); the input gradient
+    (R + R2, C, H, W), or None when it all went through ``first``; the gradient at the output of
+    the input layer ``first`` (R + R2, K, h, w), None on the plain path; and ``first`` itself, or
+    None when the model turned out not to feed the input to that layer exactly once (plain path
+    from then on)."""
+    fmt = torch.channels_last
     inp = torch.addcmul(base[b_img], alpha, diff[img])
-    inp = inp.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    if noisy is not None:
+        inp = torch.cat([inp.contiguous(memory_format=fmt), noisy.contiguous(memory_format=fmt)])
+    inp = inp.contiguous(memory_format=fmt).requires_grad_(True)
     z = None
     if first is not None:
-        z = _PathRows.apply(alpha.detach().requires_grad_(True), z_base, z_diff, b_img, img)
+        tail = None
+        if noisy is not None:  # the layer's own output at the noisy rows
+            with torch.no_grad():
+                tail = first(inp[len(img) :].detach())
+        z = _PathRows.apply(alpha.detach().requires_grad_(True), z_base, z_diff, b_img, img, tail)
         z_edge = torch.autograd.graph.get_gradient_edge(z)  # before in-place ops change z
         with _output_given(first, inp, z) as seen, autocast:
             s = _scores(net(inp), score).gather(1, tgt[:, None])[:, 0]
@@ -971,9 +1020,15 @@ def _ig_sweep(
     budget_mb,
     per_row_bytes,
     autocast,
+    noisy: _Noisy | None = None,
+    *,
+    ig: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """IG for every (image, target) pair; returns integrated_gradients (N, K, C, H, W) and
-    baseline_score (N, K)."""
+    """IG for every (image, target) pair (unless ``ig`` is False), and SmoothGrad's noisy rows
+    when ``noisy`` is given, in one queue of rows cut into chunks of the memory budget: the path
+    points of every pair, then (pair, sample) noisy rows; one forward + backward per chunk.
+    Returns integrated_gradients (N, K, C, H, W) and baseline_score (N, K); with ``noisy``
+    also smoothgrad, smoothgrad_sq, vargrad (N, K, H, W)."""
     n, kk = targets.shape
     device = x.device
     base = baseline if baseline is not None else torch.zeros_like(x[:1])
@@ -981,7 +1036,7 @@ def _ig_sweep(
     diff = x - base  # (N, C, H, W)
     a = torch.as_tensor(alphas, dtype=x.dtype, device=device)
     w = torch.as_tensor(weights, dtype=x.dtype, device=device)
-    sweep = torch.arange(len(alphas) - (1 if has_one else 0), device=device)
+    sweep = torch.arange(len(alphas) - (1 if has_one else 0) if ig else 0, device=device)
     pairs = n * kk
     fmt = torch.channels_last
     acc = torch.empty((pairs, *x.shape[1:]), dtype=x.dtype, device=device, memory_format=fmt)
@@ -990,7 +1045,7 @@ def _ig_sweep(
         acc += w[-1] * torch.stack(g_x, dim=1).reshape(acc.shape)
     base_score = torch.empty(pairs, dtype=x.dtype, device=device)
     tflat = targets.reshape(-1)  # pair p = image p // K, target tflat[p]
-    if not has_zero:  # F(x') needs its own forward pass, without gradients
+    if ig and not has_zero:  # F(x') needs its own forward pass, without gradients
         with torch.no_grad(), autocast:
             if base.shape[0] == 1:
                 s = _scores(net(base), score)[0]  # one baseline for all images
@@ -998,18 +1053,25 @@ def _ig_sweep(
             else:
                 s = _scores(net(base), score)
                 base_score = s.gather(1, targets).reshape(-1)
-    rows = pairs * len(sweep)
+    samples = 0 if noisy is None else noisy.noise.shape[1]
+    s1 = s2 = None
+    if samples:  # per pair, the sums over its noisy rows of |g| and g^2
+        s1 = torch.zeros((pairs, *x.shape[1:]), dtype=_wide(x).dtype, device=device)
+        s2 = torch.zeros_like(s1)
+    path_rows = pairs * len(sweep)
+    rows = path_rows + pairs * samples
     chunk = 1
     if rows:
         budget = (budget_mb or _default_budget_mb(device)) * 2**20
         chunk = int(max(1, min(rows, budget // per_row_bytes)))
-        chunk = math.ceil(rows / math.ceil(rows / chunk))  # even chunks
     # The layer that alone reads the input (``input_layer``) is affine in it: at the point
     # base + a * diff its output is first(base) + a * L(diff), and its input gradient is L^T of
     # the gradient at its output. So it runs once per image, not once per point: the sweep hands
     # it that sum as its output, takes the gradient there, sums it per pair (acc_z) and applies
     # L^T once per pair at the end. A model that does not feed the input to it exactly once takes
     # the plain path; gradients that reach the input around it are added as they come.
+    # SmoothGrad's rows need each row's own input gradient: the layer runs on them as usual and
+    # their gradients at its output are mapped back through L^T row by row.
     name = _PREPARED[net].input_layer if net in _PREPARED else None
     first = net.get_submodule(name) if name is not None and rows else None
     acc_z = z_base = z_diff = None
@@ -1017,26 +1079,46 @@ def _ig_sweep(
         with torch.no_grad():
             z_base = first(base)  # (1 or N, K, h, w)
             z_diff = first(diff) - first(torch.zeros_like(base[:1]))  # L(diff), without bias
-    for start in range(0, rows, chunk):
-        r = torch.arange(start, min(rows, start + chunk), device=device)
-        pair, step = r // len(sweep), sweep[r % len(sweep)]
+    step_of = max(len(sweep), 1)
+    apart = noisy is not None and noisy.apart
+    for lo, hi in _chunks(rows, chunk, path_rows if apart else None):
+        r = torch.arange(lo, max(lo, min(hi, path_rows)), device=device)  # its path rows
+        pair, step = r // step_of, sweep[r % step_of] if len(sweep) else r
         img = pair // kk
         b_img = img if base.shape[0] > 1 else torch.zeros_like(img)
         alpha = a[step].view(-1, 1, 1, 1)
+        tgt, inp_noisy = tflat[pair], None
+        if hi > path_rows:  # SmoothGrad's rows (pair, sample), in fp32
+            q = torch.arange(max(lo, path_rows), hi, device=device) - path_rows
+            npair, inp_noisy = _noisy_rows(x, noisy, q, kk)
+            tgt = torch.cat([tgt, tflat[npair]])
+        ctx = autocast if inp_noisy is None else contextlib.nullcontext()
         s, g, g_z, first = _path_gradients(
-            net, base, diff, alpha, img, b_img, tflat[pair], score, autocast, first, z_base, z_diff
+            net, base, diff, alpha, img, b_img, tgt, score, ctx, first, z_base, z_diff, inp_noisy
         )
-        if g_z is not None:
-            if acc_z is None:
-                acc_z = torch.empty(
-                    (pairs, *g_z.shape[1:]), dtype=x.dtype, device=device, memory_format=fmt
-                ).zero_()
-            _add_weighted_rows(acc_z, pair, w[step], g_z)
-        if g is not None:
-            _add_weighted_rows(acc, pair, w[step], g)
-        if has_zero:
-            zero = step == 0
-            base_score[pair[zero]] = s.detach()[zero]
+        cut = len(r)
+        if cut:
+            if g_z is not None:
+                if acc_z is None:
+                    acc_z = torch.empty(
+                        (pairs, *g_z.shape[1:]), dtype=x.dtype, device=device, memory_format=fmt
+                    ).zero_()
+                _add_weighted_rows(acc_z, pair, w[step], g_z[:cut])
+            if g is not None:
+                _add_weighted_rows(acc, pair, w[step], g[:cut])
+            if has_zero:
+                zero = step == 0
+                base_score[pair[zero]] = s[:cut].detach()[zero]
+        if inp_noisy is not None:
+            gn = _noisy_gradients(g, g_z, first, cut, x.shape[1:])
+            s1.index_add_(0, npair, gn.abs())
+            s2.index_add_(0, npair, gn * gn)
+    out = {}
+    if samples:
+        lead = (n, kk, *x.shape[-2:])
+        out = {k: v.reshape(lead) for k, v in _smoothgrad_maps(s1, s2, samples).items()}
+    if not ig:
+        return out
     if acc_z is not None:
         layer = net.get_submodule(name)
         for start in range(0, pairs, chunk):
@@ -1044,8 +1126,9 @@ def _ig_sweep(
             probe = torch.zeros_like(acc[start:stop]).requires_grad_(True)  # any input: linear
             (g,) = torch.autograd.grad(layer(probe), probe, acc_z[start:stop])
             acc[start:stop] += g
-    ig = (acc.reshape(n, kk, *x.shape[1:]) * diff[:, None]).contiguous()
-    return {"integrated_gradients": ig, "baseline_score": base_score.view(n, kk)}
+    ig_map = (acc.reshape(n, kk, *x.shape[1:]) * diff[:, None]).contiguous()
+    out.update({"integrated_gradients": ig_map, "baseline_score": base_score.view(n, kk)})
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -1099,6 +1182,7 @@ def _ig_sweep_auto(
     budget_mb,
     per_row_bytes,
     autocast,
+    noisy: _Noisy | None = None,
 ) -> dict[str, torch.Tensor]:
     """IG for every (image, target) pair to an error target (docs/conventions.md, "Adaptive
     Integrated Gradients"). Level k of a pair adds the points ``quadrature.level_points(k)``; the
@@ -1109,9 +1193,14 @@ def _ig_sweep_auto(
     tolerance queues its next level. Every gradient is computed once: level k + 1 reuses all
     the points of level k (a = 1 is the pass at x: ``g_x``).
 
+    SmoothGrad's noisy rows (``noisy``) fill the chunks the queue leaves part empty (while the
+    next levels wait for the current ones to finish) and run after it drains; with
+    ``noisy.apart`` a chunk holds path points or noisy rows, never both.
+
     Returns integrated_gradients (N, K, C, H, W), baseline_score (N, K), ig_steps (N, K) int32,
     ig_error_est (N, K), ig_converged (N, K) bool, ig_path_alpha and ig_path_score
-    (N, K, 2^max_level + 1), the first ig_steps entries of a row valid, the rest NaN.
+    (N, K, 2^max_level + 1), the first ig_steps entries of a row valid, the rest NaN; with
+    ``noisy`` also smoothgrad, smoothgrad_sq, vargrad (N, K, H, W).
     """
     from xai_workers.quadrature import level_points, romberg_row
 
@@ -1221,16 +1310,39 @@ def _ig_sweep_auto(
                 torch.cat([q_alpha, ra]),
             )
 
+    samples = 0 if noisy is None else noisy.noise.shape[1]
+    noisy_rows, nhead = pairs * samples, 0
+    if samples:  # per pair, the sums over its noisy rows of |g| and g^2
+        s1 = torch.zeros((pairs, *x.shape[1:]), dtype=_wide(x).dtype, device=device)
+        s2 = torch.zeros_like(s1)
     head = 0
-    while head < len(q_pair):
+    while head < len(q_pair) or nhead < noisy_rows:
         pair, level = q_pair[head : head + chunk], q_level[head : head + chunk]
         alpha = q_alpha[head : head + chunk].view(-1, 1, 1, 1)
         head += len(pair)
+        cut = len(pair)
         img = pimg[pair]
         b_img = img if base.shape[0] > 1 else torch.zeros_like(img)
+        tgt, inp_noisy = tflat[pair], None
+        fill = 0 if (cut and noisy is not None and noisy.apart) else chunk - cut
+        if fill and nhead < noisy_rows:  # SmoothGrad's rows (pair, sample), in fp32
+            q = torch.arange(nhead, min(noisy_rows, nhead + fill), device=device)
+            nhead += len(q)
+            npair, inp_noisy = _noisy_rows(x, noisy, q, kk)
+            tgt = torch.cat([tgt, tflat[npair]])
+        ctx = autocast if inp_noisy is None else contextlib.nullcontext()
         s, g, g_z, first = _path_gradients(
-            net, base, diff, alpha, img, b_img, tflat[pair], score, autocast, first, z_base, z_diff
+            net, base, diff, alpha, img, b_img, tgt, score, ctx, first, z_base, z_diff, inp_noisy
         )
+        if inp_noisy is not None:
+            gn = _noisy_gradients(g, g_z, first, cut, x.shape[1:])
+            s1.index_add_(0, npair, gn.abs())
+            s2.index_add_(0, npair, gn * gn)
+        if not cut:
+            continue
+        s = s[:cut]
+        g = None if g is None else g[:cut]
+        g_z = None if g_z is None else g_z[:cut]
         # sum the rows of each (pair, level) of the chunk; map z-gradients back with L^T
         key = level * pairs + pair
         keys, inv = torch.unique(key, return_inverse=True)
@@ -1268,7 +1380,12 @@ def _ig_sweep_auto(
     alphas = torch.where(valid, pos.to(dtype) / 2**lmax, float("nan"))
     trace = torch.where(valid, grid.gather(1, pos), float("nan"))
     lead = (n, kk)
-    return {
+    out = {}
+    if samples:
+        out = {
+            k: v.reshape(*lead, *x.shape[-2:]) for k, v in _smoothgrad_maps(s1, s2, samples).items()
+        }
+    return out | {
         "integrated_gradients": best.reshape(*lead, *x.shape[1:]).contiguous(),
         "baseline_score": base_score.view(lead),
         "ig_steps": steps.view(lead),

@@ -6,16 +6,19 @@ watch it rise. A faithful map makes deletion fall fast (low AUC) and insertion r
 AUC). The same curves for a random pixel order are the floor a map must beat. Definitions, exactly:
 docs/conventions.md ("Faithfulness").
 
-Forward passes only, batched: the perturbed images of all (image, target) pairs, orders, metrics and
-steps are rows cut into chunks under a memory budget, as the engine's IG sweep is. The two ends of
-every curve (k = 0 and k = K) are the same images for every order, the image itself, the baseline
-and the blurred image, so they are run once per image.
+Forward passes only (under ``torch.inference_mode``, on the prepared model), batched: the perturbed
+images of all (image, target) pairs, orders, metrics and steps are rows cut into chunks under a
+memory budget, as the engine's IG sweep is. Where rows would be the same image they run once: the
+two ends of every curve (k = 0 and k = K) are the same images for every order, the image itself,
+the baseline and the blurred image, so they are run once per image; the random order is one per
+image, so its perturbed images are run once per image for all of its targets (``topk``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -25,6 +28,8 @@ METRICS = ("deletion", "insertion")
 DEFAULT_STEPS = 16
 #: the name of the random pixel order, the floor every method is compared with.
 RANDOM = "random"
+# prepared model -> {(row shape, dtype, device): _row_bytes}: measured once, not per batch
+_ROW_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def column_names(methods: Sequence[str], metrics: Sequence[str]) -> tuple[str, ...]:
@@ -79,21 +84,32 @@ def auc(curve: Tensor) -> Tensor:
 
 def _row_bytes(net: nn.Module, x1: Tensor) -> float:
     """Bytes one perturbed row needs: the activations autograd would save for it (an upper bound
-    of what a forward-only pass holds at once) plus its three input copies."""
+    of what a forward-only pass holds at once) plus its three input copies. Measured with one
+    forward the first time a prepared model sees a row shape, then remembered."""
     from xai_workers.engine import _saved_bytes_counter
 
-    counter, saving = _saved_bytes_counter(net)
-    with torch.enable_grad(), saving:
-        net(x1.clone().requires_grad_(True))
-    return float(counter["bytes"] + 3 * x1.numel() * x1.element_size()) or 1.0
+    key = (tuple(x1.shape[1:]), x1.dtype, x1.device)
+    known = _ROW_BYTES.setdefault(net, {})
+    if key not in known:
+        counter, saving = _saved_bytes_counter(net)
+        # autograd must record (inference mode would record nothing and count 0 bytes)
+        with torch.inference_mode(False), torch.enable_grad(), saving:
+            net(x1.clone().requires_grad_(True))
+        known[key] = float(counter["bytes"] + 3 * x1.numel() * x1.element_size()) or 1.0
+    return known[key]
+
+
+def _softmax(net: nn.Module, inp: Tensor) -> Tensor:
+    """Softmax probabilities at ``inp`` (R, C, H, W): float64 (R, classes)."""
+    logits = net(inp.contiguous(memory_format=torch.channels_last))  # no copy if it already is
+    if logits.dim() != 2:
+        raise ValueError(f"model output must be (N, classes), got {tuple(logits.shape)}")
+    return torch.softmax(logits.double(), dim=1)
 
 
 def _probs(net: nn.Module, inp: Tensor, targets: Tensor) -> Tensor:
     """Softmax probabilities of ``targets`` (R, T) at ``inp`` (R, C, H, W): float64 (R, T)."""
-    logits = net(inp.contiguous(memory_format=torch.channels_last))
-    if logits.dim() != 2:
-        raise ValueError(f"model output must be (N, classes), got {tuple(logits.shape)}")
-    return torch.softmax(logits.double(), dim=1).gather(1, targets)
+    return _softmax(net, inp).gather(1, targets)
 
 
 def curves(
@@ -154,6 +170,7 @@ def curves(
     net = prepare_model(model, device=device)
 
     names = list(maps)
+    n_maps = len(names)
     rank_list, valid_list = [], []
     for name in names:
         m = maps[name].detach().reshape(pairs, h, w)
@@ -165,9 +182,9 @@ def curves(
         if len(keys) != n:
             raise ValueError(f"{len(keys)} keys for {n} images")
         names.append(RANDOM)
-        rank_list.append(random_ranks(keys, h * w, device).repeat_interleave(per, dim=0))
+        rand_ranks = random_ranks(keys, h * w, device)  # (N, HW): one order per image
         valid_list.append(torch.ones(pairs, dtype=torch.bool, device=device))
-    ranks = torch.stack(rank_list).to(device)  # (O, P, HW)
+    ranks = torch.stack(rank_list).to(device) if rank_list else None  # (O maps, P, HW)
     counts = torch.tensor(step_counts(steps, h * w), device=device)
     # (metric) -> index of (pixels replaced, pixels kept) sources: deletion puts the baseline in
     # the image, insertion puts the image in the blurred image
@@ -175,12 +192,13 @@ def curves(
     on_src = torch.tensor([src_of[m][0] for m in metrics], device=device)
     off_src = torch.tensor([src_of[m][1] for m in metrics], device=device)
 
-    with torch.no_grad():
+    if chunk_rows is None:
+        budget = (budget_mb or _default_budget_mb(device)) * 2**20
+        chunk_rows = int(max(1, budget // _row_bytes(net, x[:1])))
+    # forwards only: inference mode (no autograd bookkeeping at all)
+    with torch.inference_mode():
         # the ends of every curve: p at the image, the baseline and the blurred image, per pair
         ends_rows = 3 * n
-        if chunk_rows is None:
-            budget = (budget_mb or _default_budget_mb(device)) * 2**20
-            chunk_rows = int(max(1, budget // _row_bytes(net, x[:1])))
         ends = torch.empty(3, pairs, dtype=torch.float64, device=device)
         src_flat = sources.reshape(3 * n, *x.shape[1:])
         every = torch.arange(per, device=device)
@@ -195,22 +213,42 @@ def curves(
         for mi, metric in enumerate(metrics):
             first, last = (0, 1) if metric == "deletion" else (2, 0)
             out[:, mi, :, 0], out[:, mi, :, steps] = ends[first], ends[last]
-        # the inside of every curve: rows (order, metric, pair, k = 1..K-1), k fastest
+        # the inside of every curve: rows (map order, metric, pair, k = 1..K-1), k fastest, then
+        # the random order's rows (metric, image, k): its perturbed images are the same for every
+        # target of an image (topk), so one forward serves them all
         inner = steps - 1
-        rows = len(names) * len(metrics) * pairs * inner
+        map_rows = n_maps * len(metrics) * pairs * inner
+        rows = map_rows + (len(metrics) * n * inner if keys is not None else 0)
         flat_t = tt.reshape(-1)
         for start in range(0, rows, chunk_rows):
             r = torch.arange(start, min(rows, start + chunk_rows), device=device)
-            k = r % inner + 1
-            rest = r // inner
-            pair = rest % pairs
-            rest = rest // pairs
+            ra, rb = r[r < map_rows], r[r >= map_rows] - map_rows
+            k, rest = ra % inner + 1, ra // inner
+            pair, rest = rest % pairs, rest // pairs
             mi, oi = rest % len(metrics), rest // len(metrics)
-            img = pair // per
-            replaced = ranks[oi, pair] < counts[k][:, None]  # (R, HW)
-            replaced = replaced.view(-1, 1, h, w)
-            inp = torch.where(replaced, sources[on_src[mi], img], sources[off_src[mi], img])
-            out[oi, mi, pair, k] = _probs(net, inp, flat_t[pair][:, None])[:, 0]
+            kb, rest = rb % inner + 1, rb // inner
+            img_b, mi_b = rest % n, rest // n
+            img = torch.cat([pair // per, img_b])
+            parts = [ranks[oi, pair] < counts[k][:, None]] if len(ra) else []
+            if len(rb):
+                parts.append(rand_ranks[img_b] < counts[kb][:, None])
+            replaced = torch.cat(parts).view(-1, 1, h, w)  # (R, 1, H, W)
+            m_all = torch.cat([mi, mi_b])
+            # straight into a channels_last batch: the layout the prepared model runs in
+            inp = torch.empty(
+                (len(r), *x.shape[1:]), dtype=x.dtype, device=device,
+                memory_format=torch.channels_last,
+            )  # fmt: skip
+            torch.where(
+                replaced, sources[on_src[m_all], img], sources[off_src[m_all], img], out=inp
+            )
+            p = _softmax(net, inp)  # (R, classes)
+            cut = len(ra)
+            if cut:
+                out[oi, mi, pair, k] = p[:cut].gather(1, flat_t[pair][:, None])[:, 0]
+            if len(rb):
+                cols = img_b[:, None] * per + every  # every target of the image
+                out[-1, mi_b[:, None], cols, kb[:, None]] = p[cut:].gather(1, tt[img_b])
     valid = torch.stack(valid_list)  # (O, P)
     out = torch.where(valid[:, None, :, None], out, torch.full_like(out, math.nan))
     return {

@@ -478,7 +478,7 @@ class AttributionWorker:
         )
         stats = row_statistics(result)  # from the full maps, under every profile
         if self.faithfulness:
-            stats.update(self._faithfulness(x, result, keys))
+            stats.update(self._faithfulness(x, result, keys, baseline))
         pooled = {
             POOLED_PREFIX + m: pooled_maps(m, result[m].detach().cpu().numpy())
             for m in self.pooled_methods
@@ -495,26 +495,31 @@ class AttributionWorker:
             )
         return out
 
-    def _faithfulness(self, x, result, keys) -> dict[str, torch.Tensor]:
-        """Deletion/insertion AUCs of every method's 2-D map (``stats.map_2d``)."""
+    def _faithfulness(self, x, result, keys, baseline=None) -> dict[str, torch.Tensor]:
+        """Deletion/insertion AUCs of every method's 2-D map (``stats.map_2d``). ``baseline``:
+        the IG baseline already built for this batch (the same kind), reused."""
         from xai_workers.engine import make_baseline
         from xai_workers.faithfulness import deletion_insertion
         from xai_workers.stats import map_2d
 
         maps = {m: map_2d(m, result[m]) for m in self.methods if m in result}
         kind = self.ig_baseline
-        base = (
-            torch.zeros_like(x[:1])
-            if kind == "zeros"
-            else make_baseline(x, kind, self.preprocessing, seed=self.seed)
-        )
+        base = baseline
+        if base is None:
+            base = (
+                torch.zeros_like(x[:1])
+                if kind == "zeros"
+                else make_baseline(x, kind, self.preprocessing, seed=self.seed)
+            )
+        # the blurred image insertion starts from: the baseline itself when it is the blur
+        blurred = base if kind == "blur" else make_baseline(x, "blur", self.preprocessing)
         return deletion_insertion(
             self.net,
             x,
             result["target"],
             maps,
             base,
-            make_baseline(x, "blur", self.preprocessing),
+            blurred,
             steps=self.faithfulness_steps,
             metrics=self.faithfulness,
             keys=keys,
