@@ -102,7 +102,11 @@ def kind_of(proc: psutil.Process, driver_pid: int) -> str:
     scripts = [a.split("/ray/")[-1] for a in args if a.endswith(".py")]  # Ray's own, by path
     if any(a.endswith("default_worker.py") for a in scripts):
         return "task worker"
-    return scripts[0] if scripts else name
+    if not scripts:
+        return name
+    known = {"dashboard/agent.py": "dashboard agent", "autoscaler/_private/monitor.py":
+             "autoscaler monitor", "_private/runtime_env/agent/main.py": "runtime_env agent"}  # fmt: skip
+    return known.get(scripts[0], os.path.basename(scripts[0])[:-3])
 
 
 def sample(sid: int, driver_pid: int, kinds: dict) -> list[tuple[int, str, int, int, int]]:
@@ -202,8 +206,9 @@ def _run_in(tmp: str, args) -> dict:
 def analyse(samples, w0: float, w1: float, args, last: str, wall: float) -> dict:
     q = (w1 - w0) / 4
     window = [(t, rows) for t, rows in samples if w0 <= t <= w1]
-    first = [(t, rows) for t, rows in window if t <= w0 + q]
-    final = [(t, rows) for t, rows in window if t >= w1 - q]
+    quarters = [[(t, r) for t, r in window if w0 + i * q <= t <= w0 + (i + 1) * q]
+                for i in range(4)]  # fmt: skip
+    first, final = quarters[0], quarters[3]
     if len(first) < 3 or len(final) < 3:
         raise SystemExit(f"too few samples in the window ({len(window)}): use more images")
 
@@ -215,7 +220,8 @@ def analyse(samples, w0: float, w1: float, args, last: str, wall: float) -> dict
         return out
 
     kinds = {row[0]: row[1] for _, rows in window for row in rows}
-    rss_first, rss_last = by_pid(first, 2), by_pid(final, 2)
+    rss_q = [by_pid(part, 2) for part in quarters]
+    rss_first, rss_last = rss_q[0], rss_q[3]
     fds, threads = by_pid(window, 3), by_pid(window, 4)
     through = sorted(set(rss_first) & set(rss_last))
     per_kind: dict[str, dict] = {}
@@ -228,7 +234,8 @@ def analyse(samples, w0: float, w1: float, args, last: str, wall: float) -> dict
         d["processes"] += 1
         if b / a >= d["rss_ratio"]:  # the worst process of the kind
             d.update(rss_first_mib=round(a / 2**20, 1), rss_last_mib=round(b / 2**20, 1),
-                     rss_ratio=round(b / a, 4))  # fmt: skip
+                     rss_ratio=round(b / a, 4), rss_quarters_mib=[
+                         round(max(r.get(pid, [0])) / 2**20, 1) for r in rss_q])  # fmt: skip
         d["fds"] = [d["fds"][0] + fds[pid][0], d["fds"][1] + fds[pid][-1]]
         d["threads"] = [d["threads"][0] + threads[pid][0], d["threads"][1] + threads[pid][-1]]
     born = len({r[0] for _, rows in window for r in rows} - set(through))
@@ -282,6 +289,9 @@ def main(argv=None) -> int:
           f"{res['total_rss_last_mib']} MiB (q4); {res['processes_not_through_window']} processes "
           f"came or went in the window; worst ratio {res['worst_rss_ratio']:.3f} -> "
           f"{'flat' if res['flat'] else 'NOT flat'}")  # fmt: skip
+    print("peak RSS per quarter (MiB) of the worst process of each kind:")
+    for k, d in sorted(res["per_kind"].items()):
+        print(f"  {k:<22} " + "  ".join(f"{v:8.1f}" for v in d["rss_quarters_mib"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
