@@ -96,7 +96,8 @@ def kind_of(proc: psutil.Process, driver_pid: int) -> str:
             return "attribution actor"
         if "ProgressCounter" in title:
             return "progress actor"
-        if title != "IDLE" and re.fullmatch(r"_?[A-Z]\w*", title.split(".")[0]):  # agents, actors
+        # Ray's agents and Ray Data's actors; not a task (titled by its function or "Write")
+        if title not in ("IDLE", "Write") and re.fullmatch(r"_?[A-Z]\w*", title.split(".")[0]):
             return title.split(".")[0]
         return "task worker"
     scripts = [a.split("/ray/")[-1] for a in args if a.endswith(".py")]  # Ray's own, by path
@@ -104,8 +105,11 @@ def kind_of(proc: psutil.Process, driver_pid: int) -> str:
         return "task worker"
     if not scripts:
         return name
-    known = {"dashboard/agent.py": "dashboard agent", "autoscaler/_private/monitor.py":
-             "autoscaler monitor", "_private/runtime_env/agent/main.py": "runtime_env agent"}  # fmt: skip
+    known = {
+        "dashboard/agent.py": "dashboard agent",
+        "autoscaler/_private/monitor.py": "autoscaler monitor",
+        "_private/runtime_env/agent/main.py": "runtime_env agent",
+    }
     return known.get(scripts[0], os.path.basename(scripts[0])[:-3])
 
 
