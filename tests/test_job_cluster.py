@@ -25,9 +25,12 @@ N = 48
 
 @pytest.fixture(scope="module")
 def two_nodes():
+    # a removed node is declared dead after 3 failed health checks 1 s apart (Ray's defaults:
+    # 5 checks, 3 s apart), so the node-loss test waits less for Ray to notice
+    health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "include_dashboard": False},
+        head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": health},
     )
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
