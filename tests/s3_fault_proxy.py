@@ -55,8 +55,10 @@ def operation(method: str, target: str) -> str:
         return "multipart"
     if method == "DELETE" or (method == "POST" and "delete" in query):
         return "delete"
-    if method in ("GET", "HEAD"):
-        return "read" if has_key else "list"
+    if method in ("GET", "HEAD") and has_key:
+        return "read"
+    if method == "GET":
+        return "list"
     if method == "PUT" and has_key:
         return "write"
     return "other"

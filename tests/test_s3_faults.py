@@ -109,7 +109,7 @@ def test_job_through_flaky_s3_writes_every_row_once(s3_server, s3_bucket, tmp_pa
     ("GET", "/b?list-type=2&prefix=x", "list"), ("GET", "/b/k.parquet", "read"),
     ("HEAD", "/b/k", "read"), ("PUT", "/b/k", "write"), ("POST", "/b/k?uploads", "multipart"),
     ("PUT", "/b/k?partNumber=1&uploadId=u", "multipart"), ("DELETE", "/b/k", "delete"),
-    ("POST", "/b?delete", "delete"), ("PUT", "/b", "other"),
+    ("POST", "/b?delete", "delete"), ("PUT", "/b", "other"), ("HEAD", "/b", "other"),
 ])  # fmt: skip
 def test_proxy_sorts_requests(method, target, op):
     from s3_fault_proxy import operation
