@@ -125,7 +125,7 @@ def test_worker_node_removed_mid_run_loses_no_row(two_nodes, tmp_path):
 
     cluster = two_nodes
     worker = next(iter(cluster.worker_nodes))
-    n = 64
+    n = 96
     dataset = str(tmp_path / "d.parquet")
     write_demo_dataset(dataset, n=n)
     pq.write_table(pq.read_table(dataset), dataset, row_group_size=8)
@@ -136,11 +136,12 @@ def test_worker_node_removed_mid_run_loses_no_row(two_nodes, tmp_path):
     mean, std = (",".join(str(v) for v in t) for t in (DEMO_MEAN, DEMO_STD))
     argv = [sys.executable, "-m", "jobs.cli", "run", "--input", dataset, "--output",
             str(tmp_path / "out"), "--model", "xai_workers.demo:build_demo_model", "--weights",
-            weights, "--image-size", "32", "--mean", mean, "--std", std, "--ig-steps", "2",
+            weights, "--image-size", "32", "--mean", mean, "--std", std, "--ig-steps", "8",
             "--batch-size", "4", "--rows-per-file", "8", "--address", cluster.address,
             "--progress-interval-s", "1"]  # fmt: skip
-    # the worker node's actor holds its 2nd batch until the node is gone
-    env = {**os.environ, FAULT_ENV: f"2:{marker}:hold:{worker.node_id}"}
+    # the worker node's actor holds its 1st batch until the node is gone (24 batches of 8 IG
+    # steps: enough work that the head's actor cannot finish them all before the other starts)
+    env = {**os.environ, FAULT_ENV: f"1:{marker}:hold:{worker.node_id}"}
     job = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env=env)  # fmt: skip
     try:
