@@ -237,8 +237,31 @@ def drive_pipeline(
 
 #: Test-only fault switch: ``"K:PATH"`` makes the first attribution actor that reaches its K-th
 #: batch while PATH does not exist create PATH and die (``os._exit``), as a preempted node's
-#: process would. Forwarded to the actors by the job when set in the driver.
+#: process would. ``"K:PATH:hold:NODE_ID"``: the actor on Ray node NODE_ID (hex), at its K-th
+#: batch, creates PATH and holds that batch (up to 120 s) so that a test can remove the node
+#: while it has work in flight. Forwarded to the actors by the job when set in the driver.
 FAULT_ENV = "XAI_AUDIT_TEST_ACTOR_EXIT"
+
+
+def _test_fault(spec: str, batches: int) -> None:
+    """The ``FAULT_ENV`` switch (tests only), checked before each batch of an actor."""
+    k, path, *hold = spec.split(":")
+    if batches != int(k):
+        return
+    if hold:
+        import ray
+
+        if ray.get_runtime_context().get_node_id() != hold[1]:
+            return
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    if not hold:
+        os._exit(1)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 class JobWorker:
@@ -258,14 +281,7 @@ class JobWorker:
         self.batches += 1
         fault = os.environ.get(FAULT_ENV)
         if fault:
-            k, _, path = fault.partition(":")
-            if self.batches == int(k):
-                try:
-                    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                except FileExistsError:
-                    pass
-                else:
-                    os._exit(1)
+            _test_fault(fault, self.batches)
         return self.worker(batch)
 
 

@@ -25,9 +25,12 @@ N = 48
 
 @pytest.fixture(scope="module")
 def two_nodes():
+    # a removed node is declared dead after 3 failed health checks 1 s apart (Ray's defaults:
+    # 5 checks, 3 s apart), so the node-loss test waits less for Ray to notice
+    health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "include_dashboard": False},
+        head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": health},
     )
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
@@ -107,3 +110,60 @@ def test_cluster_files_are_valid():
     gpu = spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert (root / "local_cluster.sh").stat().st_mode & 0o111
+
+
+def test_worker_node_removed_mid_run_loses_no_row(two_nodes, tmp_path):
+    """The worker node is removed (its raylet and workers killed, as on a preempted spot node)
+    while its actor holds a batch: `xai-audit run` completes on the head node, or exits 1 with
+    one line that says to rerun with --resume, which then completes. Every id once either way."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from jobs.attribute import FAULT_ENV
+
+    cluster = two_nodes
+    worker = next(iter(cluster.worker_nodes))
+    n = 96
+    dataset = str(tmp_path / "d.parquet")
+    write_demo_dataset(dataset, n=n)
+    pq.write_table(pq.read_table(dataset), dataset, row_group_size=8)
+    torch.manual_seed(0)
+    weights = str(tmp_path / "m.pt")
+    torch.save(build_demo_model().state_dict(), weights)
+    marker = tmp_path / "holding"
+    mean, std = (",".join(str(v) for v in t) for t in (DEMO_MEAN, DEMO_STD))
+    argv = [sys.executable, "-m", "jobs.cli", "run", "--input", dataset, "--output",
+            str(tmp_path / "out"), "--model", "xai_workers.demo:build_demo_model", "--weights",
+            weights, "--image-size", "32", "--mean", mean, "--std", std, "--ig-steps", "8",
+            "--batch-size", "4", "--rows-per-file", "8", "--address", cluster.address,
+            "--progress-interval-s", "1"]  # fmt: skip
+    # the worker node's actor holds its 1st batch until the node is gone (24 batches of 8 IG
+    # steps: enough work that the head's actor cannot finish them all before the other starts)
+    env = {**os.environ, FAULT_ENV: f"1:{marker}:hold:{worker.node_id}"}
+    job = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=env)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert marker.exists(), "the worker node never held a batch: this would prove nothing"
+        cluster.remove_node(worker, allow_graceful=False)
+        stdout, stderr = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+        if len(cluster.worker_nodes) == 0:  # the module's fixture gets its two nodes back
+            cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes()
+    print(f"after the node's removal the run exited {job.returncode}")  # -rP shows which way
+    if job.returncode != 0:
+        assert job.returncode == 1, stderr[-3000:]
+        assert "--resume" in stderr.strip().splitlines()[-1], stderr[-3000:]
+        r = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        stdout = r.stdout
+    assert stdout.strip().splitlines()[-1].startswith(f"complete: {n}/{n} rows"), stdout
+    ids = pq.read_table(tmp_path / "out" / "attributions", columns=["id"])["id"].to_pylist()
+    assert sorted(ids) == sorted(pq.read_table(dataset)["id"].to_pylist())  # each id once

@@ -59,8 +59,15 @@ def open_file(uri: str | os.PathLike, mode: str = "rb", *, s3_endpoint: str | No
 
 
 def read_bytes(uri: str | os.PathLike, s3_endpoint: str | None = None) -> bytes:
-    """The whole content of ``uri`` as bytes; ``FileNotFoundError`` if it does not exist."""
+    """The whole content of ``uri`` as bytes; ``FileNotFoundError`` if it does not exist.
+
+    On S3 the object is read in one request (``max_concurrency=1``): s3fs reads objects larger
+    than its block size (50 MiB) in concurrent range requests whose bodies it does not retry,
+    so one connection dropped mid-download (weights of a large model) would fail the read; a
+    single request is retried whole, with backoff (``tests/test_s3_faults.py``)."""
     fs, path = filesystem(uri, s3_endpoint)
+    if _protocol(os.fspath(uri)) in _S3_PROTOCOLS:
+        return fs.cat_file(path, max_concurrency=1)
     return fs.cat_file(path)
 
 
