@@ -241,7 +241,8 @@ def _shape_query(node: torch.fx.Node) -> bool:
 def input_layer(model: nn.Module) -> str | None:
     """The name of the convolution that alone reads the model's input, or None.
 
-    torch.fx must show the input feeding nothing but one ``Conv2d`` that runs once, apart from
+    torch.fx must show the input (the first argument of ``forward``; any others have defaults,
+    such as timm's ``attn_mask=None``) feeding nothing but one ``Conv2d`` that runs once, apart from
     reads of its shape (a vision transformer's patch embedding checks the image size first:
     torchvision's ``conv_proj``, timm's ``patch_embed.proj``). Such a layer is linear in the
     input (affine with its bias), so its input gradient is its transposed convolution of the
@@ -254,8 +255,8 @@ def input_layer(model: nn.Module) -> str | None:
         return None
     graph, calls = traced
     inputs = [node for node in graph.nodes if node.op == "placeholder"]
-    if len(inputs) != 1:
-        return None
+    if not inputs or any(not node.args for node in inputs[1:]):
+        return None  # the sweep calls the model with the input alone: the rest need defaults
     users = [u for u in inputs[0].users if not _shape_query(u)]
     if len(users) != 1:
         return None
