@@ -25,7 +25,12 @@ with a fp32 matrix multiply measured in the same run. ``--keep-freed-memory`` ru
 it is. Run it on a quiet machine:
 
     python benchmarks/engine_vs_captum.py [--models resnet18,resnet50,vit_b_16,timm:NAME]
-                                          [--rounds 5] [--size 224]
+                                          [--rounds 5] [--size 224] [--budget-mb MB]
+                                          [--threads N] [--cpu-time]
+
+``timm:vit_small_patch16_224`` and ``timm:convnext_tiny`` are timm's ViT and ConvNeXt (random
+weights; timm must be installed). ``--budget-mb`` sets our chunk budget (``batch_budget_mb``;
+default the engine's own) to see how the chunk size moves our time.
 """
 
 from __future__ import annotations
@@ -110,13 +115,16 @@ def matmul_rate(n=4096, reps=3) -> float:
     return 2 * n**3 / best
 
 
+CLOCK = time.perf_counter  # --cpu-time: time.process_time
+
+
 def _timed(fn) -> float:
-    t = time.perf_counter()
+    t = CLOCK()
     fn()
-    return time.perf_counter() - t
+    return CLOCK() - t
 
 
-def bench_model(arch: str, rounds: int, size: int = SIZE) -> dict:
+def bench_model(arch: str, rounds: int, size: int = SIZE, budget_mb: float | None = None) -> dict:
     model = build(arch)
     reference = copy.deepcopy(model)  # untouched copy for Captum
     x = torch.randn(BATCH, 3, size, size, generator=torch.Generator().manual_seed(1))
@@ -130,7 +138,8 @@ def bench_model(arch: str, rounds: int, size: int = SIZE) -> dict:
     t_prep = _timed(lambda: prepare_model(model))
     net = prepare_model(model)
 
-    ours = attribute(net, x, ig_steps=STEPS, ig_method=METHOD, gradcam_layer=name)
+    kw = dict(ig_steps=STEPS, ig_method=METHOD, gradcam_layer=name, batch_budget_mb=budget_mb)
+    ours = attribute(net, x, **kw)
     ref = captum_three(reference, x, layer)
     if tokens:
         ours["gradcam"] = _minmax(ours["gradcam"])
@@ -169,9 +178,7 @@ def bench_model(arch: str, rounds: int, size: int = SIZE) -> dict:
     times = {"ours": [], "captum_nchw": [], "captum_cl": []}
     rates = []
     for r in range(rounds + 1):
-        t_ours = _timed(
-            lambda: attribute(net, x, ig_steps=STEPS, ig_method=METHOD, gradcam_layer=name)
-        )
+        t_ours = _timed(lambda: attribute(net, x, **kw))
         t_nchw = _timed(lambda: captum_three(reference, x, layer))
         t_cl = _timed(lambda: captum_three(reference, x_cl, layer))
         rates.append(matmul_rate())
@@ -220,17 +227,36 @@ def main(argv=None) -> None:
         help="call keep_freed_memory() first, as the job's CPU workers do (it applies to "
         "Captum's calls in this process too)",
     )
+    p.add_argument(
+        "--budget-mb",
+        type=float,
+        default=None,
+        help="our chunk budget (attribute's batch_budget_mb; default: the engine's)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with the process's CPU time instead of the wall clock: with --threads 1, "
+        "ratios stay meaningful on a machine other jobs share",
+    )
     args = p.parse_args(argv)
     globals().update(STEPS=args.steps, BATCH=args.batch)  # smaller only to check that it runs
+    if args.cpu_time:
+        globals()["CLOCK"] = time.process_time
+    if args.threads:
+        torch.set_num_threads(args.threads)
     kept = keep_freed_memory() if args.keep_freed_memory else False
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; batch {BATCH} x {args.size}px, "
         f"IG {STEPS} {METHOD} steps; "
-        f"freed memory kept in the process (both sides): {kept}"
+        f"freed memory kept in the process (both sides): {kept}; our chunk budget: "
+        f"{args.budget_mb or 'default'} MB; "
+        + ("process CPU time" if args.cpu_time else "wall-clock time")
     )
     for arch in args.models.split(","):
-        r = bench_model(arch, args.rounds, args.size)
+        r = bench_model(arch, args.rounds, args.size, args.budget_mb)
         pi = r["per_image"]
         print(
             f"{arch} (Grad-CAM at {r['gradcam_layer']}): per image ours {pi['ours']:.3f} s "

@@ -531,3 +531,132 @@ def test_float32_fast_form_is_as_exact_as_captum_in_float32(arch, x):
         err = (ours[key].double() - ref[key]).abs().max() / ref[key].abs().max()
         bound = max(20 * captum_err.get(key, 0.0), 1e-4)
         assert err <= bound, f"{key}: float32 error {err:.2e} > {bound:.2e}"
+
+
+# --- vision transformers: the prepared form (sequence-first attention, patch-embedding shortcut)
+
+
+def _tiny_vits():
+    """torchvision's VisionTransformer (nn.MultiheadAttention, batch_first) and timm's test_vit
+    (its own Attention), 32 px, seeded random weights: (name, model, patch-embedding conv)."""
+    from xai_workers.models.testing import tiny_torchvision_vit
+
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    tv = tiny_torchvision_vit().eval()
+    # test_vit resizes its position embedding to any input (dynamic_img_size), which torch.fx
+    # cannot trace; timm's ImageNet ViTs have a fixed size, as here
+    tm = timm.create_model(
+        "test_vit", pretrained=False, img_size=32, num_classes=5, dynamic_img_size=False
+    ).eval()
+    return [("torchvision", tv, "conv_proj"), ("timm", tm, "patch_embed.proj")]
+
+
+def test_sequence_first_attention_equals_torch_attention():
+    """SequenceFirstAttention against the nn.MultiheadAttention it replaces, in float64, with and
+    without autograd: self-attention, key = value, distinct key and value, masks, the attention
+    weights. A wrong transpose or a lost identity (query is key) changes outputs by O(1); float64
+    summation order (one matrix product instead of many) moves them by ~1e-16: 1e-12 relative."""
+    from xai_workers.engine import SequenceFirstAttention, sequence_first_attention
+
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(16, 4, batch_first=True).double().eval()
+    ours = copy.deepcopy(ref)
+    assert sequence_first_attention(nn.Sequential(ours)) == 1
+    assert type(ours) is SequenceFirstAttention and ours.batch_first
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    q, kv, v = (torch.randn(3, n, 16, dtype=torch.float64) for n in (5, 7, 7))
+    mask = torch.randn(5, 7, dtype=torch.float64)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[1, -2:] = True
+    cases = {
+        "self": ((q, q, q), {"need_weights": False}),
+        "self, weights": ((q, q, q), {}),
+        "key is value": ((q, kv, kv), {"need_weights": False}),
+        "distinct": ((q, kv, v), {"attn_mask": mask, "key_padding_mask": pad}),
+    }
+    for what, (args, kwargs) in cases.items():
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                leaves = {id(a): a.clone().requires_grad_(grad) for a in args}
+                mine = tuple(leaves[id(a)] for a in args)  # the identities of args (q is k)
+                out, w = ours(*mine, **kwargs)
+                out_ref, w_ref = ref(*args, **kwargs)
+                assert out.shape == out_ref.shape == (3, 5, 16)
+                _close(out, out_ref, 1e-12, what=f"{what}, grad={grad}")
+                if w_ref is not None:
+                    _close(w, w_ref, 1e-12, what=f"{what} weights")
+                if grad:  # input gradients of a random projection, against torch's own
+                    cot = torch.randn_like(out_ref)
+                    g = torch.autograd.grad(out, list(leaves.values()), cot)
+                    g_ref = torch.autograd.grad(ref(*mine, **kwargs)[0], list(leaves.values()), cot)
+                    for a, b in zip(g, g_ref, strict=True):
+                        _close(a, b, 1e-12, what=f"{what} input gradient")
+
+
+@pytest.mark.parametrize("which", ["torchvision", "timm"])
+def test_vision_transformer_fast_form_equals_captum(which, monkeypatch):
+    """A ViT's patch embedding takes the input-layer shortcut (the model reads the input's shape
+    first; torch.fx sees through that), torchvision's attention runs sequence-first, and
+    saliency and IG (float64) still equal Captum's (1e-6, ``_close``)."""
+    from xai_workers.engine import SequenceFirstAttention
+
+    name, model, patch = next(v for v in _tiny_vits() if v[0] == which)
+    model = model.double()
+    assert input_layer(model) == patch
+    net = prepare_model(model)
+    n_mha = sum(type(m) is nn.MultiheadAttention for m in model.modules())
+    assert sum(type(m) is SequenceFirstAttention for m in net.modules()) == n_mha
+    assert n_mha == (2 if which == "torchvision" else 0)
+    # count the rows the patch embedding really computes: with the shortcut, not one per point
+    conv = net.get_submodule(patch)
+    rows = {"n": 0}
+    real = conv._conv_forward
+
+    def counting(inp, weight, bias):
+        rows["n"] += inp.shape[0]
+        return real(inp, weight, bias)
+
+    monkeypatch.setattr(conv, "_conv_forward", counting)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    steps = 16
+    ours = attribute(net, x, methods=("saliency", "integrated_gradients"), ig_steps=steps)
+    # pass at x (2), baseline forward (1), first(x'), L(x - x'), L(0) (1 + 2 + 1), map back (2):
+    # 9, against 2 x 16 = 32 path points more without the shortcut
+    assert rows["n"] < x.shape[0] * steps
+    t = ours["target"]
+    sal = Saliency(model).attribute(x, target=t, abs=True).amax(dim=1)
+    ig, delta = IntegratedGradients(model).attribute(
+        x, target=t, n_steps=steps, method="gausslegendre", return_convergence_delta=True
+    )
+    _close(ours["saliency"], sal, what=f"{name} saliency")
+    _close(ours["integrated_gradients"], ig, what=f"{name} IG")
+    _close_delta(ours, delta)
+
+
+def test_vision_transformer_attention_is_fused_and_projections_one_matmul():
+    """In our sweep (float32; every pass records gradients: the trapezoid rule has a = 0 and
+    a = 1, so no gradient-free forward of the baseline, where torch's MHA takes its own inference
+    kernel), attention runs through the fused CPU kernel of scaled_dot_product_attention forward
+    and backward, and no projection runs as batched small matrix products (``aten::bmm``).
+    Without ``SequenceFirstAttention`` torchvision's q/k/v projection does, on the torch we test
+    (at::matmul folds a transposed input only for weights that require grad): that part fails
+    if torch changes this, and the switch may then go."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def ops(net, x):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            attribute(
+                net, x, methods=("integrated_gradients",), ig_steps=3,
+                ig_method="riemann_trapezoid",
+            )  # fmt: skip
+        return {e.key for e in prof.key_averages()}
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for name, model, _ in _tiny_vits():
+        seen = ops(prepare_model(model), x)
+        assert "aten::_scaled_dot_product_flash_attention_for_cpu" in seen, name
+        assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in seen, name
+        assert "aten::bmm" not in seen, name
+        if name == "torchvision":
+            assert "aten::bmm" in ops(prepare_model(model, sequence_first=False), x)

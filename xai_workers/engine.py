@@ -230,26 +230,82 @@ def space_to_depth_stems(model: nn.Module) -> int:
     return len(targets)
 
 
+def _shape_query(node: torch.fx.Node) -> bool:
+    """Whether ``node`` reads only its argument's shape (``x.shape``, ``x.size()``, ``x.dim()``),
+    which is the same at every point of an IG path."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1:] == ("shape",)
+    return node.op == "call_method" and node.target in ("size", "dim")
+
+
 def input_layer(model: nn.Module) -> str | None:
     """The name of the convolution that alone reads the model's input, or None.
 
-    torch.fx must show the input feeding nothing but one ``Conv2d`` that runs once. Such a layer
-    is linear in the input (affine with its bias), so its input gradient is its transposed
-    convolution of the gradient at its output, whatever the input: the IG sweep sums the
-    weighted gradients at that layer's output and maps the sum back once per image instead of at
-    every path point (``_ig_sweep``). Models that torch.fx cannot trace give None.
+    torch.fx must show the input (the first argument of ``forward``; any others have defaults,
+    such as timm's ``attn_mask=None``) feeding nothing but one ``Conv2d`` that runs once, apart from
+    reads of its shape (a vision transformer's patch embedding checks the image size first:
+    torchvision's ``conv_proj``, timm's ``patch_embed.proj``). Such a layer is linear in the
+    input (affine with its bias), so its input gradient is its transposed convolution of the
+    gradient at its output, whatever the input: the IG sweep sums the weighted gradients at that
+    layer's output and maps the sum back once per image instead of at every path point
+    (``_ig_sweep``). Models that torch.fx cannot trace give None.
     """
     traced = _traced(model)
     if traced is None:
         return None
     graph, calls = traced
     inputs = [node for node in graph.nodes if node.op == "placeholder"]
-    if len(inputs) != 1 or len(inputs[0].users) != 1:
+    if not inputs or any(not node.args for node in inputs[1:]):
+        return None  # the sweep calls the model with the input alone: the rest need defaults
+    users = [u for u in inputs[0].users if not _shape_query(u)]
+    if len(users) != 1:
         return None
-    (user,) = inputs[0].users
+    (user,) = users
     if user.op != "call_module" or type(model.get_submodule(user.target)) is not nn.Conv2d:
         return None
     return user.target if calls[user.target] == 1 else None
+
+
+def _sequence_first(t: torch.Tensor) -> torch.Tensor:
+    """The (N, L, E) tensor ``t``, same values, laid out as a contiguous (L, N, E) tensor."""
+    return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+class SequenceFirstAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` with ``batch_first=True`` that, while autograd records, is fed
+    its (N, L, E) inputs laid out sequence-first in memory: same values, same parameters, same
+    names; torch's own attention code runs on them.
+
+    With ``batch_first`` torch transposes the (N, L, E) inputs to (L, N, E) and projects them
+    with ``F.linear``. ``at::matmul`` folds a transposed 3-D input into one matrix product only
+    when the weight requires grad (Captum's case); with the frozen weights of a prepared model
+    it runs L small batched products (N x E) @ (E x 3E) against an expanded weight instead:
+    for vit_b_16 197 products of a chunk's few rows, which made the q/k/v projection about 3x
+    slower and a path point about a third slower (docs/benchmarks.md). Given a (N, L, E) view of
+    (L, N, E)-contiguous memory, torch's transpose is contiguous and the projection is one
+    (L N x E) @ (E x 3E) product. Without autograd the inputs pass as they are (torch's fused
+    inference path wants batch-first memory).
+    """
+
+    def forward(self, query, key, value, *args, **kwargs):
+        if self.batch_first and query.dim() == 3 and torch.is_grad_enabled():
+            q = _sequence_first(query)
+            k = q if key is query else _sequence_first(key)
+            v = k if value is key else q if value is query else _sequence_first(value)
+            query, key, value = q, k, v
+        return super().forward(query, key, value, *args, **kwargs)
+
+
+def sequence_first_attention(model: nn.Module) -> int:
+    """Make (in place) every ``nn.MultiheadAttention`` with ``batch_first=True`` a
+    ``SequenceFirstAttention`` (the same module object, its class switched: parameters, buffers
+    and dotted names stay). Returns the number switched."""
+    switched = 0
+    for m in model.modules():
+        if type(m) is nn.MultiheadAttention and m.batch_first:
+            m.__class__ = SequenceFirstAttention
+            switched += 1
+    return switched
 
 
 def prepare_model(
@@ -259,6 +315,7 @@ def prepare_model(
     fold_bn: bool = True,
     channels_last: bool = True,
     space_to_depth: bool = True,
+    sequence_first: bool = True,
     gradcam_layer: str | None = None,
 ) -> nn.Module:
     """A frozen copy of ``model`` in its fastest exact form, for ``attribute``.
@@ -266,10 +323,11 @@ def prepare_model(
     The copy is in eval mode, its parameters have ``requires_grad=False``, eval-mode BatchNorm is
     folded into the preceding convolutions (``fold_batchnorm``), a max-pool that follows a ReLU
     runs before it (``pool_before_relu``), strided stem convolutions run as space-to-depth
-    convolutions (``SpaceToDepthConv``) and its 4-D weights are channels_last; it lives on
-    ``device`` (default: where ``model`` is). A layer named as ``gradcam_layer`` keeps its own
-    output (its BatchNorm apart, its ReLU before the pool). The
-    caller's model is not touched. A model that is already prepared is returned as it is (moved
+    convolutions (``SpaceToDepthConv``), batch-first ``nn.MultiheadAttention`` gets its inputs
+    sequence-first in memory (``SequenceFirstAttention``) and its 4-D weights are channels_last;
+    it lives on ``device`` (default: where ``model`` is). A layer named as ``gradcam_layer``
+    keeps its own output (its BatchNorm apart, its ReLU before the pool). The caller's model is
+    not touched. A model that is already prepared is returned as it is (moved
     to ``device``).
     """
     if model in _PREPARED:
@@ -284,6 +342,8 @@ def prepare_model(
     altered += pool_before_relu(net, keep=keep)
     if space_to_depth:
         space_to_depth_stems(net)
+    if sequence_first:  # after the torch.fx traces above: fx would trace into the new class
+        sequence_first_attention(net)
     if device is not None:
         net.to(device)
     if channels_last:
