@@ -34,7 +34,6 @@ The machine may be shared: the figures are only as quiet as it is.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -64,7 +63,8 @@ def resnet18(seed: int = 0) -> torch.nn.Module:
 def lucid_one(net, layer: str, channel: int, steps: int, size: int, seed: int) -> torch.Tensor:
     """One channel objective as Lucid's ``render_vis`` with its defaults: FFT image (sd 0.01,
     decay power 1, /4), decorrelated colour, sigmoid; ``standard_transforms`` one after another
-    (pad 12 with 0.5, jitter 8 as a crop, scale by resizing, rotate, jitter 4), ImageNet
+    (pad 12 with 0.5, jitter 8 as a random crop of side - 8, scale by resizing to
+    ``int(s * side)``, rotate (bilinear, fill 0.5), jitter 4), ImageNet
     normalisation, Adam lr 0.05. Randomness: ``torch.manual_seed(seed)`` for the spectrum and
     ``numpy.random.RandomState(seed)`` for the transforms. Returns the final image (3, S, S)."""
     from torchvision.transforms.functional import InterpolationMode, rotate
@@ -87,15 +87,17 @@ def lucid_one(net, layer: str, channel: int, steps: int, size: int, seed: int) -
         t = torch.einsum("nchw,dc->ndhw", t, color)
         return torch.sigmoid(t)
 
-    def jitter(t, d):
-        dx, dy = rng.choice(d), rng.choice(d)
-        return t[:, :, dy:, dx:]
+    def jitter(t, d):  # Lucid's jitter: tf.image.random_crop to (side - d), offsets 0..d
+        dx, dy = rng.randint(0, d + 1), rng.randint(0, d + 1)
+        h, w = t.shape[2:]
+        return t[:, :, dy : dy + h - d, dx : dx + w - d]
 
     def transforms(t):
         t = F.pad(t, [12] * 4, mode="constant", value=0.5)
         t = jitter(t, 8)
         s = rng.choice([1 + (i - 5) / 50.0 for i in range(11)])
-        t = F.interpolate(t, size=[math.ceil(s * d) for d in t.shape[2:]], mode="bilinear",
+        # Lucid's random_scale: resize to int(s * side) (bilinear)
+        t = F.interpolate(t, size=[int(s * d + 1e-9) for d in t.shape[2:]], mode="bilinear",
                           align_corners=False)  # fmt: skip
         angle = float(rng.choice(list(range(-10, 11)) + 5 * [0]))
         t = rotate(t, angle, interpolation=InterpolationMode.BILINEAR, fill=[0.5, 0.5, 0.5])
