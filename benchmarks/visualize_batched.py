@@ -178,8 +178,12 @@ def compare(net, args) -> dict:
         out["ours_reported_median"] = float(np.median(ours["activation"].numpy()))
     if args.compare_which in ("both", "lucid"):
         t0 = time.perf_counter()
-        ref = torch.stack([lucid_one(net, "layer4", k, args.compare_steps, args.size, seed=k)
-                           for k in chans])  # fmt: skip
+        ref = []
+        for k in chans:  # one at a time; each channel's value printed as it completes
+            ref.append(lucid_one(net, "layer4", k, args.compare_steps, args.size, seed=k))
+            a = channel_means(net, "layer4", ref[-1][None], [k])[0]
+            print(f"lucid channel {k}: {a:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        ref = torch.stack(ref)
         out["lucid_s"] = round(time.perf_counter() - t0, 1)
         acts["lucid"] = channel_means(net, "layer4", ref, chans)
     for k, a in acts.items():
