@@ -28,7 +28,7 @@ decorrelation, the ``lucid`` transforms, Adam at lr 0.05.
 
     PYTHONPATH=. python benchmarks/visualize_batched.py [--size 128] [--steps 16] [--batch 64]
         [--loop-objectives 4] [--rounds 2] [--compare 32] [--compare-steps 512] [--threads N]
-        [--compare-which both|ours|lucid]
+        [--compare-which both|ours|lucid] [--compare-start 0] [--compare-batch 0]
 
 The machine may be shared: the figures are only as quiet as it is.
 """
@@ -166,16 +166,24 @@ def speed(net, args) -> dict:
 
 
 def compare(net, args) -> dict:
-    chans = list(range(args.compare))
+    chans = list(range(args.compare_start, args.compare_start + args.compare))
     out: dict = {"channels": len(chans), "steps": args.compare_steps}
     acts = {}
     if args.compare_which in ("both", "ours"):
         t0 = time.perf_counter()
-        ours = V.visualize(net, [f"channel:layer4:{k}" for k in chans],
-                           steps=args.compare_steps, size=args.size)  # fmt: skip
+        images, reported = [], []
+        bs = args.compare_batch or len(chans)
+        for i in range(0, len(chans), bs):  # batches of --compare-batch, printed as they complete
+            part = V.visualize(net, [f"channel:layer4:{k}" for k in chans[i : i + bs]],
+                               steps=args.compare_steps, size=args.size)  # fmt: skip
+            images.append(part["images"])
+            reported.append(part["activation"])
+            print(f"ours channels {chans[i]}-{chans[min(i + bs, len(chans)) - 1]}: "
+                  f"{np.round(part['activation'].numpy(), 4).tolist()} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
         out["ours_s"] = round(time.perf_counter() - t0, 1)
-        acts["ours"] = channel_means(net, "layer4", ours["images"], chans)
-        out["ours_reported_median"] = float(np.median(ours["activation"].numpy()))
+        acts["ours"] = channel_means(net, "layer4", torch.cat(images), chans)
+        out["ours_reported_median"] = float(np.median(torch.cat(reported).numpy()))
     if args.compare_which in ("both", "lucid"):
         t0 = time.perf_counter()
         ref = []
@@ -203,6 +211,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--compare", type=int, default=32)
     p.add_argument("--compare-steps", type=int, default=512)
+    p.add_argument("--compare-start", type=int, default=0, help="first channel compared")
+    p.add_argument(
+        "--compare-batch",
+        type=int,
+        default=0,
+        help="objectives per visualize call in the comparison (0: all in one)",
+    )
     p.add_argument(
         "--compare-which",
         choices=("both", "ours", "lucid"),
