@@ -281,3 +281,22 @@ def test_demo_prototypes_are_classified_as_their_class():
     assert probs.diagonal().min() >= 0.9, probs.diagonal()
     # the activation of a prototype is its class probability (on the float image)
     assert np.allclose(out["activation"].numpy(), probs.diagonal().numpy(), atol=0.02)
+
+
+def test_forward_stops_after_the_deepest_layer_read():
+    # channel/neuron/layer objectives need nothing after their layers: the head never runs.
+    # With a class objective in the batch it must run (the logits are read).
+    net = small_cnn()
+    calls = []
+    h = net[3].register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    try:
+        kw = dict(steps=3, size=16, transforms="pad:2,jitter:3,scale:0.9:1.1", mean=(0.5,) * 3,
+                  std=(0.5,) * 3)  # fmt: skip
+        out = V.visualize(net, ["channel:0:1", "layer:0.1"], **kw)
+        assert calls == []
+        assert torch.isfinite(out["activation"]).all()
+        V.visualize(net, ["channel:0:1", "class:2"], **kw)
+        assert len(calls) >= 4 and sum(calls[-1:]) == 2  # every step, and the final readout
+    finally:
+        h.remove()
+    assert not net[0]._forward_hooks and not net[0][1]._forward_hooks  # stop hooks removed
