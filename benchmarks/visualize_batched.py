@@ -23,10 +23,12 @@ decorrelation, the ``lucid`` transforms, Adam at lr 0.05.
    ``--compare-steps`` (512) steps by ours (one batch) and by ``lucid_one`` (one at a time, the
    same seed family: seed k for channel k); each final image's channel mean at ``layer4``,
    computed the same way for both on the untransformed image. Reports the medians (the issue:
-   ours >= Lucid's).
+   ours >= Lucid's) and every channel's value. ``--compare-which ours|lucid`` runs one side, so
+   the two can run in two processes at once (the activations do not depend on timing).
 
     PYTHONPATH=. python benchmarks/visualize_batched.py [--size 128] [--steps 16] [--batch 64]
         [--loop-objectives 4] [--rounds 2] [--compare 32] [--compare-steps 512] [--threads N]
+        [--compare-which both|ours|lucid] [--compare-start 0] [--compare-batch 0]
 
 The machine may be shared: the figures are only as quiet as it is.
 """
@@ -34,7 +36,6 @@ The machine may be shared: the figures are only as quiet as it is.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -64,7 +65,8 @@ def resnet18(seed: int = 0) -> torch.nn.Module:
 def lucid_one(net, layer: str, channel: int, steps: int, size: int, seed: int) -> torch.Tensor:
     """One channel objective as Lucid's ``render_vis`` with its defaults: FFT image (sd 0.01,
     decay power 1, /4), decorrelated colour, sigmoid; ``standard_transforms`` one after another
-    (pad 12 with 0.5, jitter 8 as a crop, scale by resizing, rotate, jitter 4), ImageNet
+    (pad 12 with 0.5, jitter 8 as a random crop of side - 8, scale by resizing to
+    ``int(s * side)``, rotate (bilinear, fill 0.5), jitter 4), ImageNet
     normalisation, Adam lr 0.05. Randomness: ``torch.manual_seed(seed)`` for the spectrum and
     ``numpy.random.RandomState(seed)`` for the transforms. Returns the final image (3, S, S)."""
     from torchvision.transforms.functional import InterpolationMode, rotate
@@ -87,15 +89,17 @@ def lucid_one(net, layer: str, channel: int, steps: int, size: int, seed: int) -
         t = torch.einsum("nchw,dc->ndhw", t, color)
         return torch.sigmoid(t)
 
-    def jitter(t, d):
-        dx, dy = rng.choice(d), rng.choice(d)
-        return t[:, :, dy:, dx:]
+    def jitter(t, d):  # Lucid's jitter: tf.image.random_crop to (side - d), offsets 0..d
+        dx, dy = rng.randint(0, d + 1), rng.randint(0, d + 1)
+        h, w = t.shape[2:]
+        return t[:, :, dy : dy + h - d, dx : dx + w - d]
 
     def transforms(t):
         t = F.pad(t, [12] * 4, mode="constant", value=0.5)
         t = jitter(t, 8)
         s = rng.choice([1 + (i - 5) / 50.0 for i in range(11)])
-        t = F.interpolate(t, size=[math.ceil(s * d) for d in t.shape[2:]], mode="bilinear",
+        # Lucid's random_scale: resize to int(s * side) (bilinear)
+        t = F.interpolate(t, size=[int(s * d + 1e-9) for d in t.shape[2:]], mode="bilinear",
                           align_corners=False)  # fmt: skip
         angle = float(rng.choice(list(range(-10, 11)) + 5 * [0]))
         t = rotate(t, angle, interpolation=InterpolationMode.BILINEAR, fill=[0.5, 0.5, 0.5])
@@ -162,25 +166,40 @@ def speed(net, args) -> dict:
 
 
 def compare(net, args) -> dict:
-    chans = list(range(args.compare))
-    t0 = time.perf_counter()
-    ours = V.visualize(net, [f"channel:layer4:{k}" for k in chans], steps=args.compare_steps,
-                       size=args.size)  # fmt: skip
-    t1 = time.perf_counter()
-    ref = torch.stack([lucid_one(net, "layer4", k, args.compare_steps, args.size, seed=k)
-                       for k in chans])  # fmt: skip
-    t2 = time.perf_counter()
-    a_ours = channel_means(net, "layer4", ours["images"], chans)
-    a_ref = channel_means(net, "layer4", ref, chans)
-    return {
-        "ours_median_activation": float(np.median(a_ours)),
-        "lucid_median_activation": float(np.median(a_ref)),
-        "ours_reported_median": float(np.median(ours["activation"].numpy())),
-        "ours_ge_lucid_channels": int((a_ours >= a_ref).sum()),
-        "channels": len(chans),
-        "ours_s": round(t1 - t0, 1),
-        "lucid_s": round(t2 - t1, 1),
-    }
+    chans = list(range(args.compare_start, args.compare_start + args.compare))
+    out: dict = {"channels": len(chans), "steps": args.compare_steps}
+    acts = {}
+    if args.compare_which in ("both", "ours"):
+        t0 = time.perf_counter()
+        images, reported = [], []
+        bs = args.compare_batch or len(chans)
+        for i in range(0, len(chans), bs):  # batches of --compare-batch, printed as they complete
+            part = V.visualize(net, [f"channel:layer4:{k}" for k in chans[i : i + bs]],
+                               steps=args.compare_steps, size=args.size)  # fmt: skip
+            images.append(part["images"])
+            reported.append(part["activation"])
+            print(f"ours channels {chans[i]}-{chans[min(i + bs, len(chans)) - 1]}: "
+                  f"{np.round(part['activation'].numpy(), 4).tolist()} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+        out["ours_s"] = round(time.perf_counter() - t0, 1)
+        acts["ours"] = channel_means(net, "layer4", torch.cat(images), chans)
+        out["ours_reported_median"] = float(np.median(torch.cat(reported).numpy()))
+    if args.compare_which in ("both", "lucid"):
+        t0 = time.perf_counter()
+        ref = []
+        for k in chans:  # one at a time; each channel's value printed as it completes
+            ref.append(lucid_one(net, "layer4", k, args.compare_steps, args.size, seed=k))
+            a = channel_means(net, "layer4", ref[-1][None], [k])[0]
+            print(f"lucid channel {k}: {a:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        ref = torch.stack(ref)
+        out["lucid_s"] = round(time.perf_counter() - t0, 1)
+        acts["lucid"] = channel_means(net, "layer4", ref, chans)
+    for k, a in acts.items():
+        out[f"{k}_median_activation"] = float(np.median(a))
+        out[f"{k}_activations"] = np.round(a, 4).tolist()
+    if len(acts) == 2:
+        out["ours_ge_lucid_channels"] = int((acts["ours"] >= acts["lucid"]).sum())
+    return out
 
 
 def main() -> None:
@@ -192,6 +211,19 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--compare", type=int, default=32)
     p.add_argument("--compare-steps", type=int, default=512)
+    p.add_argument("--compare-start", type=int, default=0, help="first channel compared")
+    p.add_argument(
+        "--compare-batch",
+        type=int,
+        default=0,
+        help="objectives per visualize call in the comparison (0: all in one)",
+    )
+    p.add_argument(
+        "--compare-which",
+        choices=("both", "ours", "lucid"),
+        default="both",
+        help="run one side of the activation comparison (two processes in parallel)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
         "--nchw",
@@ -207,9 +239,9 @@ def main() -> None:
     net = resnet18()
     if not args.nchw:  # as the job's actors hold it (changes no value)
         net = net.to(memory_format=torch.channels_last)
-    res = speed(net, args)
-    for k, v in res.items():
-        print(f"{k}: {v:.4f}")
+    if args.rounds:
+        for k, v in speed(net, args).items():
+            print(f"{k}: {v:.4f}", flush=True)
     if args.compare:
         for k, v in compare(net, args).items():
             print(f"{k}: {v}")

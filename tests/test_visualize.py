@@ -88,12 +88,40 @@ def test_jitter_is_a_crop_of_the_padded_image():
     draws = torch.tensor([[0.0, 0.99], [0.6, 0.3]], dtype=torch.float64)  # offsets (x,y)
     out = V._transform(img, tf, draws)
     padded = torch.nn.functional.pad(img, (3, 3, 3, 3), value=0.5)
-    assert out.shape == (2, 3, 13, 13)  # 10 + 2 * 3 - (4 - 1)
-    for i, (ox, oy) in enumerate([(0, 3), (2, 1)]):
+    assert out.shape == (2, 3, 12, 12)  # Lucid's crop: 10 + 2 * 3 - 4, offsets 0..4
+    for i, (ox, oy) in enumerate([(0, 4), (3, 1)]):
         # bilinear sampling exactly on pixel centres: float64 rounding of the grid only
         torch.testing.assert_close(
-            out[i], padded[i, :, oy : oy + 13, ox : ox + 13], rtol=0, atol=1e-9
+            out[i], padded[i, :, oy : oy + 12, ox : ox + 12], rtol=0, atol=1e-9
         )
+
+
+def test_transform_chain_equals_lucid_steps_one_after_another():
+    # Lucid's chain applied step by step (crop, resize to floor(s * side), rotate, crop) with
+    # torch slicing, F.interpolate and torchvision's rotate, against our single resampling.
+    # Rotation by 90 degrees and scale 2 keep every sampling point on a pixel centre or exactly
+    # between two, so both are exact up to float64 rounding.
+    from torchvision.transforms.functional import InterpolationMode, rotate
+
+    img = torch.rand(1, 3, 9, 9, dtype=torch.float64)
+    tf = (("pad", 2), ("jitter", 2), ("scale", (2.0,)), ("rotate", (90.0,)), ("jitter", 4))
+    draws = torch.tensor([[0.0, 0.7, 0.5, 0.5, 0.3, 0.9]], dtype=torch.float64)
+    # offsets: jitter 2 -> (0, 2); jitter 4 -> (1, 4)
+    t = torch.nn.functional.pad(img, (2, 2, 2, 2), value=0.5)[:, :, 2:13, 0:11]
+    t = torch.nn.functional.interpolate(t, size=(22, 22), mode="bilinear", align_corners=False)
+    t = rotate(t, 90.0, interpolation=InterpolationMode.BILINEAR)
+    t = t[:, :, 4:22, 1:19]
+    out = V._transform(img, tf, draws)
+    assert out.shape == (1, 3, 18, 18)
+    # F.interpolate clamps at the border where grid_sample reads the 0.5 padding: compare the
+    # inside (3 pixels away from the resized image's edge); 1e-9 = float64 rounding of the grid
+    torch.testing.assert_close(out[..., 3:-3, 3:-3], t[..., 3:-3, 3:-3], rtol=0, atol=1e-9)
+    theta, side = V._geometry(V.LUCID_TRANSFORMS, np.zeros((11, 6)) + 0.5, 128)
+    assert side.tolist() == [140] * 11  # at scale 1: 128 + 24 - 8 -> 144, - 4 -> 140
+    scales = np.zeros((11, 6))
+    scales[:, 2] = (np.arange(11) + 0.5) / 11
+    _, side = V._geometry(V.LUCID_TRANSFORMS, scales, 128)
+    assert side.tolist() == [int(144 * (1 + (i - 5) / 50) + 1e-9) - 4 for i in range(11)]
 
 
 def test_rotation_direction_and_identity():
@@ -253,3 +281,22 @@ def test_demo_prototypes_are_classified_as_their_class():
     assert probs.diagonal().min() >= 0.9, probs.diagonal()
     # the activation of a prototype is its class probability (on the float image)
     assert np.allclose(out["activation"].numpy(), probs.diagonal().numpy(), atol=0.02)
+
+
+def test_forward_stops_after_the_deepest_layer_read():
+    # channel/neuron/layer objectives need nothing after their layers: the head never runs.
+    # With a class objective in the batch it must run (the logits are read).
+    net = small_cnn()
+    calls = []
+    h = net[3].register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    try:
+        kw = dict(steps=3, size=16, transforms="pad:2,jitter:3,scale:0.9:1.1", mean=(0.5,) * 3,
+                  std=(0.5,) * 3)  # fmt: skip
+        out = V.visualize(net, ["channel:0:1", "layer:0.1"], **kw)
+        assert calls == []
+        assert torch.isfinite(out["activation"]).all()
+        V.visualize(net, ["channel:0:1", "class:2"], **kw)
+        assert len(calls) >= 4 and sum(calls[-1:]) == 2  # every step, and the final readout
+    finally:
+        h.remove()
+    assert not net[0]._forward_hooks and not net[0][1]._forward_hooks  # stop hooks removed

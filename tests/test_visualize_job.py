@@ -49,7 +49,7 @@ def args(out, dataset, *extra):
         "visualize", "--model", demo.DEMO_MODEL_SPEC, "--weights", WEIGHTS[0],
         "--objectives", OBJECTIVES,
         "--prior", "class-mean", "--input", dataset, "--steps", "4", "--size", "32",
-        "--transforms", "jitter:2", "--batch-size", "4", "--image-size", "32",
+        "--transforms", "jitter:1", "--batch-size", "4", "--image-size", "32",
         "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--output", str(out), *extra,
     ]  # fmt: skip
 

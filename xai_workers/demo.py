@@ -43,8 +43,9 @@ DEMO_MODEL_SPEC = "xai_workers.demo:build_demo_model"
 #: The last conv block: an (N, 64, 8, 8) output at 32x32 input, the natural Grad-CAM layer.
 DEMO_GRADCAM_LAYER = "features.block4"
 #: Feature-visualization settings of the demo's class prototypes (``xai_workers.visualize``): at
-#: 32 px Lucid's transforms (pad 12, ...) are as large as the digits, so a one-pixel jitter only.
-DEMO_VIS_TRANSFORMS = "jitter:2"
+#: 32 px Lucid's transforms (pad 12, ...) are as large as the digits, so a one-pixel jitter only
+#: (a 31 px crop at offsets 0..1).
+DEMO_VIS_TRANSFORMS = "jitter:1"
 DEMO_VIS_STEPS = 192
 DEMO_DATASET_FILE = "demo_digits.parquet"
 DEMO_WEIGHTS_FILE = "demo_model.pt"

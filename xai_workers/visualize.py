@@ -29,12 +29,16 @@ with ``ortho`` norm, divided by 4); both then go through ImageNet colour decorre
 (``decorrelate=True``) and a sigmoid to [0, 1] pixel space; the model sees ``(image - mean) /
 std``.
 
-Transforms (drawn per image and step, applied as one bilinear resampling): ``lucid`` = pad 12
-(constant 0.5), jitter 8, scale from ``1 + (i - 5) / 50`` (i = 0..10), rotate from -10..10
-degrees (0 five times more likely), jitter 4; ``none``; or a list (:func:`parse_transforms`).
-Every transform maps onto a fixed canvas so the images of a batch stack: a jitter of d is a crop
-of side ``canvas - (d - 1)`` at a random offset, a scale zooms about the centre, a rotation turns
-about the centre (Lucid resizes instead of zooming; the model sees the same content).
+Transforms (drawn per image and step): ``lucid`` = pad 12 (constant 0.5), jitter 8, scale from
+``1 + (i - 5) / 50`` (i = 0..10), rotate from -10..10 degrees (0 five times more likely), jitter
+4; ``none``; or a list (:func:`parse_transforms`). They follow Lucid's chain: a jitter of d crops
+``side - d`` at a random offset 0..d, a scale resizes to ``floor(s * side)``, so an image's final
+side depends on its scale (125..154 px for ``lucid`` at 128). Each image's chain is one affine
+map applied as one bilinear resampling (:func:`_geometry`); images that end at the same side go
+through the model together (one forward per distinct side, one backward per step).
+
+Without class or prototype objectives the forward pass stops once every layer the objectives
+read has run (:func:`_stop_when_read`).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xai_workers.hooks import capture_activation
+from xai_workers.hooks import capture_activation, get_submodule, hooks_removed_after
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -202,7 +206,8 @@ def parse_transforms(spec: str | Sequence | None) -> tuple:
     sequence of ``(name, value)`` pairs as in ``LUCID_TRANSFORMS``) -> tuple of pairs.
 
     In a string, ``scale:LO:HI`` draws from 11 evenly spaced scales, ``rotate:LO:HI`` from the
-    whole degrees LO..HI; ``pad:P`` pads with 0.5 and ``jitter:D`` shifts by 0..D-1 pixels.
+    whole degrees LO..HI; ``pad:P`` pads with 0.5 and ``jitter:D`` crops ``side - D`` at
+    offsets 0..D.
     """
     if spec is None or spec == "none":
         return ()
@@ -306,64 +311,84 @@ def _draws_per_step(transforms: tuple) -> int:
     return sum({"pad": 0, "jitter": 2}.get(name, 1) for name, _ in transforms)
 
 
-def _affine(transforms: tuple, draws: np.ndarray, size: int) -> tuple[np.ndarray, int]:
-    """The (2, 3) affine (``F.affine_grid``'s theta) of one image's transforms for one step.
+def _pick(values: Sequence, u: np.ndarray) -> np.ndarray:
+    """``values[floor(u * len(values))]`` elementwise for uniforms ``u`` in [0, 1)."""
+    vals = np.asarray(values, dtype=np.float64)
+    return vals[np.minimum((u * len(vals)).astype(np.int64), len(vals) - 1)]
 
-    ``draws`` holds the step's uniform [0, 1) numbers (``_draws_per_step``). Returns theta and
-    the canvas side T. Works in pixel units centred on the image: the source point of output
-    point u is ``A u + b``; normalised coordinates (align_corners=False) scale by T/2 and size/2.
+
+def _geometry(transforms: tuple, draws: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's transforms as one affine map, Lucid's chain semantics (the image's side
+    changes along the chain as in Lucid's ``standard_transforms``):
+
+    - ``pad:P``: side + 2P (constant 0.5);
+    - ``jitter:D``: a crop of side - D at offsets (x, y) drawn from 0..D;
+    - ``scale``: a resize to ``floor(s * side)`` (bilinear, half-pixel centres);
+    - ``rotate``: a turn about the centre, same side (counter-clockwise on screen for deg > 0,
+      as torchvision's ``rotate``).
+
+    ``draws`` (..., n_draws) float64 uniforms in [0, 1) (``_draws_per_step`` per image and step).
+    Returns ``theta`` (..., 2, 3) float64, ``F.affine_grid``'s matrix (align_corners=False) from
+    the output (side x side) to the input (size x size), and ``side`` (...) int64, the output side
+    of each image. Works in pixel units centred on the image: the source point of output point
+    ``u`` is ``A u + b``.
     """
-    a = np.eye(2)
-    b = np.zeros(2)
-    canvas = size
+    shape = draws.shape[:-1]
+    a = np.broadcast_to(np.eye(2), (*shape, 2, 2)).copy()
+    b = np.zeros((*shape, 2))
+    side = np.full(shape, size, dtype=np.int64)
     k = 0
     for name, val in transforms:
         if name == "pad":
-            canvas += 2 * int(val)
+            side = side + 2 * int(val)
             continue
-        u = float(draws[k])
+        u = draws[..., k]
         k += 1
         if name == "jitter":
             d = int(val)
-            canvas -= d - 1
-            v = float(draws[k])
+            v = draws[..., k]
             k += 1
-            # integer crop offsets 0..d-1 in x and y, relative to the centred crop
-            t = np.array([min(int(u * d), d - 1), min(int(v * d), d - 1)]) - (d - 1) / 2.0
-            b = a @ t + b
+            side = side - d
+            # crop offsets 0..d in x and y, relative to the centred crop
+            t = np.stack([np.minimum((u * (d + 1)).astype(np.int64), d),
+                          np.minimum((v * (d + 1)).astype(np.int64), d)], -1) - d / 2.0  # fmt: skip
+            b = np.einsum("...ij,...j->...i", a, t) + b
         elif name == "scale":
-            s = val[min(int(u * len(val)), len(val) - 1)]
-            a = a / s
+            # resize: a side of floor(s * side) (the 1e-9 keeps 1.02 * 150 = 152.99999... at 153)
+            new = np.floor(_pick(val, u) * side + 1e-9).astype(np.int64)
+            a = a * (side / np.maximum(new, 1))[..., None, None]
+            side = new
         elif name == "rotate":
-            deg = val[min(int(u * len(val)), len(val) - 1)]
-            r = math.radians(deg)
-            # counter-clockwise on screen for deg > 0 (y points down), as torchvision's rotate
-            rot = np.array([[math.cos(r), -math.sin(r)], [math.sin(r), math.cos(r)]])
+            r = np.radians(_pick(val, u))
+            c, s = np.cos(r), np.sin(r)
+            rot = np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2)
             a = a @ rot
         else:
             raise ValueError(f"unknown transform {name!r}")
-    if canvas < 1:
-        raise ValueError(f"transforms leave no image (canvas side {canvas})")
-    theta = np.zeros((2, 3))
-    theta[:, :2] = a * canvas / size
-    theta[:, 2] = b * 2.0 / size
-    return theta, canvas
+        if (side < 1).any():
+            raise ValueError(f"transforms leave no image (side {int(side.min())})")
+    theta = np.concatenate([a * (side / size)[..., None, None], (b * 2.0 / size)[..., None]], -1)
+    return theta, side
+
+
+def _resample(pixels: torch.Tensor, theta: np.ndarray, side: int) -> torch.Tensor:
+    """(n, 3, S, S) in [0, 1] -> (n, 3, side, side): one bilinear resampling per image by its
+    ``theta`` (n, 2, 3); outside the image is 0.5 (Lucid's constant padding)."""
+    th = torch.as_tensor(theta, dtype=pixels.dtype, device=pixels.device)
+    grid = F.affine_grid(th, [len(th), 3, side, side], align_corners=False)
+    return F.grid_sample(pixels - 0.5, grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False) + 0.5  # fmt: skip
 
 
 def _transform(pixels: torch.Tensor, transforms: tuple, draws: torch.Tensor) -> torch.Tensor:
-    """Apply each image's drawn transforms: (N, 3, S, S) in [0, 1] -> (N, 3, T, T); outside the
-    image is 0.5 (Lucid's constant padding). ``draws`` (N, n_draws) float64 in [0, 1)."""
+    """Apply each image's drawn transforms (:func:`_geometry`) to (N, 3, S, S) in [0, 1] when
+    they all end at the same side (a ValueError otherwise); ``draws`` (N, n_draws) float64."""
     if not transforms:
         return pixels
-    n, _, size, _ = pixels.shape
-    thetas, canvas = [], size
-    for row in draws.numpy():
-        theta, canvas = _affine(transforms, row, size)
-        thetas.append(theta)
-    theta = torch.tensor(np.stack(thetas), dtype=pixels.dtype, device=pixels.device)
-    grid = F.affine_grid(theta, [n, 3, canvas, canvas], align_corners=False)
-    return F.grid_sample(pixels - 0.5, grid, mode="bilinear", padding_mode="zeros",
-                         align_corners=False) + 0.5  # fmt: skip
+    theta, side = _geometry(transforms, draws.numpy().astype(np.float64), pixels.shape[-1])
+    if len(set(side.tolist())) != 1:
+        raise ValueError(f"the images end at different sides {sorted(set(side.tolist()))}")
+    return _resample(pixels, theta, int(side[0]))
 
 
 # ---- objectives ----------------------------------------------------------------------------
@@ -384,13 +409,18 @@ def _readout_plan(objs: Sequence[Objective]) -> list[tuple]:
 
 
 def _values(
-    plan: list[tuple], n: int, logits: torch.Tensor, acts: Mapping[str, torch.Tensor]
+    plan: list[tuple],
+    n: int,
+    logits: torch.Tensor | None,
+    acts: Mapping[str, torch.Tensor],
+    like: torch.Tensor,
 ) -> torch.Tensor:
     """(N,) the value each image's objective maximises (module docstring); prototypes get
-    their class's log-softmax (= -CE)."""
-    out = logits.new_zeros(n)
+    their class's log-softmax (= -CE). ``logits`` may be None when no objective reads them;
+    ``like``: a tensor whose dtype and device the result takes."""
+    out = like.new_zeros(n)
     for kind, layer, rows, index, ys, xs in plan:
-        rows, index = rows.to(logits.device), index.to(logits.device)
+        rows, index = rows.to(like.device), index.to(like.device)
         if kind == "class":
             v = logits[rows, index]
         elif kind == "prototype":
@@ -414,6 +444,27 @@ def _values(
                     v = ch[torch.arange(len(rows)), y.to(ch.device), x.to(ch.device)]
         out = out.index_put((rows,), v)
     return out
+
+
+class _Stop(Exception):
+    """Raised by :func:`_stop_when_read`'s hook to end a forward pass early."""
+
+
+@contextlib.contextmanager
+def _stop_when_read(model: nn.Module, stores: Mapping[str, dict]) -> Iterator[None]:
+    """Forward hooks on the layers of ``stores`` (``capture_activation``'s dicts, their hooks
+    registered first so they run first) that raise :class:`_Stop` once every one of them has run
+    in the current pass: no work past the deepest layer an objective reads. The caller catches
+    ``_Stop``; the hooks are removed on exit, error or not."""
+
+    def hook(module, inp, out):
+        if all(st["calls"] >= 1 for st in stores.values()):
+            raise _Stop
+
+    with hooks_removed_after() as handles:
+        for name in stores:
+            handles.append(get_submodule(model, name).register_forward_hook(hook))
+        yield
 
 
 @contextlib.contextmanager
@@ -587,21 +638,50 @@ def _optimise(
     m = torch.tensor(st.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     s = torch.tensor(st.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     layers = sorted({o.layer for o in objs if o.layer is not None})
-    plan = _readout_plan(objs)
     proto = [i for i, o in enumerate(objs) if o.kind == "prototype"]
+    # without class or prototype objectives the logits are not needed: the forward pass stops
+    # once every layer an objective reads has run
+    stop = all(o.kind in ("channel", "neuron", "layer") for o in objs)
     curve = torch.zeros(n, steps, device=device)
     image = None
     step = 0
     with contextlib.ExitStack() as stack:
         stores = {name: stack.enter_context(capture_activation(model, name)) for name in layers}
+        if stop:
+            stack.enter_context(_stop_when_read(model, stores))
 
-        def forward(pixels):
+        def forward(x, rows):
+            """The values of objectives ``rows`` (sorted ints) on their images ``x``."""
             for store in stores.values():
                 store["calls"] = 0
             # channels_last changes no value and is the fastest layout for convolutions
-            logits = model(((pixels - m) / s).contiguous(memory_format=torch.channels_last))
+            inp = ((x - m) / s).contiguous(memory_format=torch.channels_last)
+            logits = None
+            try:
+                logits = model(inp)
+            except _Stop:
+                pass
             acts = {k: store["act"] for k, store in stores.items()}
-            return _values(plan, n, logits, acts), logits
+            plan = _readout_plan([objs[i] for i in rows])
+            return _values(plan, len(rows), logits, acts, x), logits
+
+        every = list(range(n))
+
+        def transformed_values(pixels, theta, sides):
+            """(N,) values under one step's transforms, one forward per output side."""
+            if not tf:
+                return forward(pixels, every)[0]
+            parts = []
+            for side in np.unique(sides):
+                rows = np.flatnonzero(sides == side)
+                x = _resample(pixels if len(rows) == n else pixels[rows], theta[rows], int(side))
+                parts.append((rows, forward(x, rows.tolist())[0]))
+            if len(parts) == 1:
+                return parts[0][1]
+            values = pixels.new_zeros(n)
+            for rows, v in parts:
+                values = values.index_put((torch.as_tensor(rows, device=device),), v)
+            return values
 
         for o, side in enumerate(sizes):
             if image is None:
@@ -623,9 +703,11 @@ def _optimise(
                     pre[proto] += torch.logit(target.clamp(PRIOR_CLAMP, 1 - PRIOR_CLAMP))
                     image.set_pre(pre)
             opt = torch.optim.Adam([image.p], lr=st.lr)
-            for _ in range(per[o]):
+            # every step's geometry of this octave at once: (per[o], N, 2, 3), (per[o], N)
+            theta, sides = _geometry(tf, draws[step : step + per[o], :, :nd].numpy(), side)
+            for t in range(per[o]):
                 pixels = image.pixels()
-                values, _ = forward(_transform(pixels, tf, draws[step, :, :nd]))
+                values = transformed_values(pixels, theta[t], sides[t])
                 loss = -values
                 if proto:
                     mse = ((pixels[proto] - target) ** 2).mean(dim=(1, 2, 3))
@@ -647,7 +729,7 @@ def _optimise(
                         image.set_pre(gaussian_blur(image.pre(), [k, k], [blur_sigma] * 2))
         with torch.no_grad():
             pixels = image.pixels()
-            values, logits = forward(pixels)
+            values, logits = forward(pixels, every)
             if proto:
                 probs = logits.softmax(-1)
                 values = values.clone()
