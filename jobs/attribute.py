@@ -989,7 +989,8 @@ def _run_prepared(prep: Prepared, t_start: float, started_at: str, log) -> JobRe
         "duplicate_ids": prep.duplicate_ids,
         "bytes_per_row": round(final.bytes / final.rows, 1) if final.rows else None,
     }
-    error_rate = final.error / plan.total_rows if plan.total_rows else 0.0
+    # errors among this input's rows, over its rows (rows kept from inputs gone are not its own)
+    error_rate = (final.error - final.unknown_error) / plan.total_rows if plan.total_rows else 0.0
     complete = missing == 0 and final.duplicates == 0 and not final.unreadable
     status = "complete" if complete else "incomplete"
     run_info.update(

@@ -327,7 +327,8 @@ class ScanResult:
     """The rows present in the parts, checked against the input's sources.
 
     ``done``: rel -> bool array (rows,), rows present; ``dup_files``: part -> number of its rows
-    that an earlier part already holds; ``unknown``: rows whose key is not an input row.
+    that an earlier part already holds; ``unknown``: rows whose key is not an input row
+    (``unknown_error``: how many of them are error rows).
     """
 
     done: dict[str, np.ndarray] = field(default_factory=dict)
@@ -338,6 +339,7 @@ class ScanResult:
     bytes: int = 0
     duplicates: int = 0
     unknown: int = 0
+    unknown_error: int = 0  # error rows among the unknown ones
     dup_files: dict[str, int] = field(default_factory=dict)
     unreadable: list[str] = field(default_factory=list)
 
@@ -394,6 +396,7 @@ def scan(
                 rows = row[sel]
                 known = np.zeros(len(rows), bool) if d is None else (rows >= 0) & (rows < len(d))
                 res.unknown += int((~known).sum())  # a file gone, or rows past its end now
+                res.unknown_error += int((status[sel][~known] != "ok").sum())
                 rows = rows[known]
                 if not len(rows):
                     continue

@@ -73,6 +73,7 @@ def test_scan_finds_every_row_once_and_removes_duplicates(tmp_path):
     out.write_part(_rows("zzz.parquet", [0]), dest)  # not an input file
     scan = out.scan(dest, sizes)
     assert scan.files == 4 and scan.rows == 16 and scan.duplicates == 2 and scan.unknown == 1
+    assert scan.unknown_error == 1 and scan.error == 5  # zzz row 0 is an error row ("bad")
     assert scan.missing(sizes) == 1
     assert scan.done["a.parquet"].all() and scan.done["b.parquet"].tolist() == [1, 1, 1, 0]
     assert out.remove_duplicates(dest, sizes) == 2
