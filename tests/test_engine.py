@@ -539,9 +539,10 @@ def test_float32_fast_form_is_as_exact_as_captum_in_float32(arch, x):
 def _tiny_vits():
     """torchvision's VisionTransformer (nn.MultiheadAttention, batch_first) and timm's test_vit
     (its own Attention), 32 px, seeded random weights: (name, model, patch-embedding conv)."""
+    import timm
+
     from xai_workers.models.testing import tiny_torchvision_vit
 
-    timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     tv = tiny_torchvision_vit().eval()
     # test_vit resizes its position embedding to any input (dynamic_img_size), which torch.fx

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 from PIL import Image
 from rowcheck import assert_rows_match_engine
@@ -31,8 +32,6 @@ from xai_workers import schema as S
 from xai_workers.demo import DEMO_MEAN, DEMO_STD, build_demo_model, write_demo_dataset
 from xai_workers.engine import attribute, make_baseline, prepare_model
 from xai_workers.preprocess import Preprocessing, preprocess_bytes
-
-ray = pytest.importorskip("ray")
 
 SIZE = 32
 N_DEMO = 40

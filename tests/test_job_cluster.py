@@ -7,7 +7,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
+from ray.cluster_utils import Cluster
 from rowcheck import assert_maps_close, assert_statistics_from_own_maps, stored_maps
 
 from jobs import sources
@@ -16,9 +18,6 @@ from jobs.config import JobConfig
 from xai_workers.demo import DEMO_MEAN, DEMO_STD, build_demo_model, write_demo_dataset
 from xai_workers.preprocess import Preprocessing
 from xai_workers.worker import AttributionWorker
-
-ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
 
 N = 48
 

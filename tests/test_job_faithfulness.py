@@ -70,7 +70,8 @@ def test_flags_parse_and_bad_values_fail_before_ray(data, tmp_path, capsys, monk
 
 
 def test_job_writes_auc_columns_and_their_summary_means(data, tmp_path):
-    ray = pytest.importorskip("ray")
+    import ray
+
     from jobs.attribute import run_job
 
     cfg = JobConfig(

@@ -10,6 +10,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from jobs.attribute import plan_resources, run_job
 from jobs.config import JobConfig
@@ -21,7 +22,6 @@ from xai_workers.demo import (
     write_demo_dataset,
 )
 
-ray = pytest.importorskip("ray")
 N = 24
 
 

@@ -16,14 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import timm
 import torch
 from PIL import Image
 
 from xai_workers.models import ModelSpecError, load_model
 from xai_workers.preprocess import Preprocessing, input_to_pixels, to_input
-
-timm = pytest.importorskip("timm")
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module", autouse=True)
