@@ -586,10 +586,11 @@ def _same_settings(state: out.OutputState, settings: dict, cfg: JobConfig, flag:
 
 def _input_changes(state: out.OutputState, settings: dict, plan, cfg: JobConfig, log) -> dict:
     """``--incremental``: the same settings as the output's runs, the input compared with the
-    last run's (``manifest input.sources``, rows per file). Returns lists of file names:
-    ``new``, ``grown`` (rows appended: the new rows are explained), ``changed`` (fewer rows
-    than before) and ``removed`` (gone from the input; their rows stay in the output unless
-    ``--reprocess-changed``)."""
+    last run's (``manifest input.sources``, rows per file, and ``input.stamps``). Returns lists
+    of file names: ``new``, ``grown`` (rows appended: the new rows are explained), ``changed``
+    (fewer rows than before, or as many with another stamp: rewritten in place) and
+    ``removed`` (gone from the input; their rows stay in the output unless
+    ``--reprocess-changed``), and ``previous``: the last run's manifest ``input``."""
     _same_settings(state, settings, cfg, "--incremental")
     old = (state.manifest.get("input") or {}).get("sources")
     if old is None:
@@ -600,11 +601,9 @@ def _input_changes(state: out.OutputState, settings: dict, plan, cfg: JobConfig,
     now = {s.rel: s.rows for s in plan.sources}
     # a file rewritten in place with as many rows (images replaced, a Parquet rewritten) is
     # changed too: its stamp (size, ETag or modification time) differs from the last run's
-    old_stamps = (state.manifest.get("input") or {}).get("stamps") or {}
-    rewritten = {
-        s.rel for s in plan.sources
-        if s.stamp and old_stamps.get(s.rel) and old_stamps[s.rel] != s.stamp
-    }  # fmt: skip
+    # (outputs written before stamps were recorded compare row counts only)
+    old_stamps = state.manifest["input"].get("stamps", {})
+    rewritten = {s.rel for s in plan.sources if old_stamps.get(s.rel, s.stamp) != s.stamp}
     changes = {
         "new": sorted(r for r in now if r not in old),
         "grown": sorted(r for r in now if r in old and now[r] > old[r]),
@@ -620,8 +619,8 @@ def _input_changes(state: out.OutputState, settings: dict, plan, cfg: JobConfig,
             shown = ", ".join(changes[kind][:5]) + (" ..." if len(changes[kind]) > 5 else "")
             log(f"warning: {len(changes[kind])} input files {kind} since the last run ({shown}): "
                 "their earlier rows are kept; --reprocess-changed replaces them")  # fmt: skip
-    changes["previous"] = old  # rows per file of the last run (what the kept rows came from)
-    changes["previous_stamps"] = old_stamps
+    # the last run's input (rows and stamps per file: what the kept rows came from)
+    changes["previous"] = state.manifest["input"]
     return changes
 
 
@@ -907,10 +906,10 @@ def _run_prepared(prep: Prepared, t_start: float, started_at: str, log) -> JobRe
         }
         if not cfg.reprocess_changed:  # the output still holds those files' earlier rows
             kept = prep.changes["changed"] + prep.changes["removed"]
-            manifest["input"]["sources"].update({r: prep.changes["previous"][r] for r in kept})
-            # and their earlier stamps, so the next run reports them again
-            old_stamps = prep.changes["previous_stamps"]
-            manifest["input"]["stamps"].update({r: old_stamps[r] for r in kept if r in old_stamps})
+            # their earlier row counts and stamps, so that the next run reports them again
+            for what in ("sources", "stamps"):
+                last = prep.changes["previous"].get(what, {})
+                manifest["input"][what].update({r: last[r] for r in kept if r in last})
     manifest["runs"] = previous_runs + [run_info]
     out.write_json(manifest_uri, manifest, cfg.s3_endpoint)
 

@@ -158,7 +158,8 @@ def stamp(info: Mapping) -> str:
     ETag, else the modification time. A file rewritten in place changes its stamp, even with the
     same number of rows (what ``--incremental`` compares)."""
     version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
-    return f"{info.get('size')}:{str(version).strip(chr(34))}"
+    version = str(version).strip('"')  # S3 ETags come quoted
+    return f"{info.get('size')}:{version}"
 
 
 def make_shards(
