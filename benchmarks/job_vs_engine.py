@@ -5,7 +5,7 @@ Throughput. The same images, model and settings go through
 - engine: ``xai_workers.attribute`` on the preprocessed tensors (decoded once, not timed) in
   batches of ``--batch-size`` on a model prepared once, torch threads = all cores; and the same
   plus ``stats.row_statistics`` (the statistics the job also computes);
-- job: ``jobs.attribute.run_job`` on a local Ray (one session for all runs) for ``--n1`` and
+- job: ``xai_audit.attribute.run_job`` on a local Ray (one session for all runs) for ``--n1`` and
   ``--n2`` images. Its steady-state rate is the marginal one, (n2 - n1) / (t2 - t1), with t the
   pipeline time of each run, which cancels Ray's and the actors' start-up.
 
@@ -39,8 +39,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from jobs.attribute import run_job
-from jobs.config import JobConfig
+from xai_audit.attribute import run_job
+from xai_audit.config import JobConfig
 from xai_workers.engine import attribute, keep_freed_memory, make_baseline, prepare_model
 from xai_workers.models import load_model
 from xai_workers.preprocess import preprocess_bytes
@@ -157,7 +157,7 @@ def peak_memory(spec, weights, pre, dataset, out, args) -> tuple[int, float]:
     cmd = [
         sys.executable,
         "-m",
-        "jobs.cli",
+        "xai_audit.cli",
         "run",
         "--input",
         dataset,

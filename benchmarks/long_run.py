@@ -160,7 +160,7 @@ def _run_in(tmp: str, args) -> dict:
     torch.save(build_demo_model().state_dict(), weights)
     mean = ",".join(str(v) for v in DEMO_MEAN)
     std = ",".join(str(v) for v in DEMO_STD)
-    cmd = [sys.executable, "-m", "jobs.cli", "run", "--input", data, "--output",
+    cmd = [sys.executable, "-m", "xai_audit.cli", "run", "--input", data, "--output",
            os.path.join(tmp, "out"), "--model", "xai_workers.demo:build_demo_model",
            "--weights", weights, "--image-size", str(args.size), "--mean", mean, "--std", std,
            "--ig-steps", str(args.ig_steps), "--batch-size", str(args.batch_size),

@@ -35,9 +35,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from jobs.attribute import run_job
-from jobs.config import JobConfig
-from jobs.report import build_report
+from xai_audit.attribute import run_job
+from xai_audit.config import JobConfig
+from xai_audit.report import build_report
 from xai_workers import schema as S
 from xai_workers.profiles import area_matrix, effective_map_size
 from xai_workers.worker import available_cores
@@ -133,7 +133,7 @@ def column_bytes(folder: str) -> dict[str, float]:
 def without_bss_bytes(folder: str) -> tuple[int, int]:
     """(bytes with the job's encoding, bytes rewritten the same way but without
     BYTE_STREAM_SPLIT) of the output's rows."""
-    from jobs.output import float_leaves
+    from xai_audit.output import float_leaves
 
     t = pq.read_table(folder)
     strings = [f.name for f in t.schema if pa.types.is_string(f.type)]

@@ -254,7 +254,7 @@ def test_worker_columns():
         assert paths[i]["alpha"][0] == 0 and paths[i]["alpha"][-1] == 1
         assert paths[i]["score"][-1] == pytest.approx(out["score"][i].as_py(), rel=1e-6)
     # the summary: distribution of the steps, share converged, the estimate (error rows left out)
-    from jobs.report import _adaptive_ig_items
+    from xai_audit.report import _adaptive_ig_items
     from xai_workers.summary import Summary
 
     summary = Summary().update(out).to_table().to_pylist()[0]  # group "all"
@@ -281,8 +281,8 @@ def test_worker_columns():
 
 
 def test_job_flags():
-    from jobs.cli import build_parser, config_from_args
-    from jobs.config import ConfigError, JobConfig
+    from xai_audit.cli import build_parser, config_from_args
+    from xai_audit.config import ConfigError, JobConfig
 
     ns = build_parser().parse_args(
         ["run", "--input", "i", "--output", "o", "--model", "m", "--ig-steps", "auto",

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.attribute import write_attributions
-from jobs.cli import main
+from xai_audit.attribute import write_attributions
+from xai_audit.cli import main
 from xai_workers import demo
 from xai_workers import schema as S
 from xai_workers import summary as SM

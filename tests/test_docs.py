@@ -51,7 +51,7 @@ def test_command_1_installs_what_reading_the_output_imports():
     for m in re.finditer(r"^\s*(?:import|from)\s+(.+?)$", code, re.M):
         for item in m.group(1).split(","):
             imported.add(item.split()[0].split(".")[0])
-    imported -= {"xai_workers", "jobs"}
+    imported -= {"xai_workers", "xai_audit"}
     assert {"pandas", "duckdb", "pyarrow"} <= imported  # the section is what we think it is
     missing = {i for i in imported if DIST.get(i, i).lower() not in installed}
     assert not missing, f"README command 1 does not install {sorted(missing)}"

@@ -24,10 +24,10 @@ import torch
 from PIL import Image
 from rowcheck import assert_rows_match_engine
 
-from jobs import output as out
-from jobs.attribute import run_job
-from jobs.cli import main
-from jobs.config import JobConfig
+from xai_audit import output as out
+from xai_audit.attribute import run_job
+from xai_audit.cli import main
+from xai_audit.config import JobConfig
 from xai_workers import schema as S
 from xai_workers.demo import DEMO_MEAN, DEMO_STD, build_demo_model, write_demo_dataset
 from xai_workers.engine import attribute, make_baseline, prepare_model
@@ -298,7 +298,7 @@ def test_image_folder_input_and_demo_command(ray_session, data, tmp_path, capsys
     assert any(line.startswith(f"complete: {N_DEMO}/{N_DEMO} rows") for line in lines), lines
     assert (tmp_path / "demo-out" / "report" / "index.html").stat().st_size > 1000
     assert main(argv) == 0  # the demo replaces its own output on a second run
-    # the demo's class prototypes (jobs.visualize.demo_prototypes) and their report section
+    # the demo's class prototypes (xai_audit.visualize.demo_prototypes) and their report section
     vm = json.loads((tmp_path / "demo-out" / "visualizations" / "manifest.json").read_text())
     labels = set(pq.read_table(data["dataset"], columns=["label"])["label"].to_pylist())
     assert vm["status"] == "complete" and vm["counts"]["rows_ok"] == len(labels)
@@ -328,7 +328,7 @@ def test_ray_write_parquet_keeps_canonical_tensor_type(ray_session, tmp_path):
 
 
 def test_storage_profiles_keep_statistics_summary_and_report(ray_session, data, tmp_path):
-    from jobs.report import build_report
+    from xai_audit.report import build_report
 
     runs = {}
     for store in ("compact", "full", "stats"):
@@ -375,7 +375,7 @@ def test_every_input_format_end_to_end(ray_session, data, tmp_path, s3_server, s
     import s3fs
     import webdataset as wds
 
-    from jobs.report import build_report, load_images
+    from xai_audit.report import build_report, load_images
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
 

@@ -12,9 +12,9 @@ import torch
 from ray.cluster_utils import Cluster
 from rowcheck import assert_maps_close, assert_statistics_from_own_maps, stored_maps
 
-from jobs import sources
-from jobs.attribute import run_job
-from jobs.config import JobConfig
+from xai_audit import sources
+from xai_audit.attribute import run_job
+from xai_audit.config import JobConfig
 from xai_workers.demo import DEMO_MEAN, DEMO_STD, build_demo_model, write_demo_dataset
 from xai_workers.preprocess import Preprocessing
 from xai_workers.worker import AttributionWorker
@@ -120,7 +120,7 @@ def test_worker_node_removed_mid_run_loses_no_row(two_nodes, tmp_path):
     import sys
     import time
 
-    from jobs.attribute import FAULT_ENV
+    from xai_audit.attribute import FAULT_ENV
 
     cluster = two_nodes
     worker = next(iter(cluster.worker_nodes))
@@ -133,7 +133,7 @@ def test_worker_node_removed_mid_run_loses_no_row(two_nodes, tmp_path):
     torch.save(build_demo_model().state_dict(), weights)
     marker = tmp_path / "holding"
     mean, std = (",".join(str(v) for v in t) for t in (DEMO_MEAN, DEMO_STD))
-    argv = [sys.executable, "-m", "jobs.cli", "run", "--input", dataset, "--output",
+    argv = [sys.executable, "-m", "xai_audit.cli", "run", "--input", dataset, "--output",
             str(tmp_path / "out"), "--model", "xai_workers.demo:build_demo_model", "--weights",
             weights, "--image-size", "32", "--mean", mean, "--std", std, "--ig-steps", "8",
             "--batch-size", "4", "--rows-per-file", "8", "--address", cluster.address,

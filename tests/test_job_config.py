@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-import jobs.attribute as job
-from jobs.cli import main
-from jobs.config import ConfigError, JobConfig
+import xai_audit.attribute as job
+from xai_audit.cli import main
+from xai_audit.config import ConfigError, JobConfig
 from xai_workers.demo import write_demo_dataset
 
 SPEC = "xai_workers.demo:build_demo_model"
@@ -170,7 +170,7 @@ def test_yaml_config_same_keys_flags_override(capsys, dataset, tmp_path):
         "input": dataset, "output": str(tmp_path / "o"), "model": SPEC, "image_size": 32,
         "ig-steps": 7, "methods": ["saliency", "gradcam"], "mean": "0.5,0.5,0.5",
     }))  # fmt: skip
-    from jobs.cli import build_parser, config_from_args
+    from xai_audit.cli import build_parser, config_from_args
 
     ns = build_parser().parse_args(["run", "--config", str(job_file), "--ig-steps", "3"])
     cfg = config_from_args(ns)
@@ -187,7 +187,7 @@ def test_yaml_config_same_keys_flags_override(capsys, dataset, tmp_path):
 
 
 def test_overwrite_removes_only_what_xai_audit_wrote(dataset, tmp_path):
-    from jobs import output as out
+    from xai_audit import output as out
 
     o = tmp_path / "o"
     (o / "attributions").mkdir(parents=True)
@@ -258,7 +258,7 @@ def test_overwrite_on_s3_removes_nested_prefixes(s3_server, s3_bucket):
     nested ones too (summary/partials/, report/img/), and keeps the user's own keys."""
     import boto3
 
-    from jobs import output as out
+    from xai_audit import output as out
 
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     keys = [

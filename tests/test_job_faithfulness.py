@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import jobs.attribute as job
-from jobs.cli import build_parser, config_from_args, main
-from jobs.config import JobConfig
+import xai_audit.attribute as job
+from xai_audit.cli import build_parser, config_from_args, main
+from xai_audit.config import JobConfig
 from xai_workers.demo import DEMO_MEAN, DEMO_STD, build_demo_model, write_demo_dataset
 from xai_workers.faithfulness import row_key
 
@@ -72,7 +72,7 @@ def test_flags_parse_and_bad_values_fail_before_ray(data, tmp_path, capsys, monk
 def test_job_writes_auc_columns_and_their_summary_means(data, tmp_path):
     import ray
 
-    from jobs.attribute import run_job
+    from xai_audit.attribute import run_job
 
     cfg = JobConfig(
         input=data["dataset"],

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs import output as out
-from jobs.attribute import FAULT_ENV, run_job
-from jobs.config import JobConfig
+from xai_audit import output as out
+from xai_audit.attribute import FAULT_ENV, run_job
+from xai_audit.config import JobConfig
 from xai_workers.demo import DEMO_MEAN, DEMO_STD, build_demo_model, write_demo_dataset
 
 N = 48
@@ -70,7 +70,7 @@ def test_secrets_never_written(data, tmp_path, s3_server, s3_bucket):
     env = {**os.environ, **secrets, "PYTHONUNBUFFERED": "1"}
     output = f"s3://{s3_bucket}/run"
     mean = ",".join(str(v) for v in DEMO_MEAN)
-    argv = [sys.executable, "-m", "jobs.cli", "run", "--output", output, "--input",
+    argv = [sys.executable, "-m", "xai_audit.cli", "run", "--output", output, "--input",
             f"s3://{s3_bucket}/in/", "--model", "xai_workers.demo:build_demo_model",
             "--weights", weights, "--image-size", "32", "--mean", mean, "--std", mean,
             "--s3-endpoint", s3_server, "--ig-steps", "2", "--address", "local",
@@ -78,7 +78,7 @@ def test_secrets_never_written(data, tmp_path, s3_server, s3_bucket):
     r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "report", output, "--s3-endpoint", s3_server],
+        [sys.executable, "-m", "xai_audit.cli", "report", output, "--s3-endpoint", s3_server],
         capture_output=True,
         text=True,
         env=env,

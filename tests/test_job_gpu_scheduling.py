@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from jobs.attribute import plan_resources, run_job
-from jobs.config import JobConfig
+from xai_audit.attribute import plan_resources, run_job
+from xai_audit.config import JobConfig
 from xai_workers.demo import (
     DEMO_MEAN,
     DEMO_MODEL_SPEC,

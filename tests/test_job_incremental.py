@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs import output as out
-from jobs.attribute import run_job
-from jobs.config import ConfigError, JobConfig
+from xai_audit import output as out
+from xai_audit.attribute import run_job
+from xai_audit.config import ConfigError, JobConfig
 from xai_workers.demo import DEMO_MEAN, DEMO_STD, build_demo_model, write_demo_dataset
 
 

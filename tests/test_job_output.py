@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import output as out
-from jobs import sources
+from xai_audit import output as out
+from xai_audit import sources
 from xai_workers import schema as S
 from xai_workers.demo import write_demo_dataset
 from xai_workers.preprocess import Preprocessing
@@ -49,7 +49,7 @@ def test_parts_are_atomic_keyed_and_idempotent(tmp_path):
 def test_sink_writes_at_most_rows_per_file(tmp_path):
     """Ray Data hands a write task whole blocks (>= rows_per_file rows, maybe many more): the
     sink cuts them into parts of --rows-per-file rows, so the flag is a maximum that holds."""
-    from jobs.attribute import PartsDatasink
+    from xai_audit.attribute import PartsDatasink
 
     dest = str(tmp_path / "attributions")
     sink = PartsDatasink(dest=dest, output=str(tmp_path), s3_endpoint=None, rows_per_file=5,
@@ -119,7 +119,7 @@ def test_shards_skip_rows_already_done_and_read_back(tmp_path):
 
 
 def test_discover_rejects_mixed_or_unusable_inputs(tmp_path):
-    from jobs.config import ConfigError
+    from xai_audit.config import ConfigError
 
     (tmp_path / "mix").mkdir()
     pq.write_table(pa.table({"id": ["a"], "image": [b"x"]}), tmp_path / "mix" / "a.parquet")

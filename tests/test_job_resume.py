@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs import output as out
+from xai_audit import output as out
 from xai_workers.demo import DEMO_MEAN, build_demo_model, write_demo_dataset
 
 N = 96
@@ -28,7 +28,7 @@ ROWS_PER_FILE = 8
 def _args(dataset, weights, output, *extra):
     mean = ",".join(str(v) for v in DEMO_MEAN)
     return [
-        sys.executable, "-m", "jobs.cli", "run",
+        sys.executable, "-m", "xai_audit.cli", "run",
         "--input", dataset, "--output", output,
         "--model", "xai_workers.demo:build_demo_model", "--weights", weights,
         "--image-size", "32", "--mean", mean, "--std", mean,

@@ -1,6 +1,6 @@
-"""One writer per output (jobs.lock): a live run's lock refuses a second run with a message naming
-it; a lock whose run is gone is taken over (at once on the same host when its pid is dead, after
-its heartbeat goes stale elsewhere); the lock is released however a run ends. No Ray."""
+"""One writer per output (xai_audit.lock): a live run's lock refuses a second run with a message
+naming it; a lock whose run is gone is taken over (at once on the same host when its pid is
+dead, after its heartbeat goes stale elsewhere); the lock is released however a run ends. No Ray."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from jobs import lock as L
-from jobs.config import ConfigError
+from xai_audit import lock as L
+from xai_audit.config import ConfigError
 
 
 def _plant(output, **held) -> None:
@@ -81,9 +81,9 @@ def test_heartbeat_keeps_the_lock_fresh_and_a_taken_over_lock_is_not_removed(tmp
 def test_a_second_run_is_refused_and_the_lock_released_after_a_failed_prepare(tmp_path):
     """Through the job: a live holder makes `xai-audit run` exit 2 before any work; a prepare
     that fails after taking the lock (existing output without --resume) gives it back."""
-    from jobs import attribute as job
-    from jobs.cli import main
-    from jobs.config import JobConfig
+    from xai_audit import attribute as job
+    from xai_audit.cli import main
+    from xai_audit.config import JobConfig
     from xai_workers.demo import write_demo_dataset
 
     data = str(tmp_path / "d.parquet")

@@ -327,8 +327,8 @@ def _rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 def test_model_source_through_the_job(case, ray_session, photos_parquet, tmp_path):
     from captum.attr import IntegratedGradients, Saliency
 
-    from jobs.attribute import run_job
-    from jobs.config import JobConfig
+    from xai_audit.attribute import run_job
+    from xai_audit.config import JobConfig
     from xai_workers import schema as S
     from xai_workers.preprocess import pixels_to_input, preprocess_bytes
 

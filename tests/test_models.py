@@ -473,7 +473,7 @@ def test_random_weights_are_seeded_and_leave_the_global_rng_alone():
 
 
 def test_cli_layers_without_weights_exits_2_and_random_is_reproducible(capsys):
-    from jobs.cli import main
+    from xai_audit.cli import main
 
     assert main(["layers", "--model", "torchvision:squeezenet1_1"]) == 2
     assert "--weights" not in capsys.readouterr().out

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jobs import output as out
+from xai_audit import output as out
 from xai_workers import schema as S
 from xai_workers.demo import DEMO_MEAN, DEMO_STD, build_demo_model
 from xai_workers.profiles import area_matrix, reduce_map

@@ -1,9 +1,9 @@
-"""The audit report (jobs.report) on the digits demo with its planted corner mark on class 3.
+"""The audit report (xai_audit.report) on the digits demo with its planted corner mark on class 3.
 
 The demo output is made without Ray but with the job's own pieces: the trained demo model
 (``demo.ensure_demo``), the ``AttributionWorker`` on preprocessed rows, the job's write stage
-(``jobs.attribute.write_attributions``: atomic part + summary partial) and a manifest from
-``jobs.attribute.prepare``. Then: class 3 stands out in numbers; the report shows it; the page
+(``xai_audit.attribute.write_attributions``: atomic part + summary partial) and a manifest from
+``xai_audit.attribute.prepare``. Then: class 3 stands out in numbers; the report shows it; the page
 renders in Debian's headless chromium with every picture; local and S3; sampling.
 """
 
@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs import output as out
-from jobs import report as R
+from xai_audit import output as out
+from xai_audit import report as R
 from xai_workers import demo
 from xai_workers import schema as S
 from xai_workers import summary as SM
@@ -42,8 +42,8 @@ CHROMIUM_FLAGS = (
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory) -> str:
     """A finished demo run of N_ROWS images (ig_steps 8) in the job's output layout."""
-    from jobs.attribute import prepare, write_attributions
-    from jobs.config import JobConfig
+    from xai_audit.attribute import prepare, write_attributions
+    from xai_audit.config import JobConfig
     from xai_workers.preprocess import preprocess_bytes
     from xai_workers.worker import AttributionWorker
 
@@ -352,7 +352,7 @@ def test_command_line(demo_out, tmp_path):
 
     missing = str(tmp_path / "missing")
     res = subprocess.run(
-        [sys.executable, "-m", "jobs.report", "report", missing],
+        [sys.executable, "-m", "xai_audit.report", "report", missing],
         capture_output=True, text=True, timeout=120,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )  # fmt: skip

@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from jobs import output as out
-from jobs import report as R
-from jobs.attribute import write_attributions
+from xai_audit import output as out
+from xai_audit import report as R
+from xai_audit.attribute import write_attributions
 from xai_workers import demo
 from xai_workers import schema as S
 from xai_workers import summary as SM

@@ -1,6 +1,6 @@
-"""The report's page as a Jinja2 template (jobs/report/page.py, jobs/report/templates): values are
-escaped, a missing value is an error, the numbers say what they claim, the templates ship with the
-package. The rendered page itself is checked in tests/test_report.py and test_report_findings.py.
+"""The report's page as a Jinja2 template (xai_audit/report/page.py, xai_audit/report/templates):
+values are escaped, a missing value is an error, the numbers say what they claim, the templates
+ship with the package. The rendered page itself is checked in tests/test_report.py and test_report_findings.py.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import jinja2
 import pytest
 import tomllib
 
-from jobs.report import page as P
-from jobs.report.scan import Gallery
+from xai_audit.report import page as P
+from xai_audit.report.scan import Gallery
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_the_templates_ship_with_the_package():
     editable install) renders the report."""
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-data"
-    ]["jobs.report"]
+    ]["xai_audit.report"]
     files = sorted(p.relative_to(P.TEMPLATES.parent).as_posix() for p in P.TEMPLATES.iterdir())
     assert {"templates/report.html.j2", "templates/macros.html.j2", "templates/report.css"} <= set(
         files

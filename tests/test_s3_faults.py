@@ -66,7 +66,7 @@ def test_job_through_flaky_s3_writes_every_row_once(s3_server, s3_bucket, tmp_pa
            "FSSPEC_S3": json.dumps({"default_block_size": BLOCK})}  # fmt: skip
     mean, std = (",".join(str(v) for v in t) for t in (DEMO_MEAN, DEMO_STD))
     with FaultProxy(s3_server, every=3, seed=0, delay_s=0.2) as proxy:
-        argv = [sys.executable, "-m", "jobs.cli", "run", "--input", f"s3://{s3_bucket}/in/",
+        argv = [sys.executable, "-m", "xai_audit.cli", "run", "--input", f"s3://{s3_bucket}/in/",
                 "--output", f"s3://{s3_bucket}/run", "--model",
                 "xai_workers.demo:build_demo_model", "--weights",
                 f"s3://{s3_bucket}/models/demo.pt", "--image-size", str(size), "--mean", mean,

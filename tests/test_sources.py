@@ -1,6 +1,6 @@
 """Input formats (no Ray): data written by the library that writes it in real life (``datasets``,
-``webdataset``, Pillow), read by ``jobs.sources``: ids, labels, class names, and every bad row an
-error row that names it (rows in = rows out)."""
+``webdataset``, Pillow), read by ``xai_audit.sources``: ids, labels, class names, and every bad row
+an error row that names it (rows in = rows out)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs import sources
-from jobs.config import ConfigError
+from xai_audit import sources
+from xai_audit.config import ConfigError
 from xai_workers.preprocess import Preprocessing, preprocess_bytes
 
 PRE = Preprocessing(image_size=16)

@@ -372,7 +372,7 @@ def test_topk_targets_use_the_first_target():
 
 
 def _write_output(root, tables) -> list[str]:
-    from jobs import output as out
+    from xai_audit import output as out
 
     attr = str(root / "attributions")
     return [out.write_part(t, attr)["file"] for t in tables]

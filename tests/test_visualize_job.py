@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs import cli
-from jobs import visualize as J
+from xai_audit import cli
+from xai_audit import visualize as J
 from xai_workers import demo
 from xai_workers import visualize as V
 
@@ -174,7 +174,7 @@ def test_prototype_needs_a_prior_and_existing_output_needs_resume(tmp_path, data
 
 
 def test_report_section_shows_prototypes_first(tmp_path, dataset):
-    from jobs.report.visualizations import visualization_section
+    from xai_audit.report.visualizations import visualization_section
 
     out = tmp_path / "out"
     J.run_visualize(cfg_of(args(out, dataset)), log=lambda m: None, in_process=True)

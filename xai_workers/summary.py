@@ -99,7 +99,7 @@ POOLED_PREFIX = "_pooled_"
 PERCENTILES = (5, 50, 95)
 GROUP_ALL, GROUP_PRED, GROUP_LABEL, GROUP_TARGET = "all", "pred_class", "label", "target"
 GROUPS = (GROUP_ALL, GROUP_PRED, GROUP_LABEL, GROUP_TARGET)
-#: Folders and files under ``<output>`` (the same names as ``jobs.output``).
+#: Folders and files under ``<output>`` (the same names as ``xai_audit.output``).
 ATTRIBUTIONS_DIR = "attributions"
 SUMMARY_DIR = "summary"
 PARTIALS_DIR = "partials"

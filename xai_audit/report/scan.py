@@ -2,7 +2,7 @@
 their images, the standout classes and the class maps to draw, the error rows.
 
 Everything here reads the output (Parquet parts, summary, manifest, the run's input) and returns
-plain values; nothing draws or formats (``jobs.report.pictures``, ``jobs.report.page``).
+plain values; nothing draws or formats (``xai_audit.report.pictures``, ``xai_audit.report.page``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.report.pictures import _png, class_map_tile
+from xai_audit.report.pictures import _png, class_map_tile
 
 #: Rows scanned for the galleries by default (whole part files; 0 = all).
 DEFAULT_SAMPLE = 1_000_000
@@ -323,7 +323,7 @@ def load_images(
     ``model.preprocessing``)."""
     import pyarrow.parquet as pq
 
-    from jobs.sources.parquet import image_bytes
+    from xai_audit.sources.parquet import image_bytes
     from xai_workers.preprocess import Preprocessing, input_to_pixels, preprocess_bytes
     from xai_workers.storage import filesystem, join_uri, pyarrow_filesystem, read_bytes
 
@@ -365,7 +365,7 @@ def load_images(
 
     kind = inp.get("kind", "parquet")
     image_col = inp.get("image_column") or "image"
-    image_kind = inp.get("image_kind") or "binary"  # HF structs, references (jobs.sources)
+    image_kind = inp.get("image_kind") or "binary"  # HF structs, references (xai_audit.sources)
     by_source: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
         if r.get("source") is not None:
@@ -373,7 +373,7 @@ def load_images(
     for rel, idxs in by_source.items():
         try:
             if kind == "webdataset":
-                from jobs.sources.webdataset import sample_images
+                from xai_audit.sources.webdataset import sample_images
 
                 got = sample_images(uri_of(rel), {int(rows[i]["source_row"]) for i in idxs},
                                     s3_endpoint)  # fmt: skip

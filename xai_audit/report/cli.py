@@ -1,5 +1,5 @@
 """The command line of the summary and the report: ``xai-audit summarize|report`` and
-``python -m jobs.report summarize|report``."""
+``python -m xai_audit.report summarize|report``."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import pyarrow.compute as pc
 
-from jobs.report.build import _log, build_report
-from jobs.report.scan import DEFAULT_MAX_CLASSES, DEFAULT_SAMPLE, DEFAULT_TOP
+from xai_audit.report.build import _log, build_report
+from xai_audit.report.scan import DEFAULT_MAX_CLASSES, DEFAULT_SAMPLE, DEFAULT_TOP
 
 
 def _err(msg: str) -> None:
@@ -101,8 +101,8 @@ def report_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m jobs.report summarize|report ...`` (the same as ``xai-audit``'s)."""
-    parser = argparse.ArgumentParser(prog="python -m jobs.report")
+    """``python -m xai_audit.report summarize|report ...`` (the same as ``xai-audit``'s)."""
+    parser = argparse.ArgumentParser(prog="python -m xai_audit.report")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     add_subcommands(sub)

@@ -3,7 +3,7 @@
 The YAML file (``--config job.yaml``) takes the same keys as the flags, with ``-`` or ``_``
 (``ig-steps: 16`` or ``ig_steps: 16``); flags given on the command line override it. Checks that
 need no I/O happen here (:func:`JobConfig.validate`); the ones that do (input exists, model loads,
-layer exists, output writable) happen in ``jobs.attribute.prepare`` before Ray starts.
+layer exists, output writable) happen in ``xai_audit.attribute.prepare`` before Ray starts.
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ class JobConfig:
             raise ConfigError(f"--store must be one of {', '.join(PROFILES)}, got {self.store!r}")
         if self.map_size < 1:
             raise ConfigError(f"--map-size must be >= 1, got {self.map_size}")
-        from jobs.sources import INPUT_FORMATS, LABELS_FROM
+        from xai_audit.sources import INPUT_FORMATS, LABELS_FROM
 
         if self.input_format not in INPUT_FORMATS:
             raise ConfigError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}")

@@ -5,9 +5,9 @@
     xai-audit run --input URI --output URI --model SPEC [--weights URI] [...]
     xai-audit layers --model SPEC [--weights URI|random] [--image-size S] [--seed N]
     xai-audit demo [--output demo-out]
-    xai-audit summarize <output> | report <output>          (jobs.report)
-    xai-audit visualize --model SPEC --objectives LIST --output URI [...]   (jobs.visualize)
-    xai-audit compare OUT_A OUT_B [--dest URI]                             (jobs.compare)
+    xai-audit summarize <output> | report <output>          (xai_audit.report)
+    xai-audit visualize --model SPEC --objectives LIST --output URI [...]   (xai_audit.visualize)
+    xai-audit compare OUT_A OUT_B [--dest URI]                             (xai_audit.compare)
 
 ``run`` flags are listed by ``xai-audit run --help`` and in docs/conventions.md; a YAML file
 given with ``--config`` takes the same keys (``ig-steps`` or ``ig_steps``) and flags override it.
@@ -25,7 +25,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from jobs.config import ConfigError, JobConfig, load_yaml, merge
+from xai_audit.config import ConfigError, JobConfig, load_yaml, merge
 
 #: (flag, metavar, help) of every ``run`` setting; the YAML keys are the same names.
 RUN_FLAGS = (
@@ -150,9 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS,
                         help="where the demo dataset and weights live (default: "
                         "~/.cache/xai-workers/demo)")  # fmt: skip
-    from jobs.compare import add_subcommand as add_compare
-    from jobs.report import add_subcommands
-    from jobs.visualize import add_subcommand as add_visualize
+    from xai_audit.compare import add_subcommand as add_compare
+    from xai_audit.report import add_subcommands
+    from xai_audit.visualize import add_subcommand as add_visualize
 
     add_subcommands(sub)
     add_visualize(sub)
@@ -171,8 +171,8 @@ def config_from_args(ns: argparse.Namespace, base: JobConfig | None = None) -> J
 
 
 def _run(cfg: JobConfig) -> int:
-    from jobs.attribute import EXIT_FAILED, run_job
-    from jobs.quiet import drop_stderr_lines
+    from xai_audit.attribute import EXIT_FAILED, run_job
+    from xai_audit.quiet import drop_stderr_lines
 
     try:
         with drop_stderr_lines():
@@ -193,7 +193,7 @@ def _run(cfg: JobConfig) -> int:
         return EXIT_FAILED
     print(result.summary, flush=True)
     if cfg.incremental and result.exit_code == 0:
-        from jobs import output as out
+        from xai_audit import output as out
 
         if out.exists(out.join(cfg.output, out.REPORT, "index.html"), cfg.s3_endpoint):
             endpoint = ["--s3-endpoint", cfg.s3_endpoint] if cfg.s3_endpoint else []
@@ -260,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if code != 0:
                 return code
             # what the model thinks each class looks like (the report shows it)
-            from jobs.visualize import demo_prototypes
+            from xai_audit.visualize import demo_prototypes
 
             try:
                 print(demo_prototypes(cfg).summary, flush=True)

@@ -29,9 +29,9 @@ values for the Jinja2 template ``templates/report.html.j2``, which lays the page
 ``cli`` (the command line).
 """
 
-from jobs.report.build import ReportResult, build_report
-from jobs.report.cli import add_subcommands, main, report_main, summarize_main
-from jobs.report.page import (
+from xai_audit.report.build import ReportResult, build_report
+from xai_audit.report.cli import add_subcommands, main, report_main, summarize_main
+from xai_audit.report.page import (
     Card,
     _adaptive_ig_items,
     _findings,
@@ -43,7 +43,7 @@ from jobs.report.page import (
     page_data,
     render_html,
 )
-from jobs.report.pictures import (
+from xai_audit.report.pictures import (
     CLASS_TILE,
     OVERLAY_ALPHA,
     OVERLAY_PERCENTILE,
@@ -54,7 +54,7 @@ from jobs.report.pictures import (
     display_scale,
     overlay,
 )
-from jobs.report.scan import (
+from xai_audit.report.scan import (
     BORDER_ABSOLUTE,
     BORDER_AREA,
     CLASS_MAP_METHODS,
@@ -80,7 +80,7 @@ from jobs.report.scan import (
     scan_galleries,
     standouts,
 )
-from jobs.report.visualizations import visualization_data, visualization_section
+from xai_audit.report.visualizations import visualization_data, visualization_section
 
 __all__ = [
     "BORDER_ABSOLUTE", "BORDER_AREA", "CLASS_MAP_METHODS", "CLASS_TILE", "DEFAULT_MAX_CLASSES",

@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from jobs.config import ConfigError
-from jobs.sources.base import (
+from xai_audit.config import ConfigError
+from xai_audit.sources.base import (
     REFERENCE_THREADS,
     SHARD_ROWS,
     Block,

@@ -13,8 +13,8 @@ local or ``s3://``:
 
 Every input row has a stable key ``(source, source_row)``: the file relative to the input root and
 the row's index in it (0 for an image file, the sample index in a tar). The output carries the key,
-so a resumed run knows which rows are already written (``jobs.output.scan``) and ``make_shards``
-leaves them out.
+so a resumed run knows which rows are already written (``xai_audit.output.scan``) and
+``make_shards`` leaves them out.
 
 A shard is a small, JSON-able dict describing rows of one file (whole Parquet row groups, one tar)
 or a group of image files; ``read_shard`` turns it into blocks of preprocessed rows, the batch
@@ -32,11 +32,11 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import pyarrow as pa
 
-from jobs.config import ConfigError
-from jobs.sources import images as _images
-from jobs.sources import parquet as _parquet
-from jobs.sources import webdataset as _webdataset
-from jobs.sources.base import (
+from xai_audit.config import ConfigError
+from xai_audit.sources import images as _images
+from xai_audit.sources import parquet as _parquet
+from xai_audit.sources import webdataset as _webdataset
+from xai_audit.sources.base import (
     BLOCK_BYTES,
     IMAGE_EXTENSIONS,
     PARQUET_EXTENSIONS,

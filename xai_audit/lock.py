@@ -23,8 +23,8 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from jobs import output as out
-from jobs.config import ConfigError
+from xai_audit import output as out
+from xai_audit.config import ConfigError
 
 LOCK_FILE = "_xai_audit_lock.json"
 HEARTBEAT_S = 30.0

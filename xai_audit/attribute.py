@@ -2,7 +2,7 @@
 
 ::
 
-    from_items(shards)                      one item per shard (jobs.sources.make_shards)
+    from_items(shards)                      one item per shard (xai_audit.sources.make_shards)
       .map_batches(read_and_preprocess)     CPU tasks: read rows, decode, preprocess -> x / error
       .map_batches(JobWorker,               actors (an AttributionWorker each, one model): 1 GPU
                    compute=ActorPoolStrategy)  per actor on a GPU cluster, else part of a node
@@ -13,7 +13,7 @@ Why the sink is ours and not ``Dataset.write_parquet``: in Ray 2.60 that names f
 rerun can neither tell complete files from partial ones nor avoid writing rows twice. Ray Data's
 own checkpointing (``DataContext.checkpoint_config``) needs a unique id column in the input, keeps
 every written id in memory on resume and is beta. Here the output is its own checkpoint (see
-``jobs.output``): parts are atomic and named after the row keys ``(source, source_row)`` they
+``xai_audit.output``): parts are atomic and named after the row keys ``(source, source_row)`` they
 hold, a rerun with ``--resume`` reads those keys and skips the rows, and the end of every run
 checks that each input row is present exactly once. The sink is a plain ``ray.data.Datasink``:
 Ray Data bundles at least ``rows_per_file`` rows into each write task, which writes parts of at most
@@ -49,10 +49,10 @@ from datetime import datetime, timezone
 import pyarrow as pa
 from ray.data import Datasink  # the driver side of the job is Ray's; the library never is
 
-from jobs import lock as output_lock
-from jobs import output as out
-from jobs import sources
-from jobs.config import ConfigError, JobConfig
+from xai_audit import lock as output_lock
+from xai_audit import output as out
+from xai_audit import sources
+from xai_audit.config import ConfigError, JobConfig
 from xai_workers.engine import LAYER_METHODS
 
 EXIT_OK = 0
@@ -303,7 +303,7 @@ class Prepared:
     state: out.OutputState
     rows_per_file: int
     duplicate_ids: int = 0
-    #: the output's lock (``jobs.lock``), held from ``prepare`` on; ``run_job`` releases it
+    #: the output's lock (``xai_audit.lock``), held from ``prepare`` on; ``run_job`` releases it
     lock: output_lock.Lock | None = None
     #: ``--incremental``: the input's files new, grown, changed, removed since the last run
     changes: dict | None = None
@@ -380,7 +380,7 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
     )
     if plan.total_rows == 0:
         log(f"input {cfg.input} has no rows")
-    from jobs.ids import duplicate_ids
+    from xai_audit.ids import duplicate_ids
 
     n_dup, dup_examples = duplicate_ids(plan, cfg.s3_endpoint)
     if n_dup:
@@ -957,7 +957,7 @@ def _run_prepared(prep: Prepared, t_start: float, started_at: str, log) -> JobRe
         if isinstance(e, _Terminated):
             # The process is ending: shutting Ray down under the running pipeline can make
             # Ray's core worker exit the process (code 1, silently) before the caller reports.
-            # The caller exits instead (jobs.cli: code 143); a local Ray shares its fate.
+            # The caller exits instead (xai_audit.cli: code 143); a local Ray shares its fate.
             started_ray = False
         raise
     finally:

@@ -25,7 +25,7 @@ Output, all under ``<output>/visualizations/`` (so it can sit beside a run's att
     png/<row>-<objective>.png
 
 Rows are keyed like the attribution job's (``source`` = ``"objectives"``, ``source_row`` = the
-objective's position), so ``jobs.output`` gives atomic parts named after their keys, the resume
+objective's position), so ``xai_audit.output`` gives atomic parts named after their keys, the resume
 scan and the exactly-once check. A batch is recomputed whole if any of its rows is missing, and
 only the missing rows are written.
 """
@@ -45,10 +45,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
-from jobs import output as out
-from jobs.config import ConfigError
+from xai_audit import output as out
+from xai_audit.config import ConfigError
 
-# jobs.attribute imports Ray: it is imported where the job runs, so `xai-audit --help`,
+# xai_audit.attribute imports Ray: it is imported where the job runs, so `xai-audit --help`,
 # `layers` and `report` start without Ray
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -288,10 +288,10 @@ def write_pngs(table: pa.Table, png_dir: str, s3_endpoint: str | None) -> None:
 
 
 def _sink_class():
-    """``VisualizationSink``: a ``jobs.attribute.PartsDatasink`` that writes each row's PNG file
-    before the row's part, so a part on disk means its PNGs are there too (a PNG without its part
-    is rewritten on resume). Made on demand: its base class imports Ray."""
-    from jobs.attribute import PartsDatasink
+    """``VisualizationSink``: a ``xai_audit.attribute.PartsDatasink`` that writes each row's PNG
+    file before the row's part, so a part on disk means its PNGs are there too (a PNG without its
+    part is rewritten on resume). Made on demand: its base class imports Ray."""
+    from xai_audit.attribute import PartsDatasink
 
     class VisualizationSink(PartsDatasink):
         def __init__(self, *, png_dir: str, **kwargs):
@@ -429,7 +429,7 @@ def class_mean_priors(cfg: VisualizeConfig, classes: Sequence[int], log) -> tupl
     """Class mean images (3, S, S) float32 in [0, 1] of ``classes`` from a pass over --input
     (resize and centre crop to --size, like the job's preprocessing); rows that cannot be read
     are counted and left out. ConfigError if a class has no image."""
-    from jobs import sources
+    from xai_audit import sources
     from xai_workers.preprocess import Preprocessing
 
     plan = sources.discover(cfg.input, id_column=cfg.id_column, image_column=cfg.image_column,
@@ -538,7 +538,7 @@ def run_visualize(
     """Run (or resume) the visualization job. ``in_process``: no Ray, the batches run one after
     another in this process with ``num_threads`` torch threads (None: every core), for small
     jobs such as the demo's; the output is the same."""
-    from jobs.attribute import Progress, _hms, _now, _ray_init, _versions, plan_resources
+    from xai_audit.attribute import Progress, _hms, _now, _ray_init, _versions, plan_resources
 
     t_start = time.monotonic()
     started_at = _now()
@@ -650,7 +650,7 @@ def run_visualize(
 
 def _run_pipeline(items, res, worker_kwargs, parts_uri, png_dir, cfg, progress) -> None:
     """The pipeline, with progress lines from its write tasks, as ``run`` does."""
-    from jobs.attribute import drive_pipeline
+    from xai_audit.attribute import drive_pipeline
 
     drive_pipeline(
         lambda counter: _pipeline(items, res, worker_kwargs, parts_uri, png_dir, cfg, counter),
@@ -757,7 +757,7 @@ def config_from_args(ns: argparse.Namespace) -> VisualizeConfig:
 
 def main(ns: argparse.Namespace) -> int:
     """``xai-audit visualize``: 0 complete, 1 failed or incomplete, 2 configuration mistake
-    (ConfigError propagates to ``jobs.cli.main``, which prints it and returns 2)."""
+    (ConfigError propagates to ``xai_audit.cli.main``, which prints it and returns 2)."""
     import traceback
 
     cfg = config_from_args(ns)

@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jobs.report.pictures import picture_tile
-from jobs.report.scan import load_images
+from xai_audit.report.pictures import picture_tile
+from xai_audit.report.scan import load_images
 
 #: Real images shown per class.
 REAL_PER_CLASS = 3
@@ -35,8 +35,8 @@ def read_class_images(root: str, s3_endpoint: str | None) -> dict[int, dict]:
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
-    from jobs import visualize as J
-    from jobs.output import list_files
+    from xai_audit import visualize as J
+    from xai_audit.output import list_files
     from xai_workers.storage import pyarrow_filesystem
 
     parts = [p for p in list_files(J.vis_uri(root, J.PARTS), s3_endpoint) if p.endswith(".parquet")]
@@ -141,7 +141,7 @@ def visualization_data(
 def visualization_section(output: str, **kw) -> str:
     """The section alone, as HTML ("" without visualizations); keywords as
     :func:`visualization_data`."""
-    from jobs.report.page import _macro
+    from xai_audit.report.page import _macro
 
     data = visualization_data(output, **kw)
     return "" if data is None else _macro("visualizations", data)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from jobs.report.scan import (
+from xai_audit.report.scan import (
     BORDER_ABSOLUTE,
     BORDER_AREA,
     CLASS_MAP_METHODS,

@@ -27,7 +27,7 @@ REFERENCE_THREADS = 8
 class Source:
     """One input file: full ``uri``, ``rel`` path under the input root, ``rows`` it holds, for
     Parquet the rows of each row group, for an image in a class folder its ``label``, its
-    listing's ``stamp`` (``jobs.sources.stamp``)."""
+    listing's ``stamp`` (``xai_audit.sources.stamp``)."""
 
     uri: str
     rel: str
@@ -64,7 +64,7 @@ class InputPlan:
     image_kind: str = "binary"
     class_names: tuple[str, ...] | None = None
     # WebDataset: (rows whose key an earlier tar already has, ((key, times), ...)), counted
-    # while the tars are read for the plan; (0, ()) for other kinds (jobs.ids checks those)
+    # while the tars are read for the plan; (0, ()) for other kinds (xai_audit.ids checks those)
     repeated_ids: tuple = (0, ())
 
     @property

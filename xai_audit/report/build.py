@@ -8,10 +8,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from jobs.report import page as P
-from jobs.report import pictures as G
-from jobs.report import scan as S
-from jobs.report.visualizations import visualization_data
+from xai_audit.report import page as P
+from xai_audit.report import pictures as G
+from xai_audit.report import scan as S
+from xai_audit.report.visualizations import visualization_data
 
 
 def _log(msg: str) -> None:

@@ -15,8 +15,8 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import pyarrow as pa
 
-from jobs.config import ConfigError
-from jobs.sources.base import (
+from xai_audit.config import ConfigError
+from xai_audit.sources.base import (
     SHARD_ROWS,
     Block,
     InputPlan,

@@ -27,9 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from jobs.config import ConfigError
-from jobs.ids import repeated_ids
-from jobs.sources.base import (
+from xai_audit.config import ConfigError
+from xai_audit.ids import repeated_ids
+from xai_audit.sources.base import (
     Block,
     InputPlan,
     Source,

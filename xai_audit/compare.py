@@ -45,7 +45,7 @@ SCHEMA = pa.schema(
 def _group(summary: pa.Table) -> dict[int, dict]:
     """class -> its summary row (the group the report draws, ``report.map_group``), with the
     mean share maps of Grad-CAM and IG as float64 (32, 32) under ``_maps``."""
-    from jobs.report import map_group
+    from xai_audit.report import map_group
     from xai_workers.schema import tensor_to_numpy
 
     t = summary.filter(pc.equal(summary["group_by"], map_group(summary)))
@@ -88,7 +88,7 @@ def compare(
     out_a: str, out_b: str, dest: str | None = None, s3_endpoint: str | None = None, log=print
 ) -> pa.Table:
     """Write the comparison of two outputs; returns its table (``SCHEMA``)."""
-    from jobs import output as out
+    from xai_audit import output as out
     from xai_workers import summary as SM
 
     t0 = time.monotonic()

@@ -20,7 +20,7 @@ def duplicate_ids(
     plan, s3_endpoint: str | None = None, examples: int = 5, threads: int = 8
 ) -> tuple[int, list[tuple[object, int]]]:
     """``(rows whose id an earlier row already has, [(id, times it appears)] for up to
-    ``examples`` repeated ids, most repeated first)``. ``plan``: a ``jobs.sources.InputPlan``.
+    ``examples`` repeated ids, most repeated first)``. ``plan``: a ``xai_audit.sources.InputPlan``.
     (0, []) for inputs whose ids cannot repeat."""
     if plan.kind == "webdataset":
         n, top = plan.repeated_ids
