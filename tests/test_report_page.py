@@ -1,6 +1,7 @@
 """The report's page as a Jinja2 template (xai_audit/report/page.py, xai_audit/report/templates):
 values are escaped, a missing value is an error, the numbers say what they claim, the templates
-ship with the package. The rendered page itself is checked in tests/test_report.py and test_report_findings.py.
+ship with the package. The rendered page itself is checked in tests/test_report.py
+and test_report_findings.py.
 """
 
 from __future__ import annotations
