@@ -53,6 +53,7 @@ from xai_audit import lock as output_lock
 from xai_audit import output as out
 from xai_audit import sources
 from xai_audit.config import ConfigError, JobConfig
+from xai_audit.sources.labels import labels_by_name
 from xai_workers.engine import LAYER_METHODS
 
 EXIT_OK = 0
@@ -415,13 +416,15 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
         )
     if mode == "topk" and tval > loaded.num_classes:
         raise ConfigError(f"--target topk:{tval} > the model's {loaded.num_classes} classes")
-    if plan.kind == "images" and plan.class_names and len(plan.class_names) > loaded.num_classes:
+    classes = _class_names(cfg, loaded, plan, log)
+    plan = labels_by_name(plan, classes, unknown=cfg.unknown_labels, log=log)
+    if (plan.kind == "images" and plan.class_names and plan.label_map is None
+            and len(plan.class_names) > loaded.num_classes):  # fmt: skip
         raise ConfigError(
             f"the input has {len(plan.class_names)} class folders but the model has "
             f"{loaded.num_classes} classes, so folder indices are not its classes; pass "
             "--labels-from none, or point --input at folders of the model's classes"
         )
-    classes = _class_names(cfg, loaded, plan, log)
     layer = cfg.gradcam_layer
     if any(m in LAYER_METHODS for m in cfg.methods):
         layer = _check_gradcam_layer(cfg, loaded)

@@ -67,6 +67,9 @@ RUN_FLAGS = (
                            "one folder down) | folders | none"),
     ("--class-names", "FILE", "class names: a file (one per line, a JSON list or a JSON object "
                               "index -> name) or 'imagenet' (torchvision's list)"),
+    ("--unknown-labels", "W", "input class names (folders, Hugging Face ClassLabel) are matched "
+                              "to the model's by name; one the model lacks is an error (exit 2, "
+                              "the default: error) or makes its rows error rows (error-rows)"),
     ("--id-column", "NAME", "id column of a Parquet input (default: id when present, else "
                             "<file>#<row>)"),
     ("--image-column", "NAME", "encoded-image column (default image)"),

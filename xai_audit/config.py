@@ -79,6 +79,7 @@ class JobConfig:
     input_format: str = "auto"
     labels_from: str = "auto"
     class_names: str | None = None
+    unknown_labels: str = "error"
     faithfulness: tuple[str, ...] = ()
     faithfulness_steps: int = 16
     smoothgrad_samples: int = 16
@@ -207,6 +208,10 @@ class JobConfig:
             raise ConfigError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}")
         if self.labels_from not in LABELS_FROM:
             raise ConfigError(f"--labels-from must be one of {', '.join(LABELS_FROM)}")
+        from xai_audit.sources.labels import UNKNOWN_LABELS
+
+        if self.unknown_labels not in UNKNOWN_LABELS:
+            raise ConfigError(f"--unknown-labels must be one of {', '.join(UNKNOWN_LABELS)}")
         from xai_workers.faithfulness import METRICS
 
         bad = [m for m in self.faithfulness if m not in METRICS]

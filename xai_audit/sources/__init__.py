@@ -174,7 +174,11 @@ def make_shards(
     larger than ``shard_rows`` is one shard, read as a stream); image shards group files; a tar
     is one shard.
     """
-    return _BY_KIND[plan.kind].make_shards(plan, done or {}, shard_rows)
+    shards, todo = _BY_KIND[plan.kind].make_shards(plan, done or {}, shard_rows)
+    if plan.label_map is not None:  # labels by name: every shard relabels its rows
+        extra = {"label_map": list(plan.label_map), "label_names": list(plan.class_names or ())}
+        shards = [{**sh, **extra} for sh in shards]
+    return shards, todo
 
 
 def read_shard(
@@ -195,9 +199,15 @@ def read_shard(
     one batch: work spreads over the actors and results stream on to the writer), and never more
     than ``BLOCK_BYTES`` of tensors. Rows listed in the shard's ``skip`` ranges (already
     written) are left out; every other row is yielded exactly once, as a tensor or with an error.
+    A shard with a ``label_map`` (labels matched by name) yields model class indices as labels.
     """
-    return _BY_KIND[shard["kind"]].read_shard(
+    blocks = _BY_KIND[shard["kind"]].read_shard(
         shard, preprocessing=preprocessing, id_column=id_column, image_column=image_column,
         label_column=label_column, id_type=id_type, label_type=label_type,
         s3_endpoint=s3_endpoint, block_rows=block_rows,
     )  # fmt: skip
+    if not shard.get("label_map"):
+        return blocks
+    from xai_audit.sources.labels import apply_label_map
+
+    return (apply_label_map(b, shard["label_map"], shard.get("label_names")) for b in blocks)

@@ -51,6 +51,9 @@ class InputPlan:
       (class folders, WebDataset ``cls``/``json``), or None.
     - ``class_names``: names of the classes when the input says them (HF ``ClassLabel``,
       folder names), else None.
+    - ``label_map``: input class index -> model class index (-1: no such class), when labels
+      are matched to the model's class names (:mod:`xai_audit.sources.labels`); None: the
+      labels are the model's indices already.
     """
 
     kind: str
@@ -66,6 +69,9 @@ class InputPlan:
     # WebDataset: (rows whose key an earlier tar already has, ((key, times), ...)), counted
     # while the tars are read for the plan; (0, ()) for other kinds (xai_audit.ids checks those)
     repeated_ids: tuple = (0, ())
+    # input class index -> model class index (xai_audit.sources.labels), None: labels are
+    # already model indices; set by the job once the model's class names are known
+    label_map: tuple[int, ...] | None = None
 
     @property
     def total_rows(self) -> int:
