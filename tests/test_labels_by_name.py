@@ -116,3 +116,22 @@ def test_folder_labels_by_name_through_the_job(ray_session, tmp_path):
         assert r["correct"] == (r["pred_class"] == r["label"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["class_names"]["names"] == list(MODEL_NAMES.values())
+
+
+def test_report_card_names_the_label():
+    """``pred dog (1) · label cat (0) ✗ wrong``: the label by name when the run knows names."""
+    import re
+
+    from xai_audit.report import page as P
+    from xai_audit.report.scan import Gallery
+
+    row = {"id": "cat/0.png", "pred_class": 1, "pred_name": "dog", "pred_prob": 0.5, "label": 0,
+           "target": 1}  # fmt: skip
+    g = Gallery("wrong", "t", "w", ("pred_prob",), lambda c: c)
+    manifest = {"model": {"class_names": {"source": "model", "names": ["cat", "dog"]}}}
+    card = P.card_data(P.Card("wrong", 1, 0.5, row, {"image": "i.png"}), [], g,
+                       P.class_names(manifest))  # fmt: skip
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", P._macro("card", card)))
+    assert "pred dog (1)" in text and "label cat (0)" in text and "✗ wrong" in text
+    unnamed = P.card_data(P.Card("wrong", 1, 0.5, row, {"image": "i.png"}), [], g)
+    assert unnamed["label"]["value"] == "0"  # no names recorded: the index alone

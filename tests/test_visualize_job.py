@@ -197,6 +197,10 @@ def test_report_section_shows_prototypes_first(tmp_path, dataset):
     blocks = tile.reshape(32, 3, 32, 3, 3).mean(axis=(1, 3))
     assert np.abs(blocks - src).mean() < 4, np.abs(blocks - src).mean()
     assert f"p = {row['activation'][0].as_py():.2f}" in page
+    # the model's class names, when the run recorded them, name the classes (issue 22)
+    named = {"model": {"class_names": {"source": "model", "names": ["cat", "dog", "bird"]}}}
+    page = visualization_section(str(out), files_out={}, **{**kw, "manifest": named})
+    assert "class cat (0)<" in page and "class bird (2)<" in page
     # an output without visualizations: no section, no files
     files_out.clear()
     assert visualization_section(str(tmp_path / "none"), files_out=files_out, **kw) == ""

@@ -85,7 +85,7 @@ class VisualizeConfig:
     prior: str | None = None
     prior_weight: float = 0.1
     input: str | None = None
-    id_column: str = "id"
+    id_column: str | None = None
     image_column: str = "image"
     label_column: str | None = None
     image_size: int | None = None
@@ -99,6 +99,9 @@ class VisualizeConfig:
     address: str | None = None
     num_cpus: float | None = None
     progress_interval_s: float = 5.0
+    # set by prepare, not a flag: the one input side the model takes (a ViT's), else None
+    input_size: int | None = None
+    unknown_labels: str = "error"
 
     def validate(self) -> None:
         """ConfigError for a setting that is wrong on its face (no I/O)."""
@@ -139,7 +142,7 @@ class VisualizeConfig:
             steps=self.steps, size=self.size, param=self.param, transforms=self.transforms,
             lr=self.lr, seed=self.seed, octaves=self.octaves, octave_scale=self.octave_scale,
             blur_every=self.blur_every, blur_sigma=self.blur_sigma, grad_norm=self.grad_norm,
-            prior_weight=self.prior_weight,
+            prior_weight=self.prior_weight, input_size=self.input_size,
         )  # fmt: skip
 
 
@@ -338,12 +341,13 @@ def vis_uri(output: str, *parts: str) -> str:
 def prepare(cfg: VisualizeConfig, log: Callable[[str], None] = _log) -> PreparedVis:
     """Every check a configuration mistake can fail, before Ray starts: settings, model,
     objectives against the model's classes and layers (probed at ``--size``), the class-mean
-    priors (a pass over ``--input``), the output (resume / overwrite). Raises ConfigError."""
+    priors (a pass over ``--input``), the output (resume / overwrite). Raises ConfigError.
+    ``--overwrite`` deletes the earlier visualizations last, once everything else has passed."""
     import torch
 
     from xai_workers.hooks import trace_layers
     from xai_workers.models import ModelSpecError, load_model
-    from xai_workers.visualize import expand_objectives
+    from xai_workers.visualize import expand_objectives, required_input_size
 
     cfg.validate()
     try:
@@ -352,10 +356,17 @@ def prepare(cfg: VisualizeConfig, log: Callable[[str], None] = _log) -> Prepared
     except ModelSpecError as e:
         raise ConfigError(f"model: {e}") from None
     pre = loaded.preprocessing
-    try:
-        layers = trace_layers(loaded.module, torch.zeros(1, 3, cfg.size, cfg.size))
-    except Exception as e:  # noqa: BLE001 - a model that cannot take this size
+    try:  # a ViT takes one side only: every image is resampled to it
+        fixed = required_input_size(loaded.module, cfg.size, pre.image_size)
+    except ValueError as e:
         raise ConfigError(f"the model does not run on {cfg.size} px inputs (--size): {e}") from None
+    if fixed is not None:
+        log(f"the model takes {fixed} px inputs only: every image is resampled to {fixed} px")
+    side = fixed or cfg.size
+    try:
+        layers = trace_layers(loaded.module, torch.zeros(1, 3, side, side))
+    except Exception as e:  # noqa: BLE001 - a model that cannot take this size
+        raise ConfigError(f"the model does not run on {side} px inputs (--size): {e}") from None
     usable = {
         i.name: i.output_shape for i in layers
         if i.output_shape is not None and len(i.output_shape) >= 2 and i.calls == 1
@@ -378,7 +389,7 @@ def prepare(cfg: VisualizeConfig, log: Callable[[str], None] = _log) -> Prepared
                 raise ConfigError(f"--objectives: {o.text}: {o.layer} has {shape[1]} channels")
             if o.y is not None and (len(shape) != 4 or o.y >= shape[2] or o.x >= shape[3]):
                 raise ConfigError(
-                    f"--objectives: {o.text}: {o.layer} outputs {shape[2:]} at {cfg.size} px"
+                    f"--objectives: {o.text}: {o.layer} outputs {shape[2:]} at {side} px"
                 )
     texts = [o.text for o in objs]
     dup = sorted({t for t in texts if texts.count(t) > 1}) if len(set(texts)) < len(texts) else []
@@ -387,7 +398,8 @@ def prepare(cfg: VisualizeConfig, log: Callable[[str], None] = _log) -> Prepared
     need = sorted({o.index for o in objs if o.kind == "prototype"})
     if need and cfg.prior is None:
         raise ConfigError("prototype objectives need --prior class-mean and a labelled --input")
-    cfg = VisualizeConfig(**{**asdict(cfg), "mean": tuple(pre.mean), "std": tuple(pre.std)})
+    cfg = VisualizeConfig(**{**asdict(cfg), "mean": tuple(pre.mean), "std": tuple(pre.std),
+                             "input_size": fixed})  # fmt: skip
     settings = {
         "model": cfg.model, "weights": cfg.weights, "model_checksum": loaded.checksum,
         "objectives_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest(),
@@ -399,12 +411,9 @@ def prepare(cfg: VisualizeConfig, log: Callable[[str], None] = _log) -> Prepared
                   "num_classes": loaded.num_classes}  # fmt: skip
 
     manifest, parts = inspect(cfg.output, cfg.s3_endpoint)
-    if manifest is not None or parts:
-        if cfg.overwrite:
-            log(f"--overwrite: removing the earlier visualizations in {vis_uri(cfg.output)}")
-            remove(cfg.output, cfg.s3_endpoint)
-            manifest, parts = None, []
-        elif cfg.resume:
+    replace = (manifest is not None or parts) and cfg.overwrite
+    if (manifest is not None or parts) and not replace:
+        if cfg.resume:
             if manifest is None:
                 raise ConfigError(f"{vis_uri(cfg.output)} has parts but no manifest.json; "
                                   "use --overwrite or another output")  # fmt: skip
@@ -421,20 +430,37 @@ def prepare(cfg: VisualizeConfig, log: Callable[[str], None] = _log) -> Prepared
     out.check_writable(vis_uri(cfg.output), cfg.s3_endpoint)
     priors = prior_info = None
     if need:
-        priors, prior_info = class_mean_priors(cfg, need, log)
+        names = getattr(loaded, "class_names", None)
+        names = [str(c) for c in names] if names and len(names) == loaded.num_classes else None
+        priors, prior_info = class_mean_priors(cfg, need, log, model_names=names)
+    if replace:  # last: a mistake found above leaves the earlier visualizations as they were
+        log(f"--overwrite: removing the earlier visualizations in {vis_uri(cfg.output)}")
+        remove(cfg.output, cfg.s3_endpoint)
+        manifest, parts = None, []
     return PreparedVis(cfg, objs, settings, model_info, priors, prior_info, manifest, parts)
 
 
-def class_mean_priors(cfg: VisualizeConfig, classes: Sequence[int], log) -> tuple[dict, dict]:
+def class_mean_priors(
+    cfg: VisualizeConfig, classes: Sequence[int], log, model_names: list[str] | None = None
+) -> tuple[dict, dict]:
     """Class mean images (3, S, S) float32 in [0, 1] of ``classes`` from a pass over --input
     (resize and centre crop to --size, like the job's preprocessing); rows that cannot be read
-    are counted and left out. ConfigError if a class has no image."""
+    are counted and left out. ConfigError if a class has no image.
+
+    ``--input`` takes every form ``run`` does (``xai_audit.sources``: Parquet with or without
+    an id column, Hugging Face Parquet, class folders, WebDataset); when the input and the model
+    (``model_names``) both name their classes, labels are matched by name
+    (``xai_audit.sources.labels``)."""
     from xai_audit import sources
+    from xai_audit.sources.labels import labels_by_name
     from xai_workers.preprocess import Preprocessing
 
     plan = sources.discover(cfg.input, id_column=cfg.id_column, image_column=cfg.image_column,
                             label_column=cfg.label_column, need_label=True,
                             s3_endpoint=cfg.s3_endpoint)  # fmt: skip
+    if model_names:
+        plan = labels_by_name(plan, {"source": "model", "names": model_names},
+                              unknown=cfg.unknown_labels, log=log)  # fmt: skip
     pre = Preprocessing(image_size=cfg.size, mean=cfg.mean, std=cfg.std)
     s = cfg.size
     sums = {c: np.zeros((3, s, s), dtype=np.float64) for c in classes}
@@ -624,6 +650,7 @@ def run_visualize(
     missing = final.missing({SOURCE: n})
     complete = missing == 0 and final.duplicates == 0 and not final.unreadable
     status = "complete" if complete else "incomplete"
+    all_failed = n > 0 and final.rows > 0 and final.ok == 0
     wall, pipe_s = time.monotonic() - t_start, t_pipe_end - t_pipe
     computed = max(0, final.rows - before)
     rate = computed / pipe_s if pipe_s > 0 and computed else None
@@ -639,13 +666,34 @@ def run_visualize(
     )  # fmt: skip
     if not complete:
         manifest["error"] = f"{missing} objectives missing, {final.duplicates} duplicated"
+    elif all_failed:  # every row written is an error row: nothing to show, a failed run
+        manifest["error"] = f"all {final.rows} objectives failed: {_first_error(parts_uri, cfg)}"
     out.write_json(manifest_uri, manifest, cfg.s3_endpoint)
     summary = (
         f"{status}: {final.rows}/{n} objectives ({final.ok} ok, {final.error} errors) in "
         f"{_hms(wall)}, {f'{rate:.3f} objectives/s' if rate else 'nothing to do'} -> "
         f"{vis_uri(cfg.output)}"
     )
-    return VisResult(EXIT_OK if complete else EXIT_FAILED, status, manifest, summary)
+    if all_failed:
+        summary += f"\n{manifest['error']}"
+    code = EXIT_OK if complete and not all_failed else EXIT_FAILED
+    return VisResult(code, status, manifest, summary)
+
+
+def _first_error(parts_uri: str, cfg: VisualizeConfig) -> str:
+    """The error message of the first error row written (for the summary line)."""
+    import pyarrow.parquet as pq
+
+    try:
+        fs, _ = out._fs(parts_uri, cfg.s3_endpoint)
+        for path in sorted(out.list_files(parts_uri, cfg.s3_endpoint)):
+            with fs.open_input_file(path) as f:
+                errors = [e for e in pq.read_table(f, columns=["error"])["error"].to_pylist() if e]
+            if errors:
+                return errors[0][:500]
+    except Exception as e:  # noqa: BLE001 - only a detail of the message
+        return f"(error rows unreadable: {type(e).__name__})"
+    return "(no message)"
 
 
 def _run_pipeline(items, res, worker_kwargs, parts_uri, png_dir, cfg, progress) -> None:
@@ -707,7 +755,7 @@ FLAGS = (
     ("--prior", str, "NAME", "class-mean: prototypes are pulled towards their class's mean image"),
     ("--prior-weight", float, "W", "weight of the prior's MSE (default 0.1)"),
     ("--input", str, "URI", "labelled dataset for --prior class-mean (same forms as run)"),
-    ("--id-column", str, "NAME", "id column of a Parquet input (default id)"),
+    ("--id-column", str, "NAME", "id column of a Parquet input (default: id when present)"),
     ("--image-column", str, "NAME", "image column of a Parquet input (default image)"),
     ("--label-column", str, "NAME", "label column (default: 'label')"),
     ("--image-size", int, "S", "the model's input size (default: the model's, 224)"),

@@ -317,7 +317,9 @@ def _pick(values: Sequence, u: np.ndarray) -> np.ndarray:
     return vals[np.minimum((u * len(vals)).astype(np.int64), len(vals) - 1)]
 
 
-def _geometry(transforms: tuple, draws: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _geometry(
+    transforms: tuple, draws: np.ndarray, size: int, out_side: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Each image's transforms as one affine map, Lucid's chain semantics (the image's side
     changes along the chain as in Lucid's ``standard_transforms``):
 
@@ -328,10 +330,13 @@ def _geometry(transforms: tuple, draws: np.ndarray, size: int) -> tuple[np.ndarr
       as torchvision's ``rotate``).
 
     ``draws`` (..., n_draws) float64 uniforms in [0, 1) (``_draws_per_step`` per image and step).
+    ``out_side``: a model that takes only one input side (a ViT's fixed patch grid) gets every
+    image resized to it as the chain's last step (one more ``scale``, folded into the same map).
+
     Returns ``theta`` (..., 2, 3) float64, ``F.affine_grid``'s matrix (align_corners=False) from
     the output (side x side) to the input (size x size), and ``side`` (...) int64, the output side
-    of each image. Works in pixel units centred on the image: the source point of output point
-    ``u`` is ``A u + b``.
+    of each image (``out_side`` everywhere when given). Works in pixel units centred on the
+    image: the source point of output point ``u`` is ``A u + b``.
     """
     shape = draws.shape[:-1]
     a = np.broadcast_to(np.eye(2), (*shape, 2, 2)).copy()
@@ -367,6 +372,9 @@ def _geometry(transforms: tuple, draws: np.ndarray, size: int) -> tuple[np.ndarr
             raise ValueError(f"unknown transform {name!r}")
         if (side < 1).any():
             raise ValueError(f"transforms leave no image (side {int(side.min())})")
+    if out_side is not None:  # resize to the side the model requires
+        a = a * (side / out_side)[..., None, None]
+        side = np.full(shape, int(out_side), dtype=np.int64)
     theta = np.concatenate([a * (side / size)[..., None, None], (b * 2.0 / size)[..., None]], -1)
     return theta, side
 
@@ -511,6 +519,7 @@ def visualize(
     l2_weight: float = 0.0,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
+    input_size: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Optimise one image per objective with Adam (``lr``), ``steps`` steps, in batches.
 
@@ -534,6 +543,10 @@ def visualize(
         l2_weight: adds ``l2_weight / 2 * ||image - 0.5||^2`` (sum over pixels) to every loss.
         batch_size: objectives per optimisation batch, in the given order (None: all at once).
         device: where to optimise (default: the model's parameters' device, else CPU).
+        input_size: the only input side the model takes (vision transformers with a fixed patch
+            grid; :func:`required_input_size` finds it), or None (any side). Every image the
+            model sees is resampled to it: transformed images as the last step of their chain
+            (:func:`_geometry`), untransformed ones bilinearly (antialiased when shrinking).
 
     Returns a dict:
         ``images`` float32 (N, 3, S, S) in [0, 1] pixel space; ``activation`` float32 (N,): the
@@ -549,6 +562,8 @@ def visualize(
         raise ValueError("no objectives given")
     if param not in PARAMS:
         raise ValueError(f"param must be one of {', '.join(PARAMS)}; got {param!r}")
+    if input_size is not None and input_size < 1:
+        raise ValueError(f"input_size must be >= 1, got {input_size}")
     if steps < 1 or size < 1 or octaves < 1 or lr <= 0:
         raise ValueError("steps, size and octaves must be >= 1 and lr > 0")
     if octaves > 1 and not octave_scale > 1:
@@ -562,6 +577,7 @@ def visualize(
     st = _Settings(
         steps, size, param, tf, float(lr), int(seed), tuple(mean), tuple(std), decorrelate,
         blur_every, blur_sigma, grad_norm, octaves, octave_scale, prior_weight, l2_weight,
+        input_size,
     )  # fmt: skip
     bs = batch_size or len(objs)
     results = []
@@ -613,6 +629,7 @@ class _Settings:
     octave_scale: float
     prior_weight: float
     l2_weight: float
+    input_size: int | None = None
 
 
 def _optimise(
@@ -654,6 +671,10 @@ def _optimise(
             """The values of objectives ``rows`` (sorted ints) on their images ``x``."""
             for store in stores.values():
                 store["calls"] = 0
+            fixed = st.input_size
+            if fixed is not None and x.shape[-1] != fixed:  # untransformed: resize to the model's
+                x = F.interpolate(x, size=(fixed, fixed), mode="bilinear", align_corners=False,
+                                  antialias=x.shape[-1] > fixed)  # fmt: skip
             # channels_last changes no value and is the fastest layout for convolutions
             inp = ((x - m) / s).contiguous(memory_format=torch.channels_last)
             logits = None
@@ -704,7 +725,9 @@ def _optimise(
                     image.set_pre(pre)
             opt = torch.optim.Adam([image.p], lr=st.lr)
             # every step's geometry of this octave at once: (per[o], N, 2, 3), (per[o], N)
-            theta, sides = _geometry(tf, draws[step : step + per[o], :, :nd].numpy(), side)
+            theta, sides = _geometry(
+                tf, draws[step : step + per[o], :, :nd].numpy(), side, st.input_size
+            )
             for t in range(per[o]):
                 pixels = image.pixels()
                 values = transformed_values(pixels, theta[t], sides[t])
@@ -740,6 +763,37 @@ def _optimise(
         "activation": values.detach().float().cpu(),
         "loss_curve": curve.cpu(),
     }
+
+
+# ---- the model's input side ----------------------------------------------------------------
+
+
+def required_input_size(model: nn.Module, size: int, own_size: int | None = None) -> int | None:
+    """The one input side ``model`` takes, or None when it takes any.
+
+    Runs the model (no gradients) on (1, 3, s, s) zero images at the visualization's ``size``,
+    at ``size + 7`` (a side the transforms produce: ``lucid`` ends between 0.97 and 1.2 times
+    ``size``) and at the model's ``own_size`` (its preprocessing's image size). When it runs on
+    all: None. Otherwise the model has a fixed input (a ViT's patch grid: "Input height (216)
+    doesn't match model (224)"): ``own_size`` when it runs there, else ``size``. ValueError
+    when it runs on none, naming the first error."""
+    sides = [size, size + 7] + ([own_size] if own_size else [])
+    ok, first_error = set(), None
+    with _frozen(model), torch.no_grad():
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+        for side in dict.fromkeys(sides):
+            try:
+                model(torch.zeros(1, 3, side, side, device=device))
+                ok.add(side)
+            except Exception as e:  # noqa: BLE001 - any failure means "not this side"
+                first_error = first_error or f"{side} px: {type(e).__name__}: {e}"
+    if first_error is None:
+        return None
+    for side in (own_size, size):
+        if side in ok:
+            return side
+    raise ValueError(f"the model runs on none of the sides {sorted(set(sides))} ({first_error})")
 
 
 # ---- class mean images ---------------------------------------------------------------------

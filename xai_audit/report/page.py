@@ -306,15 +306,25 @@ def class_maps_data(cm: dict, manifest: dict | None = None) -> dict:
     }
 
 
-def card_data(card: Card, methods: list[str], gallery: Gallery) -> dict:
+def class_names(manifest: dict | None) -> list[str] | None:
+    """The model's class names the run recorded (index order), or None."""
+    names = (((manifest or {}).get("model") or {}).get("class_names") or {}).get("names")
+    return list(names) if names else None
+
+
+def card_data(
+    card: Card, methods: list[str], gallery: Gallery, names: list[str] | None = None
+) -> dict:
     """One gallery card: header (rank, prediction, label, id), a 4-column grid (image and one
     column per method): overlays, |map - median| views, the statistics under their method, and
-    the rank agreements. ``hot``: the gallery ranks by that number."""
+    the rank agreements. ``hot``: the gallery ranks by that number. ``names``: the model's class
+    names (:func:`class_names`), so that an integer label reads ``cat (0)``."""
     r = card.row
     pred, label, prob = r.get("pred_class"), r.get("label"), r.get("pred_prob")
     verdict = None
     if label is not None and isinstance(label, int):
-        verdict = {"value": _text(label), "correct": label == pred}
+        known = names is not None and 0 <= label < len(names)
+        verdict = {"value": _cls(label, names[label] if known else None), "correct": label == pred}
     target, tname = r.get("target"), r.get("target_name")
     if isinstance(target, (list, tuple)):
         first = _cls(_first(target), _first(tname) if isinstance(tname, list) else None)
@@ -330,7 +340,7 @@ def card_data(card: Card, methods: list[str], gallery: Gallery) -> dict:
 
     stats = [stat("pred_prob", "prob", _num(prob))]
     if label is not None:
-        stats.append(stat("label", "label", _text(label)))
+        stats.append(stat("label", "label", verdict["value"] if verdict else _text(label)))
     cols = []
     for m in methods:
         ov, dev = card.tiles.get(m, (None, None))
@@ -468,7 +478,9 @@ def page_data(
                 "key": g.key,
                 "title": g.title,
                 "what": g.what,
-                "cards": [card_data(c, methods, g) for c in cards.get(g.key) or []],
+                "cards": [
+                    card_data(c, methods, g, class_names(manifest)) for c in cards.get(g.key) or []
+                ],
             }
             for g in galleries
         ],  # fmt: skip

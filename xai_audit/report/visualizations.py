@@ -110,8 +110,12 @@ def visualization_data(
     for (c, _), p in zip(flat, pictures, strict=True):
         if p is not None:
             by_class[c].append(p)
+    from xai_audit.report.page import _cls, class_names
+
+    names = class_names(manifest) or []
     rows = []
     for c in classes:
+        label = _cls(c, names[c] if 0 <= c < len(names) else None)  # "cat (0)", or "0"
         v = vis[c]
         with Image.open(io.BytesIO(v["image"])) as im:
             pixels = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
@@ -128,13 +132,13 @@ def visualization_data(
             if t:
                 cells.append({"src": t, "alt": f"class {c} mean {m}",
                               "title": f"mean {TITLES.get(m, m)}",
-                              "note": f"predicted {c}"})  # fmt: skip
+                              "note": f"predicted {label}"})  # fmt: skip
         for k, p in enumerate(by_class[c]):
             rn = f"img/vis-{c}-real{k}.png"
             files_out[rn] = picture_tile(p, tile)
-            cells.append({"src": rn, "alt": f"an image of class {c}", "title": f"a real {c}",
-                          "note": ""})  # fmt: skip
-        rows.append({"cls": c, "cells": cells})
+            cells.append({"src": rn, "alt": f"an image of class {label}",
+                          "title": f"a real {label}", "note": ""})  # fmt: skip
+        rows.append({"cls": label, "cells": cells})
     return {"root": root, "rows": rows}
 
 

@@ -148,4 +148,3 @@ def apply_label_map(block: pa.Table, label_map, names=None) -> pa.Table:
     i_err = block.column_names.index("error")
     block = block.set_column(i_label, "label", pa.array(labels, block.schema.field("label").type))
     return block.set_column(i_err, "error", pa.array(errors, pa.string()))
-
