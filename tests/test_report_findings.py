@@ -186,3 +186,48 @@ def test_which_method_is_faithful_section_and_gallery(tmp_path):
     methods = ("saliency", "integrated_gradients", "gradcam")
     gaps = [max(r[f"{m}_deletion_auc"] - r["random_deletion_auc"] for m in methods) for r in rows]
     assert len(rows) == 3 and gaps == sorted(gaps, reverse=True)  # largest gap first
+
+
+def _labelled(pred, label) -> pa.Table:
+    pred, label = np.asarray(pred, np.int64), np.asarray(label, np.int64)
+    return SM.Summary().update({
+        "status": np.array(["ok"] * len(pred)), "pred_class": pred, "target": pred,
+        "label": label, "gradcam_border_frac": np.full(len(pred), 0.2),
+    }).to_table()  # fmt: skip
+
+
+def test_collapsed_predictions_and_never_predicted_classes_are_findings():
+    """The case a user met (issue 22): one class predicted for 24 of 24 rows, three balanced
+    label classes, accuracy 33%: the box said "Nothing stands out"."""
+    s = _labelled(np.zeros(24), np.repeat([0, 1, 2], 8))
+    manifest = {"model": {"class_names": {"names": ["cat", "dog", "bird"]}}}
+    box = R._findings(s, R.standouts(s), manifest)
+    assert 'class="findings calm"' not in box and "What stands out" in box
+    assert "One class predicted" in box and "100.0%" in box and "cat (0)" in box
+    assert "Never predicted" in box and "dog (1), bird (2)" in box
+    # accuracy 33.3% equals the majority rate (33.3%): not "below the majority rate"
+    assert "majority rate" not in box
+    # the same predictions without labels: said, not a finding (a one-class input is fine)
+    s = _summary(24, [0], 0.2)
+    box = R._findings(s, R.standouts(s))
+    assert 'class="findings calm"' in box and "no labels to compare with" in box
+    # labels that are themselves one class: predicting it is no finding
+    s = _labelled(np.zeros(24), np.zeros(24))
+    assert 'class="findings calm"' in R._findings(s, R.standouts(s))
+
+
+def test_accuracy_far_below_the_majority_rate_is_a_finding():
+    # 20 rows, 15 labelled 0 and 5 labelled 1; every prediction wrong but two: 10% accuracy,
+    # majority rate 75%; both classes are predicted, nothing collapsed
+    label = np.array([0] * 15 + [1] * 5)
+    pred = 1 - label
+    pred[:2] = 0
+    s = _labelled(pred, label)
+    box = R._findings(s, R.standouts(s))
+    assert "Accuracy below the majority rate" in box and "10.0%" in box and "75.0%" in box
+    assert "Never predicted" not in box and "One class predicted" not in box
+    # 70% against a 75% majority: within ACCURACY_BELOW_MAJORITY (10 points), not a finding
+    pred = label.copy()
+    pred[:6] = 1
+    s = _labelled(pred, label)
+    assert 'class="findings calm"' in R._findings(s, R.standouts(s))

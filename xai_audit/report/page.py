@@ -185,6 +185,39 @@ def _adaptive_ig_items(all_row: dict) -> list[str]:
     return [_macro("finding", f) for f in _adaptive_ig_findings(all_row)]
 
 
+def _prediction_items(summary: pa.Table, manifest: dict | None) -> list[dict]:
+    """Findings box lines about the prediction distribution (:func:`scan.prediction_findings`):
+    a collapsed distribution, label classes never predicted, accuracy below the majority rate."""
+    from xai_audit.report.scan import prediction_findings
+
+    p = prediction_findings(summary)
+    names = class_names(manifest) or []
+
+    def cls(c):
+        return _cls(c, names[c] if c is not None and 0 <= c < len(names) else None)
+
+    items = []
+    if p["collapsed"]:
+        items.append({"kind": "collapsed", "hot": p["collapse_hot"], "cls": cls(p["top_class"]),
+                      "share": _pct(p["top_share"]), "rows": f"{p['rows']:,}",
+                      "labels": p["majority_share"] is not None,
+                      "majority": _pct(p["majority_share"])})  # fmt: skip
+    if p["never_predicted"]:
+        items.append({"kind": "never_predicted", "hot": True,
+                      "classes": [cls(c) for c in p["never_predicted"]]})  # fmt: skip
+    if p["below_majority"]:
+        items.append(
+            {
+                "kind": "below_majority",
+                "hot": True,
+                "accuracy": _pct(p["accuracy"]),
+                "majority": _pct(p["majority_share"]),
+                "cls": cls(p["majority_class"]),
+            }
+        )
+    return items
+
+
 def findings_data(
     summary: pa.Table, stand: list[dict], manifest: dict | None = None, errors: dict | None = None
 ) -> dict:
@@ -193,7 +226,8 @@ def findings_data(
 
     Findings: a class whose maps put much mass in the border (:func:`standouts`: absolute or
     relative to the other classes), error rows above ERROR_SHARE_FINDING of all rows, an IG
-    completeness error p95 above IG_ERROR_FINDING, a network with random weights."""
+    completeness error p95 above IG_ERROR_FINDING, a network with random weights, and the
+    prediction distribution (:func:`_prediction_items`)."""
     all_row = (_rows(summary, "all") or [{}])[0]
     cfg = (manifest or {}).get("config") or {}
     names = {r["class"]: r.get("name") for r in _rows(summary, map_group(summary))}
@@ -225,6 +259,8 @@ def findings_data(
     if acc is not None:
         items.append({"kind": "accuracy", "hot": False, "accuracy": _pct(acc),
                       "labeled": f"{all_row.get('labeled', 0):,}"})  # fmt: skip
+    for f in _prediction_items(summary, manifest):
+        (hot if f["hot"] else items).append(f)
     p50, p95 = all_row.get("ig_rel_error_p50"), all_row.get("ig_rel_error_p95")
     if p50 is not None:
         f = {"kind": "ig_error", "hot": p95 is not None and p95 > IG_ERROR_FINDING,

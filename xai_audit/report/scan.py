@@ -42,6 +42,18 @@ ERROR_SHARE_FINDING = 0.01
 ERRORS_LISTED = 100
 #: IG completeness error (95th percentile) above this is a finding.
 IG_ERROR_FINDING = 0.1
+#: Predictions (:func:`prediction_findings`), with at least PREDICTION_MIN_ROWS ok rows: one
+#: class predicted for at least this share of the rows is a collapsed prediction distribution
+#: (a finding when the labels are spread: their commonest class holds less than this share;
+#: without labels it is only said)...
+PRED_COLLAPSE_SHARE = 0.9
+PREDICTION_MIN_ROWS = 10
+#: ...a label class with at least this many ok rows that the model never predicts is a finding
+#: (every such class is listed)...
+NEVER_PREDICTED_MIN_ROWS = 3
+#: ...and so is accuracy more than this below the majority rate (the share of the commonest
+#: label: what always answering that class scores).
+ACCURACY_BELOW_MAJORITY = 0.1
 METHODS = (
     "saliency", "integrated_gradients", "gradcam", "cam", "gradcam_pp", "xgradcam", "layercam",
     "eigencam", "smoothgrad", "smoothgrad_sq", "vargrad",
@@ -483,6 +495,47 @@ def standouts(summary: pa.Table) -> list[dict]:
                             "ratio": ratio, "absolute": absolute})  # fmt: skip
     key = lambda d: (-(d["ratio"] if math.isfinite(d["ratio"]) else 0), -d["value"])  # noqa: E731
     return sorted(out, key=lambda d: (*key(d), d["class"], d["method"]))
+
+
+def prediction_findings(summary: pa.Table) -> dict:
+    """What the prediction distribution says, from the summary's ``pred_class`` and ``label``
+    rows (ok rows only): ``rows``; ``top_class``, ``top_share`` (the commonest prediction and its
+    share); ``labeled``, ``majority_class``, ``majority_share`` (the commonest label and its
+    share among labelled rows; None without labels), ``accuracy``; ``collapsed``
+    (``top_share >= PRED_COLLAPSE_SHARE``, PREDICTION_MIN_ROWS rows or more), ``collapse_hot``
+    (collapsed while the labels are spread), ``never_predicted`` (label classes with
+    NEVER_PREDICTED_MIN_ROWS ok rows or more that no row is predicted as, sorted),
+    ``below_majority`` (accuracy more than ACCURACY_BELOW_MAJORITY below the majority share,
+    PREDICTION_MIN_ROWS labelled rows or more)."""
+    preds = {r["class"]: r["count"] or 0 for r in _rows(summary, "pred_class")}
+    labels = {r["class"]: r["count"] or 0 for r in _rows(summary, "label")}
+    n = sum(preds.values())
+    out = {"rows": n, "top_class": None, "top_share": None, "labeled": None,
+           "majority_class": None, "majority_share": None, "accuracy": None, "collapsed": False,
+           "collapse_hot": False, "never_predicted": [], "below_majority": False}  # fmt: skip
+    if n == 0:
+        return out
+    top = min(preds, key=lambda c: (-preds[c], c))
+    out.update(top_class=top, top_share=preds[top] / n)
+    out["collapsed"] = n >= PREDICTION_MIN_ROWS and out["top_share"] >= PRED_COLLAPSE_SHARE
+    all_row = (_rows(summary, "all") or [{}])[0]
+    labeled = all_row.get("labeled") or 0
+    if not labels or not labeled:
+        return out
+    maj = min(labels, key=lambda c: (-labels[c], c))
+    m_share = labels[maj] / max(1, sum(labels.values()))
+    acc = all_row.get("accuracy")
+    out.update(labeled=labeled, majority_class=maj, majority_share=m_share, accuracy=acc)
+    out["collapse_hot"] = out["collapsed"] and m_share < PRED_COLLAPSE_SHARE
+    out["never_predicted"] = sorted(
+        c for c, k in labels.items() if k >= NEVER_PREDICTED_MIN_ROWS and not preds.get(c)
+    )
+    out["below_majority"] = (
+        acc is not None
+        and labeled >= PREDICTION_MIN_ROWS
+        and acc < m_share - ACCURACY_BELOW_MAJORITY
+    )
+    return out
 
 
 def _class_maps(summary: pa.Table, max_classes: int, files_out: dict) -> dict:
