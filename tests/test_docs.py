@@ -24,10 +24,21 @@ def _section(text: str, title: str) -> str:
     return text[start : end if end > 0 else None]
 
 
+def _commands() -> list[str]:
+    """README's two set-up commands (the command lines of its first bash block)."""
+    block = re.search(r"```bash\n(.*?)```", _readme(), re.S).group(1)
+    return [ln for ln in block.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
 def _extras_of_command_1() -> set[str]:
-    first = next(ln for ln in _readme().splitlines() if "xai-audit demo" in ln and "pip" in ln)
+    first = _commands()[0]
+    assert "xai-audit demo" in first, first
     for part in first.split("&&"):
         words = shlex.split(part)
+        if words[:1] == [
+            "scripts/install.sh"
+        ]:  # scripts/install.sh EXTRAS: pip install -e .[EXTRAS]
+            return set(filter(None, (words[1] if len(words) > 1 else "").split(",")))
         if "install" in words and "-e" in words:
             spec = words[words.index("-e") + 1]
             m = re.fullmatch(r"\.(?:\[(.*)\])?", spec)
@@ -69,3 +80,17 @@ def test_relative_links_resolve():
         if "CONVENTIONS.md" in text:  # the team's copy outside the repository
             broken.append(f"{doc.relative_to(ROOT)} names CONVENTIONS.md, not docs/conventions.md")
     assert not broken, broken
+
+
+def test_ci_runs_command_2_verbatim():
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert _commands()[1] in ci.splitlines(), (_commands()[1], ci)
+
+
+def test_commands_pick_the_torch_build_for_the_machine():
+    """Neither command installs torch with a bare `pip install` (which on a CPU-only machine
+    brings 3+ GB of CUDA libraries): both go through scripts/install.sh, which picks the index
+    (tests/test_install_script.py)."""
+    for cmd in _commands():
+        assert cmd.startswith("scripts/install.sh "), cmd
+        assert "pip install" not in cmd, cmd
