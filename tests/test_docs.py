@@ -94,3 +94,18 @@ def test_commands_pick_the_torch_build_for_the_machine():
     for cmd in _commands():
         assert cmd.startswith("scripts/install.sh "), cmd
         assert "pip install" not in cmd, cmd
+
+
+def test_every_flag_of_every_command_says_what_it_does():
+    """`xai-audit <command> --help` describes each flag (issue 22: `layers --help` listed bare
+    flags)."""
+    import argparse
+
+    from xai_audit import cli
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bare = {
+        name: [a.option_strings or [a.dest] for a in p._actions if not a.help]
+        for name, p in sub.choices.items()
+    }
+    assert "layers" in bare and not any(bare.values()), bare

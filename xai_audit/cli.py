@@ -135,12 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     p_run = sub.add_parser("run", help="explain a dataset (Parquet/images, local or S3)")
     _add_run_flags(p_run)
     p_layers = sub.add_parser("layers", help="list a model's layers and output shapes")
-    p_layers.add_argument("--model", required=True, metavar="SPEC")
-    p_layers.add_argument("--weights", metavar="URI")
-    p_layers.add_argument("--image-size", type=int, metavar="S")
+    p_layers.add_argument("--model", required=True, metavar="SPEC",
+                          help="as for run: torchvision:<arch> | timm:<name> | hf:<folder or "
+                          "repo id> | torchscript:<uri> | <module>:<callable>")  # fmt: skip
+    p_layers.add_argument("--weights", metavar="URI",
+                          help="state_dict (local or s3://), a torchvision weights name, or "
+                          "'random' (seeded by --seed)")  # fmt: skip
+    p_layers.add_argument("--image-size", type=int, metavar="S",
+                          help="side of the probe image the shapes are traced with (default: "
+                          "the model's own, else 224)")  # fmt: skip
     p_layers.add_argument("--seed", type=int, default=0, metavar="N",
                           help="seed of --weights random (default 0)")  # fmt: skip
-    p_layers.add_argument("--s3-endpoint", metavar="URL")
+    p_layers.add_argument("--s3-endpoint", metavar="URL",
+                          help="S3-compatible endpoint (default $AWS_ENDPOINT_URL, "
+                          "else AWS)")  # fmt: skip
     p_demo = sub.add_parser(
         "demo",
         help="run the whole job on the built-in digits demo (trains its model in seconds)",

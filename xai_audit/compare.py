@@ -195,10 +195,17 @@ def add_subcommand(subparsers) -> None:
         "border share, IG completeness, and how far the mean maps moved. Writes "
         "comparison.parquet and index.html to --dest (default OUT_B/compare).",
     )
-    p.add_argument("out_a", metavar="OUT_A")
-    p.add_argument("out_b", metavar="OUT_B")
-    p.add_argument("--dest", metavar="URI", default=None)
-    p.add_argument("--s3-endpoint", metavar="URL", default=None)
+    p.add_argument("out_a", metavar="OUT_A", help="the first run's output folder or s3:// prefix")
+    p.add_argument("out_b", metavar="OUT_B", help="the second run's output folder or s3:// prefix")
+    p.add_argument("--dest", metavar="URI", default=None,
+                   help="where to write comparison.parquet and index.html "
+                   "(default OUT_B/compare)")  # fmt: skip
+    p.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        default=None,
+        help="S3-compatible endpoint (default $AWS_ENDPOINT_URL, else AWS)",
+    )
     p.set_defaults(handler=_main)
 
 

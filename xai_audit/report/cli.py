@@ -30,7 +30,12 @@ def add_subcommands(subparsers) -> None:
         "reads the attribution files only where a partial is missing.",
     )
     p.add_argument("output", metavar="OUTPUT", help="the run's --output (folder or s3:// prefix)")
-    p.add_argument("--s3-endpoint", metavar="URL", default=None)
+    p.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        default=None,
+        help="S3-compatible endpoint (default $AWS_ENDPOINT_URL, else AWS)",
+    )
     p.add_argument("--recompute", action="store_true", help="ignore the partials, read every part")
     p.set_defaults(handler=summarize_main)
 
@@ -53,7 +58,12 @@ def add_subcommands(subparsers) -> None:
     r.add_argument("--visualizations", metavar="URI", default=None,
                    help="an `xai-audit visualize --output` whose prototypes to show (default: "
                    "OUTPUT itself, when it holds visualizations/)")  # fmt: skip
-    r.add_argument("--s3-endpoint", metavar="URL", default=None)
+    r.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        default=None,
+        help="S3-compatible endpoint (default $AWS_ENDPOINT_URL, else AWS)",
+    )
     r.set_defaults(handler=report_main)
 
 
