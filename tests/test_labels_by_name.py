@@ -116,6 +116,8 @@ def test_folder_labels_by_name_through_the_job(ray_session, tmp_path):
         assert r["correct"] == (r["pred_class"] == r["label"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["class_names"]["names"] == list(MODEL_NAMES.values())
+    # Golden_Retriever, cat, dog, zebra -> golden retriever (2), cat (0), dog (1), none (-1)
+    assert manifest["input"]["label_map"] == manifest["settings"]["label_map"] == [2, 0, 1, -1]
 
 
 def test_report_card_names_the_label():

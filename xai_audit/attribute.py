@@ -474,6 +474,8 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
             f"{layout.map_size}x{layout.map_size}")  # fmt: skip
     cfg = dataclasses.replace(cfg, map_size=layout.map_size)
     settings = {**cfg.result_settings(), "model_checksum": loaded.checksum}
+    if plan.label_map is not None:  # labels by name: a run with other labels is not resumable
+        settings["label_map"] = list(plan.label_map)
     from xai_workers.schema import output_schema
 
     schema = output_schema(layout)

@@ -95,6 +95,8 @@ class InputPlan:
             "image_kind": self.image_kind,
             "label_column": self.label_column,
             "class_names": len(self.class_names) if self.class_names else None,
+            # input class index -> model class index, when labels are matched by name
+            "label_map": list(self.label_map) if self.label_map is not None else None,
             "fingerprint": self.fingerprint(),
             # rows per file: what --incremental compares a later input with
             "sources": {s.rel: s.rows for s in self.sources},
