@@ -209,11 +209,10 @@ def test_merge_is_exact_and_order_free(rows):
 
 
 @pytest.mark.parametrize("target_is_label", [False, True])
-def test_partial_round_trip_restores_the_target_rows(tmp_path, target_is_label):
-    """A partial read back gives the summary of its rows exactly (maps: float32 sums), whether
-    its target rows were left out as copies of the predictions or kept; written with
-    write_partial (no dictionaries on floats, BYTE_STREAM_SPLIT, zstd), it is at least a
-    quarter smaller than the partial as written before (all keys, pyarrow's defaults)."""
+def test_partial_round_trip_is_exact_and_smaller(tmp_path, target_is_label):
+    """A partial written by write_partial and read back gives the summary of its rows exactly
+    (maps: float32 sums); with no dictionaries on floats, BYTE_STREAM_SPLIT and zstd it is at
+    least a quarter smaller than the same table with pyarrow's defaults (as written before)."""
     # 32 px maps: pooled to 32x32 unchanged, as noisy as real maps (12 px ones, upsampled,
     # repeat values and compress well either way)
     rows = make_rows(120, seed=2, size=32, target_is_label=target_is_label)
@@ -232,11 +231,9 @@ def test_partial_round_trip_restores_the_target_rows(tmp_path, target_is_label):
                                        equal_nan=True)  # fmt: skip
         else:
             assert y.to_pylist() == x.to_pylist(), name
-    if not target_is_label:
-        plain = io.BytesIO()
-        whole._target_copies_pred = lambda: None  # the partial as it was written before
-        pq.write_table(whole.to_partial(), plain)
-        assert os.path.getsize(uri) < 0.75 * len(plain.getvalue())
+    plain = io.BytesIO()
+    pq.write_table(whole.to_partial(), plain)
+    assert os.path.getsize(uri) < 0.75 * len(plain.getvalue())
 
 
 def test_maps_are_grouped_by_the_class_they_explain():
@@ -263,11 +260,8 @@ def test_maps_are_grouped_by_the_class_they_explain():
 
 def test_partial_is_small_and_sparse(rows):
     part = SM.summarize_table(rows)
-    # one row per key: all + 5 predicted + 5 labels; the 5 targets repeat the predictions
-    # (--target predicted), so they are left out and restored on reading; only nonzero bins
-    assert part.num_rows == 11 and part.schema.metadata[b"target_as"] == b"pred_class"
-    full = SM.summarize_table(make_rows(120, seed=1, target_is_label=True))
-    assert full.num_rows == 16 and b"target_as" not in full.schema.metadata
+    # one row per key: all + 5 predicted + 5 labels + 5 targets; only nonzero histogram bins
+    assert part.num_rows == 16
     bins = part["gradcam_gini__bins"].to_pylist()
     assert sum(len(b) for b in bins) <= 3 * rows.num_rows
     assert part.schema.metadata[b"xai_workers.summary_version"] == SM.SUMMARY_VERSION.encode()
