@@ -193,3 +193,22 @@ def test_overwrite_deletes_only_after_validation(tmp_path, capsys):
     assert cli.main(argv) == 2
     assert "not found" in capsys.readouterr().err
     assert (vis / "manifest.json").exists() and (vis / "parts" / "keep.txt").exists()
+
+
+def test_class_mean_prior_with_a_folder_the_model_lacks(tmp_path):
+    from xai_audit.config import ConfigError
+
+    spec, _ = _hf_vit(tmp_path)
+    inputs, rows = _inputs(tmp_path)
+    zebra = tmp_path / "tree" / "zebra"
+    zebra.mkdir()
+    (zebra / "0.png").write_bytes(rows[0][2])
+    cfg = J.VisualizeConfig(model=spec, objectives="prototype:0-2", output=str(tmp_path / "o"),
+                            prior="class-mean", input=inputs["tree"], size=32,
+                            mean=(0.5,) * 3, std=(0.5,) * 3)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"'zebra'.*'cat', 'dog', 'bird'"):
+        J.prepare(cfg, log=lambda m: None)
+    prep = J.prepare(J.VisualizeConfig(**{**cfg.__dict__, "unknown_labels": "error-rows"}),
+                     log=lambda m: None)  # fmt: skip
+    assert prep.prior_info["images_per_class"] == {0: 2, 1: 2, 2: 2}
+    assert prep.prior_info["unreadable"] == 1  # the zebra image: left out

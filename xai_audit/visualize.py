@@ -125,6 +125,10 @@ class VisualizeConfig:
             (self.actors is None or self.actors >= 1, "--actors must be >= 1"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
             (self.prior is None or self.input, "--prior class-mean needs --input (labelled)"),
+            (
+                self.unknown_labels in ("error", "error-rows"),
+                "--unknown-labels must be one of error, error-rows",
+            ),
         )
         for ok, msg in checks:
             if not ok:
@@ -758,6 +762,9 @@ FLAGS = (
     ("--id-column", str, "NAME", "id column of a Parquet input (default: id when present)"),
     ("--image-column", str, "NAME", "image column of a Parquet input (default image)"),
     ("--label-column", str, "NAME", "label column (default: 'label')"),
+    ("--unknown-labels", str, "W", "input class names are matched to the model's by name (as for "
+                                   "run); one the model lacks: error (default) or error-rows "
+                                   "(its images are left out of the class means)"),
     ("--image-size", int, "S", "the model's input size (default: the model's, 224)"),
     ("--mean", str, "R,G,B", "normalization mean (default: the model's, ImageNet's)"),
     ("--std", str, "R,G,B", "normalization std (default: the model's, ImageNet's)"),
