@@ -811,8 +811,9 @@ def config_from_args(ns: argparse.Namespace) -> VisualizeConfig:
 
 
 def main(ns: argparse.Namespace) -> int:
-    """``xai-audit visualize``: 0 complete, 1 failed or incomplete, 2 configuration mistake
-    (ConfigError propagates to ``xai_audit.cli.main``, which prints it and returns 2)."""
+    """``xai-audit visualize``: 0 complete, 1 failed, incomplete or every objective an error
+    row, 2 configuration mistake (ConfigError propagates to ``xai_audit.cli.main``, which
+    prints it and returns 2)."""
     import traceback
 
     cfg = config_from_args(ns)
