@@ -136,7 +136,7 @@ def apply_label_map(block: pa.Table, label_map, names=None) -> pa.Table:
     errors = block.column("error").to_pylist()
     labels = []
     for i, v in enumerate(raw):
-        if v is None or not 0 <= v < len(lut):
+        if not isinstance(v, int) or not 0 <= v < len(lut):
             labels.append(v)
             continue
         m = int(lut[v])
