@@ -570,6 +570,16 @@ def _same_settings(state: out.OutputState, settings: dict, cfg: JobConfig, flag:
             f"output {cfg.output} has part files but no manifest.json, so it cannot be checked "
             f"for {flag}; use --overwrite or another output"
         )
+    from xai_workers.schema import SCHEMA_VERSION
+
+    written = str(state.manifest.get("schema_version", "1"))
+    if written != SCHEMA_VERSION:
+        raise ConfigError(
+            f"cannot {flag}: the output was written with schema version {written} (maps "
+            f"{'float16 tensors' if written == '1' else 'of another type'}), this version "
+            f"writes {SCHEMA_VERSION}; one output holds one schema: use --overwrite or another "
+            "output (xai-audit report / summarize / compare still read the old one)"
+        )
     before = state.manifest.get("settings", {})
     diffs = [
         f"{k}: {before.get(k)!r} -> {v!r}"
@@ -869,8 +879,10 @@ def _run_prepared(prep: Prepared, t_start: float, started_at: str, log) -> JobRe
         log(f"resuming: {before} of {plan.total_rows} rows already written in {scan0.files} files")
     shards, todo = sources.make_shards(plan, done)
     per_row = out.row_bytes(prep.schema)
+    from xai_workers.schema import map_shape_of
+
     maps = "no maps" if cfg.store == "stats" else ", ".join(
-        f"{f.name} {f.type.value_type}{list(f.type.shape)}"
+        f"{f.name} float32{list(map_shape_of(f.type))}"
         for f in prep.schema if f.name in prep.layout.methods
     )  # fmt: skip
     log(
