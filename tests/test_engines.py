@@ -321,3 +321,29 @@ def test_recipe_compare_two_runs(runs, tmp_path):
     assert want  # two nets: rows changed
     assert [g[:3] for g in got] == [w[:3] for w in want]
     np.testing.assert_allclose([g[3:] for g in got], [w[3:] for w in want], rtol=1e-6, atol=1e-7)
+
+
+def test_readme_reading_the_output_runs(runs, spark):
+    """README's "Reading the output" (the Python block and the Spark SQL block) on a run."""
+    readme = (DOC.parents[1] / "README.md").read_text()
+    section = readme.split("## Reading the output", 1)[1].split("\n## ", 1)[0]
+    (py,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    (sql,) = re.findall(r"```sql\n(.*?)```", section, re.S)
+    root = str(runs["compact"])
+    ns: dict = {}
+    exec(py.replace("demo-out/", f"{root}/"), ns)
+    assert ns["gradcam"].shape == (N - 1, 32, 32)
+    spark_rows = spark.sql(sql.replace("demo-out/", f"{root}/")).collect()
+    duck = (
+        ns["duckdb"]
+        .sql(
+            f"SELECT pred_class, count(*), avg(gradcam_border_frac), avg(list_max(gradcam)) "
+            f"FROM '{root}/attributions/*.parquet' WHERE status = 'ok' GROUP BY pred_class "
+            "ORDER BY 3 DESC"
+        )
+        .fetchall()
+    )
+    assert [tuple(r)[:2] for r in spark_rows] == [r[:2] for r in duck]
+    # the same float32 values averaged in double by both: summation order only
+    np.testing.assert_allclose([tuple(r)[2:] for r in spark_rows], [r[2:] for r in duck],
+                               rtol=1e-12)  # fmt: skip
