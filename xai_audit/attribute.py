@@ -572,8 +572,8 @@ def _same_settings(state: out.OutputState, settings: dict, cfg: JobConfig, flag:
         )
     from xai_workers.schema import SCHEMA_VERSION
 
-    written = str(state.manifest.get("schema_version", "1"))
-    if written != SCHEMA_VERSION:
+    written = state.manifest.get("schema_version")
+    if written is not None and str(written) != SCHEMA_VERSION:
         raise ConfigError(
             f"cannot {flag}: the output was written with schema version {written} (maps "
             f"{'float16 tensors' if written == '1' else 'of another type'}), this version "
