@@ -254,7 +254,7 @@ def test_s3_input_weights_and_output(ray_session, data, s3_server, s3_bucket):
     with fs.open(f"{s3_bucket}/runs/one/manifest.json") as f:
         assert json.load(f)["status"] == "complete"
     t = pq.read_table(f"{s3_bucket}/runs/one/attributions/", filesystem=fs)
-    assert t.num_rows == N_DEMO and t.schema.field("gradcam").type.shape == [SIZE, SIZE]
+    assert t.num_rows == N_DEMO and S.map_shape_of(t.schema.field("gradcam").type) == (SIZE, SIZE)
     assert "integrated_gradients" not in t.column_names
     # a second run into the same S3 output refuses; --resume finds it complete
     assert main(["run", "--config", _yaml(data, cfg)]) == 2

@@ -18,8 +18,8 @@ hold, a rerun with ``--resume`` reads those keys and skips the rows, and the end
 checks that each input row is present exactly once. The sink is a plain ``ray.data.Datasink``:
 Ray Data bundles at least ``rows_per_file`` rows into each write task, which writes parts of at most
 ``rows_per_file`` rows (files of a sensible size),
-streams, backpressures and retries as for its own writers; the tensors keep Arrow's canonical
-``fixed_shape_tensor`` type (``xai_workers.schema``). Progress comes from a tiny actor the
+streams, backpressures and retries as for its own writers; the maps keep their type and
+shape metadata (``xai_workers.schema``). Progress comes from a tiny actor the
 write tasks report to.
 
 On a 2-core machine every stage gets a fraction of a CPU (actor 1, reads 0.5, writes 0.25), so

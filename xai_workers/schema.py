@@ -172,7 +172,7 @@ def map_type(shape: Sequence[int], store: str = "full") -> pa.DataType:
 
 def map_shape_of(t: pa.DataType) -> tuple[int, ...] | None:
     """The canonical shape of a map column's type: a :func:`map_type`, or a
-    ``fixed_shape_tensor`` (outputs written before schema version 2, the summary's partials);
+    ``fixed_shape_tensor`` (outputs and summary partials written before schema version 2);
     None for any other type."""
     if isinstance(t, pa.FixedShapeTensorType):
         return tuple(int(s) for s in t.shape)
