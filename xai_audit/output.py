@@ -275,7 +275,8 @@ def write_part(
     Parquet's BYTE_STREAM_SPLIT encoding (then zstd): on maps it takes about an eighth off.
     zstd runs at level 9 on small rows (compact / stats profiles: with float16 maps, schema 1,
     19.1 KB per 224 px ResNet-18 row against 19.9 KB at Arrow's default level 1, ~3 ms per row)
-    and level 3 on large ones (full: 745 KB against 753 KB, no slower than level 1; level 9 would cost 11 ms per row).
+    and level 3 on large ones (full: 745 KB against 753 KB, no slower than level 1; level 9
+    would cost 11 ms per row).
     Returns ``{"file", "rows", "ok", "error", "bytes"}`` (bytes on disk).
     """
     import pyarrow.compute as pc

@@ -173,8 +173,8 @@ class AttributionWorker:
             (``label_type`` None: the input has no label column).
         store: storage profile of the maps, ``compact`` (default: ``map_size`` x
             ``map_size`` rounded to bfloat16, IG summed over channels), ``full`` (float32 as
-            computed) or ``stats`` (no maps); ``xai_workers.profiles``. Statistics come from the full maps under
-            every profile.
+            computed) or ``stats`` (no maps); ``xai_workers.profiles``. Statistics come from
+            the full maps under every profile.
         map_size: side of compact maps (default 64; never above the image size).
         class_names: one name per class of the model (index -> name), or None; when given, rows
             gain ``target_name`` and ``pred_name``. Its length must be the model's classes.
