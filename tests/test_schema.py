@@ -232,3 +232,32 @@ def test_correct_column_compares_prediction_and_label():
     )
     # right, wrong, error row (null), null label (null)
     assert t.column("correct").to_pylist() == [True, False, None, None]
+
+
+def test_field_descriptions_say_what_each_profile_stores():
+    full = S.output_schema(_layout(store="full"))
+    compact = S.output_schema(_layout(store="compact", map_size=4))
+    stats = S.output_schema(_layout(store="stats"))
+
+    def desc(s, name):
+        return s.field(name).metadata[b"description"].decode()
+
+    assert "per channel (C, H, W)" in desc(full, "integrated_gradients")
+    assert "shape (3, 6, 5)" in desc(full, "integrated_gradients")
+    assert "shape (6, 5), float32" in desc(full, "saliency")
+    ig = desc(compact, "integrated_gradients")
+    # the compact IG map is the (M, M) signed channel sum, not (C, H, W)
+    assert "summed over channels, signed" in ig and "shape (4, 4)" in ig
+    assert "(C, H, W)" not in ig and "bfloat16" in ig and "M = 4" in ig
+    assert "shape (4, 4)" in desc(compact, "gradcam") and "area mean" in desc(compact, "gradcam")
+    assert "fixed_size_list<float32>[16]" in desc(compact, "saliency")
+    assert S.map_shape_of(compact.field("saliency").type) == (4, 4)
+    assert compact.field("saliency").metadata[b"xai_workers.shape"] == b"[4, 4]"
+    assert not any(m in stats.names for m in ("saliency", "integrated_gradients", "gradcam"))
+    assert json.loads(stats.metadata[b"xai_workers.shapes"]) == {}
+    topk = S.output_schema(_layout(store="compact", map_size=4, topk=2))
+    assert "one map per target (K first)" in desc(topk, "gradcam")
+    assert "shape (2, 4, 4)" in desc(topk, "gradcam")
+    # every field says what it is
+    for s in (full, compact, stats, topk):
+        assert all(f.metadata and b"description" in f.metadata for f in s), s.names

@@ -147,9 +147,36 @@ def _described(f: pa.Field, layout: OutputLayout) -> pa.Field:
     if f.name in MAP_METHODS and map_shape_of(f.type) is not None:
         shape = json.dumps(list(layout.map_shape(f.name)))
         return f.with_metadata({"description": _map_description(f.name, layout), SHAPE_KEY: shape})
-    if f.name in _DESCRIPTIONS:
-        return f.with_metadata({"description": _DESCRIPTIONS[f.name]})
-    return f
+    text = _DESCRIPTIONS.get(f.name) or _statistic_description(f.name)
+    return f.with_metadata({"description": text}) if text else f
+
+
+#: Statistic columns ``{method}_{suffix}``: what each says about the method's 2-D map
+#: (docs/conventions.md, "Output rows"; ``stats.row_statistics``).
+_STAT_SUFFIXES = {
+    "gini": "Gini index of the 2-D map (sparseness, 0 = flat, 1 = one pixel)",
+    "entropy": "Shannon entropy of the 2-D map's shares m / sum(m), divided by log(n), in [0, 1]",
+    "border_frac": "share of the 2-D map's sum within the outer 10% of the width and height",
+    "com_x": "centre of mass of the 2-D map, fraction of the width",
+    "com_y": "centre of mass of the 2-D map, fraction of the height",
+}
+
+
+def _statistic_description(name: str) -> str | None:
+    """The description of a statistic column (None for a name that is not one)."""
+    per_target = " (one per target with topk:K)"
+    if name == "ig_rel_error":
+        return "|ig_delta| / max(|F(x) - F(x')|, |F(x)|, 1e-6): relative completeness error"
+    if name.startswith("agree_"):
+        return (
+            "Spearman rank correlation of two methods' 2-D maps, each average-pooled to at most "
+            "32x32" + per_target
+        )
+    for suffix, text in _STAT_SUFFIXES.items():
+        method = name[: -len(suffix) - 1]
+        if name.endswith("_" + suffix) and method in MAP_METHODS:
+            return f"{method}: {text}" + per_target
+    return None
 
 
 def tensor_type(shape: Sequence[int], value_type: pa.DataType | None = None) -> pa.DataType:
