@@ -347,3 +347,54 @@ def test_readme_reading_the_output_runs(runs, spark):
     # the same float32 values averaged in double by both: summation order only
     np.testing.assert_allclose([tuple(r)[2:] for r in spark_rows], [r[2:] for r in duck],
                                rtol=1e-12)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# outputs of schema version 1 (float16 / float32 fixed_shape_tensor maps) still read
+# --------------------------------------------------------------------------------------------
+
+
+def _as_schema_1(src: Path, dst: Path) -> Path:
+    """A copy of output ``src`` with every map column (parts and summary partials) stored as
+    schema version 1 did: ``fixed_shape_tensor``, float16 under compact, else float32."""
+    shutil.copytree(src, dst)
+    files = [*(dst / "attributions").glob("*.parquet"), *(dst / "summary").rglob("*.parquet")]
+    for p in files:
+        if p.name == "summary.parquet":
+            p.unlink()  # rebuilt below
+            continue
+        t = pq.read_table(p)
+        for i, f in enumerate(t.schema):
+            if S.map_shape_of(f.type) is None:
+                continue
+            half = S.map_store_of(f.type) == "compact"
+            v = S.tensor_to_numpy(t[f.name])
+            valid = np.asarray(t[f.name].is_valid())
+            col = S.tensor_array(np.nan_to_num(v), valid,
+                                 value_type=pa.float16() if half else pa.float32())  # fmt: skip
+            # float32 exact; float16 (a few bits less, subnormal below 6e-5) as schema 1 had it
+            assert half or np.array_equal(S.tensor_to_numpy(col), v, equal_nan=True)
+            t = t.set_column(i, pa.field(f.name, col.type, metadata=f.metadata), col)
+        pq.write_table(t, p)
+    return dst
+
+
+def test_schema_1_outputs_still_summarize_compare_and_report(runs, tmp_path, capsys):
+    from xai_audit.cli import main
+    from xai_audit.report import build_report
+
+    old = _as_schema_1(runs["compact"], tmp_path / "old")
+    t = pq.read_table(old / "attributions")
+    assert t.schema.field("gradcam").type == S.tensor_type((32, 32), pa.float16())
+    new_summary = SM.read_summary(str(runs["compact"]))
+    old_summary = SM.summarize_output(str(old))
+    assert old_summary.column_names == new_summary.column_names
+    for c in new_summary.column_names:
+        if c.endswith("_map"):
+            np.testing.assert_array_equal(S.tensor_to_numpy(old_summary[c]),
+                                          S.tensor_to_numpy(new_summary[c]))  # fmt: skip
+        else:
+            assert old_summary[c].equals(new_summary[c]), c
+    assert main(["compare", str(runs["before"]), str(old), "--dest", str(tmp_path / "cmp")]) == 0
+    rep = build_report(str(old), log=lambda m: None)
+    assert (old / "report" / "index.html").is_file() and rep.galleries
