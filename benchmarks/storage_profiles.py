@@ -9,9 +9,12 @@ profile (``compact`` at ``--map-size``, ``full``, ``stats``), all three methods,
 
 Reported per profile: bytes on disk per row (part files / rows) and per tensor column (the
 Parquet column chunks' compressed sizes / rows); for ``full``, the same table written without
-BYTE_STREAM_SPLIT (what that encoding saves). Fidelity of each compact map against the full map
-reduced the same way in float64 (area average to M x M; IG summed over channels first): relative
-L2 error, Spearman rank correlation, IoU of the top-10% pixels (median and worst over images).
+BYTE_STREAM_SPLIT (what that encoding saves); for ``compact``, the same rows rewritten with the
+maps stored as float16 tensors (schema version 1) and as float32 holding bfloat16 values (now),
+both reduced from the same full maps (``same_maps_bytes_per_row``). Fidelity of each compact
+map against the full map reduced the same way in float64 (area average to M x M; IG summed over
+channels first): relative L2 error, Spearman rank correlation, IoU of the top-10% pixels (median
+and worst over images); ``bounds`` checks the issue's (<= 20 KB a row, relative L2 <= 5e-3).
 Finally the audit report is built from the compact and the full output and their galleries
 compared (the same images must be flagged).
 
@@ -146,6 +149,42 @@ def without_bss_bytes(folder: str) -> tuple[int, int]:
     return out[0], out[1]
 
 
+def float16_bytes(full: pa.Table, compact: pa.Table, map_size: int, root: str) -> dict:
+    """Bytes per row, written by the job's writer (``write_part``), of the compact rows with
+    their maps stored as schema version 1 did (float16 ``fixed_shape_tensor``, BYTE_STREAM_SPLIT:
+    what Spark and DuckDB refuse) and as now (float32 holding bfloat16 values), the maps reduced
+    from the same full maps in float32. Same rows, same maps: only the stored type differs."""
+    from xai_audit.output import write_part
+    from xai_workers.profiles import reduce_map
+
+    ok = np.array(full["status"].to_pylist()) == "ok"
+    out = {}
+    for kind in ("float16", "bfloat16"):
+        t = compact
+        for m in MAPS:
+            f = torch.from_numpy(np.nan_to_num(S.tensor_to_numpy(full[m])))
+            if kind == "float16":  # the float32 area mean, then float16 (schema 1)
+                v = _area_f32(m, f, map_size).astype(np.float16)
+                col = S.tensor_array(v, ok, value_type=pa.float16())
+            else:  # float32 holding bfloat16 values (schema 2)
+                v = reduce_map(m, f, map_size).numpy()
+                col = S.map_array(v, ok, compact.schema.field(m).type)
+            t = t.set_column(t.schema.get_field_index(m), pa.field(m, col.type), col)
+        dest = os.path.join(root, f"bytes-{kind}")
+        info = write_part(t, dest)
+        out[kind] = info["bytes"] / info["rows"]
+    return out
+
+
+def _area_f32(method: str, full: torch.Tensor, map_size: int) -> np.ndarray:
+    """The compact reduction before its rounding: float32 (N, M, M)."""
+    v = full.float()
+    if method == "integrated_gradients":
+        v = v.sum(dim=-3)
+    a = area_matrix(v.shape[-1], effective_map_size(map_size, v.shape[-1]), dtype=v.dtype)
+    return (a @ v @ a.T).numpy()
+
+
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
@@ -167,7 +206,7 @@ def fidelity(full: pa.Table, compact: pa.Table, map_size: int) -> dict:
         f = torch.from_numpy(S.tensor_to_numpy(full[m])[ok]).double()
         v = f.sum(dim=-3) if m == "integrated_gradients" else f
         a = area_matrix(v.shape[-1], effective_map_size(map_size, v.shape[-1]))
-        want = (a @ v @ a.T).numpy()  # the compact reduction, in float64 and without float16
+        want = (a @ v @ a.T).numpy()  # the compact reduction, in float64 and without rounding
         got = S.tensor_to_numpy(compact[m])[ok].astype(np.float64)
         rel = [
             np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-30)
@@ -226,6 +265,15 @@ def main() -> None:
     with_bss, without = without_bss_bytes(os.path.join(root, "full", "attributions"))
     res["full"]["bss_saving"] = round(1 - with_bss / without, 4)
     res["fidelity"] = fidelity(tables["full"], tables["compact"], args.map_size)
+    res["compact"]["same_maps_bytes_per_row"] = float16_bytes(
+        tables["full"], tables["compact"], args.map_size, root
+    )
+    worst = max(f["rel_l2_max"] for f in res["fidelity"].values())
+    # the issue's bounds: <= 20 KB per 224 px row (3 methods), each map within 5e-3 (rel. L2)
+    res["bounds"] = {
+        "bytes_per_row_at_most_20000": res["compact"]["bytes_per_row"] <= 20_000,
+        "rel_l2_max_at_most_5e-3": worst <= 5e-3,
+    }
     flagged = {}
     for store in ("compact", "full"):
         rep = build_report(os.path.join(root, store), log=lambda m: None)

@@ -36,6 +36,7 @@ The machine may be shared: the figures are only as quiet as it is.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
 import statistics
@@ -45,7 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xai_workers import visualize as V
+# the module (the package's attribute xai_workers.visualize is the function)
+V = importlib.import_module("xai_workers.visualize")
 
 
 def resnet18(seed: int = 0) -> torch.nn.Module:

@@ -40,25 +40,35 @@ def _np(col) -> np.ndarray:
 
 
 def stored_maps(col) -> np.ndarray:
-    """A tensor column as numpy in its stored precision (float16 for ``compact`` maps)."""
+    """A map column as numpy in its stored precision (float16 for ``compact`` maps of schema
+    version 1; float32 holding bfloat16 values for version 2's)."""
     t = col.type
-    value = t.value_type if hasattr(t, "value_type") else t.storage_type.value_type
-    half = value == pa.float16()
+    half = isinstance(t, pa.FixedShapeTensorType) and t.value_type == pa.float16()
     return S.tensor_to_numpy(col, dtype=np.float16 if half else np.float32)
+
+
+def _is_bf16(a: np.ndarray) -> bool:
+    """True when every value of float32 ``a`` is a bfloat16 value (low 16 bits zero): a
+    compact map (an all-zero map counts too, harmlessly: its error is 0 either way)."""
+    a = np.ascontiguousarray(a)
+    return a.dtype == np.float32 and not (a.view(np.uint32) & 0xFFFF).any()
 
 
 def assert_maps_close(got: np.ndarray, want: np.ndarray, what: str = "") -> None:
     """``got``, ``want``: (N, [K,] ...) maps; per image (and target) within 1e-4 of its max.
 
-    Maps stored ``compact`` are float16: two float32 values a few ulp apart can round to
-    neighbouring float16 values, one float16 ulp (2^-11 relative) apart, so float16 maps get
-    2^-10 of their largest value. IG's maps are (C, H, W) when stored full (float32), (H, W)
-    (the channel sum) when compact."""
+    Maps stored ``compact`` are rounded: two float32 values a few ulp apart can round to
+    neighbouring values one ulp apart (float16, schema version 1: 2^-11 relative, so 2^-10 of
+    the largest value; bfloat16, version 2: at most 2^-7 of the value, so 2^-7 plus the float32
+    tolerance). IG's maps are (C, H, W) when stored full (float32), (H, W) (the channel sum)
+    when compact."""
     half = np.asarray(got).dtype == np.float16 or np.asarray(want).dtype == np.float16
-    rtol = 2.0**-10 if half else MAP_RTOL
+    bf16 = not half and (_is_bf16(np.asarray(got)) or _is_bf16(np.asarray(want)))
+    rtol = 2.0**-10 if half else 2.0**-7 + MAP_RTOL if bf16 else MAP_RTOL
+    compact = half or bf16
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert got.shape == want.shape, (what, got.shape, want.shape)
-    per_map = 3 if what == "integrated_gradients" and not half else 2
+    per_map = 3 if what == "integrated_gradients" and not compact else 2
     lead = want.shape[: want.ndim - per_map]
     g = got.reshape(*lead, -1)
     w = want.reshape(*lead, -1)
@@ -95,7 +105,9 @@ def assert_statistics_from_own_maps(got: pa.Table) -> None:
         if "integrated_gradients" in got.column_names
         else None
     )
-    assert ig is None or len(ig.shape) == 3, "statistics are checkable from full maps only"
+    assert ig is None or len(S.map_shape_of(ig)) == 3, (
+        "statistics are checkable from full maps only"
+    )
     ok = np.asarray(got["status"].to_pylist()) == "ok"
     rows = got.filter(pa.array(ok))
     result = {}

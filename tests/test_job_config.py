@@ -314,3 +314,17 @@ def test_webdataset_keys_repeated_across_tars_are_counted(capsys, tmp_path):
     assert "'000000' (2x)" in warning[0] and "'000001' (2x)" in warning[0]
     _fails(capsys, _argv(str(folder), tmp_path / "o2", "--unique-ids"),
            "--unique-ids", "2 input rows repeat an id")  # fmt: skip
+
+
+def test_resume_onto_an_output_of_another_schema_version_is_refused(capsys, dataset, tmp_path):
+    """Schema 1 stored float16 fixed_shape_tensor maps: new parts (float32 lists) beside them
+    would make one output that no engine reads as one table."""
+    out = tmp_path / "o"
+    (out / "attributions").mkdir(parents=True)
+    (out / "attributions" / "part-abc.parquet").write_bytes(b"")
+    (out / "manifest.json").write_text(json.dumps(
+        {"schema_version": "1", "status": "interrupted",
+         "counts": {"rows_written": 3, "rows_total": 6}, "settings": {}}))  # fmt: skip
+    for flag in ("--resume", "--incremental"):
+        _fails(capsys, _argv(dataset, out, flag), f"cannot {flag}", "schema version 1",
+               "float16", "--overwrite")  # fmt: skip

@@ -20,10 +20,10 @@ from xai_workers.worker import AttributionWorker
 SIZE = 32
 KW = dict(image_size=SIZE, mean=DEMO_MEAN, std=DEMO_STD, ig_steps=4, batch_size=4, num_threads=1)
 MAPS = ("saliency", "integrated_gradients", "gradcam")
-# float16 keeps 11 significant bits: a stored value is within 2**-11 (relative) of the float32
-# average it rounds; 1e-3 catches a wrong average (a missing or extra pixel moves it by >= 1/16
-# of a pixel's value, far more) but not the float16 rounding itself.
-F16_RTOL = 1e-3
+# bfloat16 keeps 8 significant bits: a stored value is within 2**-8 (relative, half an ulp) of
+# the float32 average it rounds; 2**-8 + 1e-5 (float32 sums) catches a wrong average (a missing
+# or extra pixel moves it by >= 1/16 of a pixel's value, far more) but not the rounding itself.
+BF16_RTOL = 2.0**-8 + 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,8 @@ def test_compact_maps_are_area_averages_of_the_full_maps(model, size):
     batch = _batch(5)
     full = AttributionWorker(model, store="full", **KW)(batch)
     compact = AttributionWorker(model, store="compact", map_size=size, **KW)(batch)
-    assert compact.schema.field("saliency").type == S.tensor_type((size, size), pa.float16())
-    assert compact.schema.field("integrated_gradients").type.shape == [size, size]
+    assert compact.schema.field("saliency").type == S.map_type((size, size), "compact")
+    assert S.map_shape_of(compact.schema.field("integrated_gradients").type) == (size, size)
     assert compact.schema.metadata[b"xai_workers.store"] == b"compact"
     ok = np.array(full["status"].to_pylist()) == "ok"
     assert list(ok) == [True, False, True, True, True]
@@ -71,8 +71,9 @@ def test_compact_maps_are_area_averages_of_the_full_maps(model, size):
         want = _block_mean(f, size)
         got = S.tensor_to_numpy(compact[m])
         assert np.isnan(got[~ok]).all()  # error row: null map
+        assert got.dtype == np.float32 and not (got[ok].view(np.uint32) & 0xFFFF).any()
         scale = np.abs(want).max()
-        np.testing.assert_allclose(got[ok], want, rtol=F16_RTOL, atol=F16_RTOL * scale)
+        np.testing.assert_allclose(got[ok], want, rtol=BF16_RTOL, atol=1e-6 * scale)
 
     # completeness from the stored map: sum(map) * (H*W)/(M*M) == sum(IG) = delta + F(x) - F(x')
     ig_c = S.tensor_to_numpy(compact["integrated_gradients"])[ok].astype(np.float64)
@@ -82,9 +83,9 @@ def test_compact_maps_are_area_averages_of_the_full_maps(model, size):
         + np.asarray(full["score"])[ok]
         - np.asarray(full["baseline_score"])[ok]
     )
-    # each stored value rounds by <= 2**-11 of itself; with the float32 sums (~1e-6 relative)
-    # that bounds the error by 2**-11 * sum|map| * (H*W)/(M*M) (plus 1e-5 for the stored scalars)
-    bound = 2.0**-11 * np.abs(ig_c).sum(axis=(1, 2)) * SIZE * SIZE / size**2 + 1e-5
+    # each stored value rounds by <= 2**-8 of itself; with the float32 sums (~1e-6 relative)
+    # that bounds the error by 2**-8 * sum|map| * (H*W)/(M*M) (plus 1e-5 for the stored scalars)
+    bound = 2.0**-8 * np.abs(ig_c).sum(axis=(1, 2)) * SIZE * SIZE / size**2 + 1e-5
     assert (np.abs(total - want) <= bound).all(), (total, want, bound)
 
 
@@ -140,4 +141,45 @@ def test_parts_use_byte_stream_split_and_drop_in_flight_columns(model, tmp_path)
         assert enc[path].compression == "ZSTD"
     assert "BYTE_STREAM_SPLIT" not in enc["pred_class"].encodings
     back = pq.read_table(tmp_path / info["file"])
-    assert back.schema.field("gradcam").type == S.tensor_type((32, 32), pa.float16())
+    assert back.schema.field("gradcam").type == S.map_type((32, 32), "compact")
+    # the shape survives Parquet in the element field's metadata (== ignores metadata)
+    assert S.map_shape_of(back["gradcam"].type) == (32, 32)
+    assert S.map_store_of(back["gradcam"].type) == "compact"
+
+
+def test_round_bf16_is_round_to_nearest_even_on_the_low_16_bits():
+    from xai_workers.profiles import round_bf16
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(100_000) * 10.0 ** rng.integers(-30, 30, 100_000)).astype(np.float32)
+    # ties: the low 16 bits exactly 0x8000, with an even and an odd bit 16
+    ties = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0xBF818000], np.uint32).view(np.float32)
+    x = np.concatenate([x, ties, np.float32([0.0, -0.0, np.inf, -np.inf, 3.4e38])])
+    # oracle: integer round-to-nearest-even of the float32 bit pattern (finite values)
+    u = x.view(np.uint32).astype(np.uint64)
+    want = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+    got = round_bf16(torch.from_numpy(x)).numpy()
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert not (got.view(np.uint32) & 0xFFFF).any()
+    assert list(got[-9:-5].view(np.uint32)) == [0x3F800000, 0x3F820000, 0xBF800000, 0xBF820000]
+    assert np.isnan(round_bf16(torch.tensor([float("nan")])).numpy()).all()  # not inf
+    rel = np.abs(got[:100_000].astype(np.float64) / x[:100_000] - 1)
+    assert rel.max() <= 2.0**-8  # half an ulp of 8 significant bits
+
+
+def test_tensor_to_numpy_reads_schema_1_float16_tensors(tmp_path):
+    # outputs written before schema version 2: fixed_shape_tensor, compact maps float16
+    v = np.arange(2 * 3 * 4, dtype=np.float16).reshape(2, 3, 4) / 7
+    old = S.tensor_array(v, np.array([True, False]), value_type=pa.float16())
+    pq.write_table(pa.table({"saliency": old}), tmp_path / "old.parquet")
+    col = pq.read_table(tmp_path / "old.parquet")["saliency"]
+    got = S.tensor_to_numpy(col)
+    assert got.shape == (2, 3, 4) and got.dtype == np.float32
+    np.testing.assert_array_equal(got[0], v[0].astype(np.float32))  # widened exactly
+    assert np.isnan(got[1]).all()
+    assert S.map_store_of(col.type) == "compact" and S.is_tensor_type(col.type)
+    # a map column read back by another engine as list<float> (no shape): (N, n)
+    plain = pa.chunked_array([pa.array([[1.0, 2.0], None, [3.0, 4.0]], pa.list_(pa.float32()))])
+    np.testing.assert_array_equal(S.tensor_to_numpy(plain)[[0, 2]], [[1, 2], [3, 4]])
+    assert np.isnan(S.tensor_to_numpy(plain)[1]).all()

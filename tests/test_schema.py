@@ -1,4 +1,4 @@
-"""The output schema: canonical tensor columns, null error rows, readable without Ray."""
+"""The output schema: map columns with their shape, null error rows, readable without Ray."""
 
 from __future__ import annotations
 
@@ -59,9 +59,13 @@ def test_schema_columns_and_types():
     assert s.names[-2:] == ["source", "source_row"]
     for name in STATS:
         assert s.field(name).type == pa.float32()
-    assert s.field("saliency").type == pa.fixed_shape_tensor(pa.float32(), [6, 5])
-    assert s.field("integrated_gradients").type == pa.fixed_shape_tensor(pa.float32(), [3, 6, 5])
-    assert s.field("gradcam").type.extension_name == "arrow.fixed_shape_tensor"
+    # maps: plain fixed_size_list<float32>, the shape in metadata (no extension type)
+    assert s.field("saliency").type == pa.list_(pa.float32(), 30)
+    assert S.map_shape_of(s.field("saliency").type) == (6, 5)
+    assert S.map_shape_of(s.field("integrated_gradients").type) == (3, 6, 5)
+    assert s.field("integrated_gradients").metadata[b"xai_workers.shape"] == b"[3, 6, 5]"
+    assert json.loads(s.metadata[b"xai_workers.shapes"])["gradcam"] == [6, 5]
+    assert not isinstance(s.field("gradcam").type, pa.ExtensionType)
     assert s.field("topk_classes").type == pa.list_(pa.int64(), 5)
     assert s.field("target").type == pa.int64()
     assert not s.field("status").nullable and not s.field("source_row").nullable
@@ -75,8 +79,8 @@ def test_schema_columns_and_types():
 def test_topk_layout_adds_k_axis():
     s = S.output_schema(_layout(topk=3))
     assert s.field("target").type == pa.list_(pa.int64(), 3)
-    assert s.field("saliency").type == pa.fixed_shape_tensor(pa.float32(), [3, 6, 5])
-    assert s.field("integrated_gradients").type.shape == [3, 3, 6, 5]
+    assert S.map_shape_of(s.field("saliency").type) == (3, 6, 5)
+    assert S.map_shape_of(s.field("integrated_gradients").type) == (3, 3, 6, 5)
     assert s.field("saliency_gini").type == pa.list_(pa.float32(), 3)
     assert s.field("pred_class").type == pa.int64()  # prediction has no K axis
 
@@ -119,9 +123,10 @@ def test_build_table_roundtrip_and_null_error_rows(tmp_path, topk):
     )
     assert back["error"].to_pylist()[0] is None
     assert back["label"].to_pylist() == [1, 2, None, 4, None]  # passed through as given
-    # canonical type: pyarrow gives the tensor back with its shape, without any Ray type
-    chunk = back["saliency"].combine_chunks().slice(0, 1)
-    assert chunk.to_numpy_ndarray().shape == (1, *layout.map_shape("saliency"))
+    # the shape comes back with the column's type (its element field's metadata)
+    assert S.map_shape_of(back["saliency"].combine_chunks().slice(1, 2).type) == (
+        layout.map_shape("saliency")
+    )
 
 
 def test_all_error_table_and_conform():
@@ -153,13 +158,13 @@ READER = textwrap.dedent(
     import numpy as np, pyarrow.parquet as pq, pandas as pd, duckdb
     path = sys.argv[1]
     t = pq.read_table(path)
+    from xai_workers.schema import tensor_to_numpy
     typ = t.schema.field("saliency").type
-    ig = t.column("integrated_gradients").combine_chunks()
-    ok = ig.filter(ig.is_valid())
+    ig = tensor_to_numpy(t.column("integrated_gradients"))
     out = {
-        "ext": typ.extension_name,
-        "shape": list(typ.shape),
-        "ig_shape": list(ok.to_numpy_ndarray().shape),
+        "type": str(typ),
+        "shape": list(tensor_to_numpy(t.column("saliency")).shape[1:]),
+        "ig_shape": list(ig[~np.isnan(ig).reshape(len(ig), -1).any(axis=1)].shape),
         "pandas_rows": len(pd.read_parquet(path)),
         "pandas_len": len(pd.read_parquet(path)["saliency"].dropna().iloc[0]),
     }
@@ -202,7 +207,7 @@ def test_readable_by_pyarrow_pandas_duckdb_without_ray(tmp_path):
     )
     pq.write_table(t, tmp_path / "part-0.parquet")
     got = read_without_ray(tmp_path / "part-0.parquet")
-    assert got["ext"] == "arrow.fixed_shape_tensor"
+    assert got["type"] == "fixed_size_list<element: float>[30]"
     assert got["shape"] == [6, 5] and got["ig_shape"] == [3, 3, 6, 5]
     assert got["pandas_rows"] == 4 and got["pandas_len"] == 30
     assert got["duck"][:3] == [4, 3, 30]
@@ -227,3 +232,32 @@ def test_correct_column_compares_prediction_and_label():
     )
     # right, wrong, error row (null), null label (null)
     assert t.column("correct").to_pylist() == [True, False, None, None]
+
+
+def test_field_descriptions_say_what_each_profile_stores():
+    full = S.output_schema(_layout(store="full"))
+    compact = S.output_schema(_layout(store="compact", map_size=4))
+    stats = S.output_schema(_layout(store="stats"))
+
+    def desc(s, name):
+        return s.field(name).metadata[b"description"].decode()
+
+    assert "per channel (C, H, W)" in desc(full, "integrated_gradients")
+    assert "shape (3, 6, 5)" in desc(full, "integrated_gradients")
+    assert "shape (6, 5), float32" in desc(full, "saliency")
+    ig = desc(compact, "integrated_gradients")
+    # the compact IG map is the (M, M) signed channel sum, not (C, H, W)
+    assert "summed over channels, signed" in ig and "shape (4, 4)" in ig
+    assert "(C, H, W)" not in ig and "bfloat16" in ig and "M = 4" in ig
+    assert "shape (4, 4)" in desc(compact, "gradcam") and "area mean" in desc(compact, "gradcam")
+    assert "fixed_size_list<float32>[16]" in desc(compact, "saliency")
+    assert S.map_shape_of(compact.field("saliency").type) == (4, 4)
+    assert compact.field("saliency").metadata[b"xai_workers.shape"] == b"[4, 4]"
+    assert not any(m in stats.names for m in ("saliency", "integrated_gradients", "gradcam"))
+    assert json.loads(stats.metadata[b"xai_workers.shapes"]) == {}
+    topk = S.output_schema(_layout(store="compact", map_size=4, topk=2))
+    assert "one map per target (K first)" in desc(topk, "gradcam")
+    assert "shape (2, 4, 4)" in desc(topk, "gradcam")
+    # every field says what it is
+    for s in (full, compact, stats, topk):
+        assert all(f.metadata and b"description" in f.metadata for f in s), s.names

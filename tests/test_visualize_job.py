@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -16,7 +17,9 @@ from PIL import Image
 from xai_audit import cli
 from xai_audit import visualize as J
 from xai_workers import demo
-from xai_workers import visualize as V
+
+# the module (the package's attribute xai_workers.visualize is the function)
+V = importlib.import_module("xai_workers.visualize")
 
 OBJECTIVES = "class:0-2;channel:features.block4:0-3;prototype:0,1"
 N_OBJ = 9

@@ -18,8 +18,8 @@ hold, a rerun with ``--resume`` reads those keys and skips the rows, and the end
 checks that each input row is present exactly once. The sink is a plain ``ray.data.Datasink``:
 Ray Data bundles at least ``rows_per_file`` rows into each write task, which writes parts of at most
 ``rows_per_file`` rows (files of a sensible size),
-streams, backpressures and retries as for its own writers; the tensors keep Arrow's canonical
-``fixed_shape_tensor`` type (``xai_workers.schema``). Progress comes from a tiny actor the
+streams, backpressures and retries as for its own writers; the maps keep their type and
+shape metadata (``xai_workers.schema``). Progress comes from a tiny actor the
 write tasks report to.
 
 On a 2-core machine every stage gets a fraction of a CPU (actor 1, reads 0.5, writes 0.25), so
@@ -575,6 +575,16 @@ def _same_settings(state: out.OutputState, settings: dict, cfg: JobConfig, flag:
             f"output {cfg.output} has part files but no manifest.json, so it cannot be checked "
             f"for {flag}; use --overwrite or another output"
         )
+    from xai_workers.schema import SCHEMA_VERSION
+
+    written = state.manifest.get("schema_version")
+    if written is not None and str(written) != SCHEMA_VERSION:
+        raise ConfigError(
+            f"cannot {flag}: the output was written with schema version {written} (maps "
+            f"{'float16 tensors' if written == '1' else 'of another type'}), this version "
+            f"writes {SCHEMA_VERSION}; one output holds one schema: use --overwrite or another "
+            "output (xai-audit report / summarize / compare still read the old one)"
+        )
     before = state.manifest.get("settings", {})
     diffs = [
         f"{k}: {before.get(k)!r} -> {v!r}"
@@ -874,8 +884,10 @@ def _run_prepared(prep: Prepared, t_start: float, started_at: str, log) -> JobRe
         log(f"resuming: {before} of {plan.total_rows} rows already written in {scan0.files} files")
     shards, todo = sources.make_shards(plan, done)
     per_row = out.row_bytes(prep.schema)
+    from xai_workers.schema import map_shape_of
+
     maps = "no maps" if cfg.store == "stats" else ", ".join(
-        f"{f.name} {f.type.value_type}{list(f.type.shape)}"
+        f"{f.name} float32{list(map_shape_of(f.type))}"
         for f in prep.schema if f.name in prep.layout.methods
     )  # fmt: skip
     log(

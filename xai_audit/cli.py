@@ -74,8 +74,8 @@ RUN_FLAGS = (
                             "<file>#<row>)"),
     ("--image-column", "NAME", "encoded-image column (default image)"),
     ("--label-column", "NAME", "label column (default: 'label' when present)"),
-    ("--store", "PROFILE", "compact (default: float16 maps at --map-size, IG summed over "
-                           "channels) | full (float32 at the input size) | stats (no maps)"),
+    ("--store", "PROFILE", "compact (default: maps at --map-size rounded to bfloat16, IG summed "
+                           "over channels) | full (float32 at the input size) | stats (no maps)"),
     ("--map-size", "M", "side of compact maps (default 64; never above the image size)"),
     ("--batch-size", "B", "images per actor call and per attribution batch (default 64)"),
     ("--actors", "N", "attribution actors (default: one per GPU, else one per node)"),

@@ -49,7 +49,8 @@ TARGET_FILE_BYTES = 128 * 2**20
 #: Target size of a Parquet row group inside a part.
 TARGET_ROW_GROUP_BYTES = 64 * 2**20
 #: zstd levels of part files: rows up to SMALL_ROW_BYTES (uncompressed) / larger (write_part).
-ZSTD_SMALL_ROWS, ZSTD_LARGE_ROWS, SMALL_ROW_BYTES = 9, 3, 64 * 1024
+#: (128 KB: compact rows, float32 maps since schema version 2, stay at level 9 with any methods)
+ZSTD_SMALL_ROWS, ZSTD_LARGE_ROWS, SMALL_ROW_BYTES = 9, 3, 128 * 1024
 
 
 def join(uri: str, *parts: str) -> str:
@@ -225,8 +226,9 @@ def row_bytes(schema: pa.Schema) -> int:
         t = f.type
         if isinstance(t, pa.FixedShapeTensorType):
             total += int(np.prod(t.shape)) * t.value_type.bit_width // 8
-        elif pa.types.is_fixed_size_list(t):
-            total += t.list_size * 8
+        elif pa.types.is_fixed_size_list(t):  # maps (float32), top-k lists
+            fixed = pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)
+            total += t.list_size * (t.value_type.bit_width // 8 if fixed else 8)
         else:
             total += 16
     return total
@@ -235,8 +237,10 @@ def row_bytes(schema: pa.Schema) -> int:
 def float_leaves(schema: pa.Schema) -> list[str]:
     """Parquet leaf paths of the float columns of ``schema``: ``name`` for a float column,
     ``name.list.element`` for a tensor or fixed-size list of floats (what
-    ``use_byte_stream_split`` takes). float16 (compact maps) included: it is what brings them
-    under 20 KB per 224 px row, but DuckDB 2.0 cannot decode BYTE_STREAM_SPLIT on float16."""
+    ``use_byte_stream_split`` takes), maps included. The maps are float32 (compact ones hold
+    bfloat16 values: their two low byte streams are zeros and compress to nothing); every
+    engine decodes BYTE_STREAM_SPLIT on FLOAT (DuckDB 2.0 does not on float16, Spark reads no
+    float16 at all, which is why no column is float16)."""
     out = []
     for f in schema:
         t = f.type
@@ -269,9 +273,10 @@ def write_part(
     Rows are sorted by (source, source_row); in-flight columns (name starting with ``_``, e.g.
     the worker's ``_pooled_*``) are dropped. Float columns, tensors included, are written with
     Parquet's BYTE_STREAM_SPLIT encoding (then zstd): on maps it takes about an eighth off.
-    zstd runs at level 9 on small rows (compact / stats profiles: 19.1 KB per 224 px ResNet-18
-    row against 19.9 KB at Arrow's default level 1, ~3 ms per row) and level 3 on large ones
-    (full: 745 KB against 753 KB, no slower than level 1; level 9 would cost 11 ms per row).
+    zstd runs at level 9 on small rows (compact / stats profiles: with float16 maps, schema 1,
+    19.1 KB per 224 px ResNet-18 row against 19.9 KB at Arrow's default level 1, ~3 ms per row)
+    and level 3 on large ones (full: 745 KB against 753 KB, no slower than level 1; level 9
+    would cost 11 ms per row).
     Returns ``{"file", "rows", "ok", "error", "bytes"}`` (bytes on disk).
     """
     import pyarrow.compute as pc

@@ -3,13 +3,15 @@
 Three profiles (CONVENTIONS.md, "Storage profiles"):
 
 - ``full``: every map as computed, float32 at the input resolution; IG per channel (C, H, W).
-- ``compact`` (the job's default): every map float16 at ``map_size x map_size`` (M x M),
+- ``compact`` (the job's default): every map at ``map_size x map_size`` (M x M), float32 values
+  rounded to bfloat16 (:func:`round_bf16`),
   area-averaged from the full map: output pixel (i, j) is the mean of the full map over the
   rectangle ``[i*H/M, (i+1)*H/M) x [j*W/M, (j+1)*W/M)``, input pixels weighted by the share of
   them inside it (:func:`area_matrix`). When M divides H and W this is exactly
   ``adaptive_avg_pool2d`` (plain blocks); otherwise (224 -> 64) ``adaptive_avg_pool2d``'s bins
   overlap by a pixel and would not keep the sum, while this average does:
-  ``sum(map) * (H*W)/(M*M) == sum(full map)`` up to float32 rounding before the float16 cast.
+  ``sum(map) * (H*W)/(M*M) == sum(full map)`` up to float32 rounding before the bfloat16
+  rounding.
   It equals the block mean of the map repeated k times along each axis, with k*H a multiple of
   M (224 -> 64: repeat twice, 7 x 7 blocks). Saliency, Grad-CAM and
   CAM are averaged as they are; Integrated Gradients is first summed over channels, signed
@@ -82,11 +84,12 @@ def area_matrix(n: int, m: int, dtype=torch.float64, device=None) -> Tensor:
 
 
 def reduce_map(method: str, value: Tensor, map_size: int) -> Tensor:
-    """One method's full maps -> its compact maps, float16 (..., M, M) (module docstring).
+    """One method's full maps -> its compact maps, float32 (..., M, M) holding bfloat16 values
+    (module docstring).
 
     ``value``: (..., H, W) for saliency / gradcam / cam, (..., C, H, W) for IG (leading axes, N
     and a top-k K, are kept). The average runs in float32 on the maps' device; the result is
-    cast to float16 at the end (values beyond float16's range, about 6.5e4, become inf).
+    rounded to bfloat16 at the end (:func:`round_bf16`; bfloat16 has float32's range).
     """
     v = value.detach().float()
     if method == "integrated_gradients":
@@ -95,7 +98,16 @@ def reduce_map(method: str, value: Tensor, map_size: int) -> Tensor:
     m = effective_map_size(map_size, min(h, w))
     rows = area_matrix(h, m, dtype=v.dtype, device=v.device)
     cols = area_matrix(w, m, dtype=v.dtype, device=v.device)
-    return (rows @ v @ cols.T).to(torch.float16)
+    return round_bf16(rows @ v @ cols.T)
+
+
+def round_bf16(v: Tensor) -> Tensor:
+    """float32 ``v`` rounded to bfloat16 precision and stored as float32 again: 8 significant
+    bits (relative error at most 2^-8 per value, half an ulp), float32's exponent range; round
+    to nearest, ties to even (torch's conversion), so the low 16 bits of every value are zero.
+    NaN and inf stay. Stored this way every engine reads the maps as plain floats, and
+    Parquet's BYTE_STREAM_SPLIT puts the zero bytes in two streams that compress to nothing."""
+    return v.float().to(torch.bfloat16).to(torch.float32)
 
 
 def reduce_maps(result: Mapping[str, Tensor], store: str, map_size: int) -> dict[str, Tensor]:

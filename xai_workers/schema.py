@@ -24,22 +24,26 @@ ig_steps              int32 (list [K]); only with IG steps ``auto``     gradient
 ig_error_est          float32 (list [K]); IG steps ``auto``            estimated rel. L2 error
 ig_converged          bool (list [K]); IG steps ``auto``               ig_error_est <= ig_tol
 ig_path               struct<alpha, score> (list [K]); IG steps auto   the path trace
-saliency              fixed_shape_tensor<float32>[H, W]                ([K, H, W] with topk)
-integrated_gradients  fixed_shape_tensor<float32>[C, H, W]             ([K, C, H, W])
-gradcam, cam          fixed_shape_tensor<float32>[H, W]                ([K, H, W])
-                      (compact profile: every map float16 [M, M], IG summed over channels)
+saliency              map (H, W): fixed_size_list<float32>[H*W]        ([K, H, W] with topk)
+integrated_gradients  map (C, H, W)                                    ([K, C, H, W])
+gradcam, cam          map (H, W)                                       ([K, H, W])
+                      (compact profile: every map (M, M), IG summed over channels)
 <statistics>          float32 (list [K] with topk)                     ``stats.row_statistics``
 source                string, never null                               input file (relative)
 source_row            int64, never null                                row in that file
 ====================  ===============================================  =========================
 
 Only the maps that were asked for are present, shaped by the storage profile
-(``xai_workers.profiles``): ``full`` as above, ``compact`` float16 (M, M) for every method (IG:
-the signed channel sum), ``stats`` none. The schema's metadata records ``xai_workers.store`` and
-``xai_workers.map_size``. Tensor columns use Arrow's canonical
-``arrow.fixed_shape_tensor`` extension type (``pa.fixed_shape_tensor``), row-major, so plain
-pyarrow keeps the shape (``to_numpy_ndarray``), pandas sees flat lists and DuckDB sees
-``FLOAT[n]`` arrays; no Ray type is involved. An error row has every computed column null.
+(``xai_workers.profiles``): ``full`` float32 as above, ``compact`` (M, M) for every method (IG:
+the signed channel sum) with float32 values rounded to bfloat16, ``stats`` none. A map is stored
+flat in row-major order as a plain ``fixed_size_list<float32>[n]`` (:func:`map_type`), which
+DuckDB reads as ``FLOAT[]``, Polars as ``Array(Float32)``, Spark as ``array<float>`` and pandas
+as arrays, without casts; its canonical shape is in the metadata of the list's element field and
+of the column's field (``xai_workers.shape``) and in the schema's ``xai_workers.shapes``;
+:func:`tensor_to_numpy` gives it back as (N, *shape). The schema's metadata also records
+``xai_workers.store`` and ``xai_workers.map_size``; every field has a ``description``. No Arrow
+extension type is stored: Polars turns one into an opaque ``Extension`` its ``.arr`` functions
+refuse. An error row has every computed column null.
 
 ``source`` / ``source_row`` say where the row came from (the input file relative to ``--input``
 and the row's index in it; ``0`` for an image file). They are the key the job uses to resume and to
@@ -48,6 +52,7 @@ check that every input row was written exactly once.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -62,7 +67,13 @@ from xai_workers.profiles import (
     stored_shape,
 )
 
-SCHEMA_VERSION = "1"
+#: "2": maps are plain ``fixed_size_list<float32>`` (:func:`map_type`), compact values rounded
+#: to bfloat16; "1": ``arrow.fixed_shape_tensor`` maps, compact ones float16.
+SCHEMA_VERSION = "2"
+#: Metadata keys of a map's element field (and of the map's field): its canonical shape (JSON
+#: list) and its storage profile.
+SHAPE_KEY = "xai_workers.shape"
+STORE_KEY = "xai_workers.store"
 MAP_METHODS = MAP_KEYS
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -96,8 +107,8 @@ _DESCRIPTIONS = {
     "ig_error_est": "estimated relative L2 error of the IG map (--ig-steps auto)",
     "ig_converged": "ig_error_est <= --ig-tol before --ig-max-steps was reached",
     "ig_path": "alphas (ascending) and the target's score F at each evaluated IG path point",
-    "saliency": "max_c |dF/dx|",
-    "integrated_gradients": "Integrated Gradients, (C, H, W)",
+    "saliency": "saliency max_c |dF/dx| (H, W)",
+    "integrated_gradients": "Integrated Gradients per channel (C, H, W)",
     "gradcam": "Grad-CAM upsampled to (H, W), raw (after its ReLU)",
     "cam": "CAM upsampled to (H, W), raw (signed)",
     "gradcam_pp": "Grad-CAM++ upsampled to (H, W), raw (after its ReLU)",
@@ -112,15 +123,108 @@ _DESCRIPTIONS = {
 }
 
 
+def _map_description(method: str, layout: OutputLayout) -> str:
+    """What ``method``'s stored map holds under ``layout``'s profile: meaning, shape, layout."""
+    shape = layout.map_shape(method)
+    dims = ", ".join(str(s) for s in shape)
+    k = "one map per target (K first), " if layout.topk else ""
+    flat = f"stored flat, row-major: fixed_size_list<float32>[{int(np.prod(shape))}]"
+    if layout.store == "compact":
+        what = (
+            "Integrated Gradients summed over channels, signed (sum_c IG[c])"
+            if method == "integrated_gradients"
+            else _DESCRIPTIONS[method]
+        )
+        return (
+            f"{what}: {k}the area mean of that full map over an M x M grid, M = "
+            f"{layout.map_size}; shape ({dims}); float32 values rounded to bfloat16; {flat}"
+        )
+    return f"{_DESCRIPTIONS[method]}: {k}shape ({dims}), float32; {flat}"
+
+
+def _described(f: pa.Field, layout: OutputLayout) -> pa.Field:
+    """``f`` with its ``description`` metadata (and a map's canonical shape)."""
+    if f.name in MAP_METHODS and map_shape_of(f.type) is not None:
+        shape = json.dumps(list(layout.map_shape(f.name)))
+        return f.with_metadata({"description": _map_description(f.name, layout), SHAPE_KEY: shape})
+    text = _DESCRIPTIONS.get(f.name) or _statistic_description(f.name)
+    return f.with_metadata({"description": text}) if text else f
+
+
+#: Statistic columns ``{method}_{suffix}``: what each says about the method's 2-D map
+#: (docs/conventions.md, "Output rows"; ``stats.row_statistics``).
+_STAT_SUFFIXES = {
+    "gini": "Gini index of the 2-D map (sparseness, 0 = flat, 1 = one pixel)",
+    "entropy": "Shannon entropy of the 2-D map's shares m / sum(m), divided by log(n), in [0, 1]",
+    "border_frac": "share of the 2-D map's sum within the outer 10% of the width and height",
+    "com_x": "centre of mass of the 2-D map, fraction of the width",
+    "com_y": "centre of mass of the 2-D map, fraction of the height",
+}
+
+
+def _statistic_description(name: str) -> str | None:
+    """The description of a statistic column (None for a name that is not one)."""
+    per_target = " (one per target with topk:K)"
+    if name == "ig_rel_error":
+        return "|ig_delta| / max(|F(x) - F(x')|, |F(x)|, 1e-6): relative completeness error"
+    if name.startswith("agree_"):
+        return (
+            "Spearman rank correlation of two methods' 2-D maps, each average-pooled to at most "
+            "32x32" + per_target
+        )
+    for suffix, text in _STAT_SUFFIXES.items():
+        method = name[: -len(suffix) - 1]
+        if name.endswith("_" + suffix) and method in MAP_METHODS:
+            return f"{method}: {text}" + per_target
+    return None
+
+
 def tensor_type(shape: Sequence[int], value_type: pa.DataType | None = None) -> pa.DataType:
     """Arrow's canonical ``arrow.fixed_shape_tensor`` of ``value_type`` (float32 by default)
-    with ``shape`` (row-major)."""
+    with ``shape`` (row-major). In-flight columns only (the worker's input ``x``); stored maps
+    are :func:`map_type`."""
     return pa.fixed_shape_tensor(value_type or pa.float32(), [int(s) for s in shape])
 
 
+def map_type(shape: Sequence[int], store: str = "full") -> pa.DataType:
+    """The stored type of a map of ``shape`` (row-major): ``fixed_size_list<float32>[prod]``,
+    a plain list every engine reads (DuckDB ``FLOAT[]``, Polars ``Array(Float32)``, Spark
+    ``array<float>``). Its element field's metadata holds the canonical shape
+    (``xai_workers.shape``, JSON) and the profile (``xai_workers.store``): pyarrow keeps both
+    through Parquet, so :func:`tensor_to_numpy` restores the shape from the column alone."""
+    shape = [int(s) for s in shape]
+    meta = {SHAPE_KEY: json.dumps(shape), STORE_KEY: store}
+    return pa.list_(pa.field("element", pa.float32(), metadata=meta), int(np.prod(shape)))
+
+
+def map_shape_of(t: pa.DataType) -> tuple[int, ...] | None:
+    """The canonical shape of a map column's type: a :func:`map_type`, or a
+    ``fixed_shape_tensor`` (outputs and summary partials written before schema version 2);
+    None for any other type."""
+    if isinstance(t, pa.FixedShapeTensorType):
+        return tuple(int(s) for s in t.shape)
+    if pa.types.is_fixed_size_list(t):
+        meta = t.value_field.metadata or {}
+        if SHAPE_KEY.encode() in meta:
+            return tuple(int(s) for s in json.loads(meta[SHAPE_KEY.encode()]))
+    return None
+
+
+def map_store_of(t: pa.DataType) -> str | None:
+    """The storage profile a map column's type was written under (``full`` or ``compact``);
+    older outputs' float16 tensors are ``compact``, their float32 ones ``full``; None for a
+    type that is not a map."""
+    if isinstance(t, pa.FixedShapeTensorType):
+        return "compact" if t.value_type == pa.float16() else "full"
+    if map_shape_of(t) is not None:
+        return (t.value_field.metadata or {}).get(STORE_KEY.encode(), b"full").decode()
+    return None
+
+
 def is_tensor_type(t: pa.DataType) -> bool:
-    """True for the canonical fixed_shape_tensor extension type (any value type and shape)."""
-    return isinstance(t, pa.FixedShapeTensorType)
+    """True for a map column's type: :func:`map_type` (shape in its metadata) or the canonical
+    fixed_shape_tensor extension type (any value type and shape)."""
+    return map_shape_of(t) is not None
 
 
 @dataclass(frozen=True)
@@ -185,10 +289,11 @@ class OutputLayout:
             return None
         return (self.topk, *base) if self.topk else base
 
-    @property
-    def map_dtype(self) -> pa.DataType:
-        """Value type of the stored maps: float16 under ``compact``, else float32."""
-        return pa.float16() if self.store == "compact" else pa.float32()
+    def map_type(self, method: str) -> pa.DataType | None:
+        """Stored type of ``method``'s map (:func:`map_type` of :meth:`map_shape`, float32
+        under every profile; compact values are bfloat16-rounded); None under ``stats``."""
+        shape = self.map_shape(method)
+        return None if shape is None else map_type(shape, self.store)
 
     def per_target_type(self, value_type: pa.DataType) -> pa.DataType:
         """``value_type``, or a fixed_size_list of K of it with topk targets."""
@@ -240,24 +345,25 @@ def output_schema(layout: OutputLayout) -> pa.Schema:
             pa.field("ig_converged", layout.per_target_type(pa.bool_())),
             pa.field("ig_path", layout.per_target_type(IG_PATH_TYPE)),
         ]
+    shapes = {}
     for method in MAP_METHODS:
         if method in layout.methods and layout.map_shape(method) is not None:
-            t = tensor_type(layout.map_shape(method), layout.map_dtype)
-            fields.append(pa.field(method, t))
+            shapes[method] = list(layout.map_shape(method))
+            fields.append(pa.field(method, layout.map_type(method)))
     for name in layout.stat_names:
         fields.append(pa.field(name, layout.per_target_type(pa.float32())))
     fields += [
         pa.field("source", pa.string(), nullable=False),
         pa.field("source_row", pa.int64(), nullable=False),
     ]
-    fields = [
-        f.with_metadata({"description": _DESCRIPTIONS[f.name]}) if f.name in _DESCRIPTIONS else f
-        for f in fields
-    ]
+    fields = [_described(f, layout) for f in fields]
     meta = {
         "xai_workers.schema_version": SCHEMA_VERSION,
         "xai_workers.store": layout.store,
         "xai_workers.map_size": str(layout.map_size),
+        # the maps' canonical shapes, where a reader sees only the file's key-value metadata
+        # (DuckDB ``parquet_kv_metadata``, Spark)
+        "xai_workers.shapes": json.dumps(shapes),
     }
     return pa.schema(fields, metadata=meta)
 
@@ -294,6 +400,26 @@ def tensor_array(
     return pa.ExtensionArray.from_storage(tensor_type(shape, value_type), storage)
 
 
+def map_array(values: np.ndarray, valid: np.ndarray | None, t: pa.DataType) -> pa.Array:
+    """(N, *shape) values -> an array of the map type ``t`` (:func:`map_type`), null where
+    ``valid`` is False (zeros stored under a null). The values are stored as float32, as given
+    (the compact profile's bfloat16 rounding happens in ``profiles.reduce_map``)."""
+    shape = map_shape_of(t)
+    size = t.list_size
+    values = np.asarray(values, dtype=np.float32)
+    n = values.shape[0]
+    if values.size != n * size:
+        raise ValueError(f"values of shape {values.shape} do not hold {n} maps of {shape}")
+    flat = values.reshape(n, size)
+    mask = None
+    if valid is not None and not np.all(valid):
+        invalid = ~np.asarray(valid, dtype=bool)
+        flat = flat.copy()
+        flat[invalid] = 0.0
+        mask = pa.array(invalid)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), type=t, mask=mask)
+
+
 def _correct(labels, pred: np.ndarray | None, valid: np.ndarray) -> pa.Array:
     """bool (N,): ``pred == label`` where the row is ok and its label is not null, else null."""
     n = len(valid)
@@ -311,8 +437,10 @@ def _to_arrow(values, t: pa.DataType, valid: np.ndarray | None, n: int) -> pa.Ar
     invalid = None if valid is None or np.all(valid) else ~np.asarray(valid, dtype=bool)
     if values is None:
         return pa.nulls(n, type=t)
-    if is_tensor_type(t):
+    if isinstance(t, pa.FixedShapeTensorType):
         return tensor_array(values, None if invalid is None else ~invalid, t.shape, t.value_type)
+    if is_tensor_type(t):
+        return map_array(values, None if invalid is None else ~invalid, t)
     if pa.types.is_struct(t) or (
         pa.types.is_fixed_size_list(t) and pa.types.is_struct(t.value_type)
     ):
@@ -429,32 +557,42 @@ def error_table(
 
 
 def tensor_to_numpy(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndarray:
-    """A fixed_shape_tensor (or fixed_size_list) column -> ``dtype`` (float32) ndarray
-    (N, *shape); float16 maps (the compact profile) are widened exactly.
+    """A stored map column -> ``dtype`` (float32) ndarray (N, *shape) of its canonical shape.
 
-    Null rows (error rows) come back as NaN. Works on a column read back by plain pyarrow::
+    Reads every map type the job has written: :func:`map_type` (shape from its element field's
+    metadata, which pyarrow keeps through Parquet), ``fixed_shape_tensor`` (outputs before
+    schema version 2; their float16 compact maps are widened exactly), or a plain fixed-size
+    or variable list of floats without a shape (then (N, length); every row of a variable
+    list must have the same length). Null rows (error rows) come back as NaN::
 
         t = pq.read_table("out/attributions")
-        sal = tensor_to_numpy(t["saliency"])  # (N, H, W)
+        sal = tensor_to_numpy(t["saliency"])  # (N, M, M) compact, (N, H, W) full
     """
     if isinstance(column, pa.ChunkedArray):
         chunks = column.chunks
         t = column.type
     else:
         chunks, t = [column], column.type
-    shape = tuple(t.shape) if is_tensor_type(t) else (t.list_size,)
+    shape = map_shape_of(t)
     parts = []
     for chunk in chunks:
         storage = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
-        size = storage.type.list_size
-        vals = storage.values.slice(storage.offset * size, len(storage) * size)
+        if pa.types.is_fixed_size_list(storage.type):
+            size = storage.type.list_size
+            vals = storage.values.slice(storage.offset * size, len(storage) * size)
+        else:  # list<float> (e.g. a map column rewritten by another engine)
+            lengths = storage.value_lengths().drop_null().unique().to_pylist()
+            if len(lengths) > 1:
+                raise ValueError(f"map rows of different lengths {sorted(lengths)[:5]}")
+            size = lengths[0] if lengths else 0
+            vals = storage.fill_null(pa.scalar([0.0] * size, storage.type)).flatten()
         arr = vals.to_numpy(zero_copy_only=False).astype(dtype, copy=True)
-        arr = arr.reshape(len(storage), *shape)
+        arr = arr.reshape(len(storage), *(shape or (size,)))
         if storage.null_count:
             arr[np.asarray(storage.is_null())] = np.nan
         parts.append(arr)
     if not parts:
-        return np.zeros((0, *shape), dtype=dtype)
+        return np.zeros((0, *(shape or (0,))), dtype=dtype)
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 

@@ -48,7 +48,8 @@ values; NaN statistics, e.g. of an all-zero map, are left out), ``s_p5``, ``s_p5
 ``m`` in ``MAP_METHODS`` that the output has: ``m_mean_map``, the mean of the rows' 2-D maps
 (``stats.map_2d``) after ``adaptive_avg_pool2d`` to 32x32, raw units; and ``m_share_map``, the
 mean of each row's pooled map divided by its sum (every image weighs the same; sums to 1; a row
-whose map sums to 0 is left out). Both ``fixed_shape_tensor<float32>[32, 32]``. With ``topk:K``
+whose map sums to 0 is left out). Both ``fixed_size_list<float32>[1024]`` (32x32 row-major, shape in
+the element field's metadata: ``schema.map_type``). With ``topk:K``
 targets the first (best) target's statistics and maps are used.
 
 Percentile precision. Each statistic is counted in a fixed histogram (:func:`binning_for`), so
@@ -90,7 +91,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from xai_workers.schema import is_tensor_type, tensor_to_numpy
+from xai_workers.schema import is_tensor_type, map_shape_of, map_store_of, map_type, tensor_to_numpy
 
 SUMMARY_VERSION = "1"
 #: Side of the per-class mean maps.
@@ -243,7 +244,7 @@ def statistic_columns(schema: pa.Schema) -> tuple[str, ...]:
 def map_columns(schema: pa.Schema) -> tuple[str, ...]:
     """The methods of ``MAP_METHODS`` whose full-resolution maps ``schema`` holds: a
     ``_pooled_<method>`` column (the worker's), or the method's tensor column stored ``full``
-    (float32; a ``compact`` map, float16 and reduced, is not the map the summary averages)."""
+    (a ``compact`` map, reduced and rounded, is not the map the summary averages)."""
     out = []
     for m in MAP_METHODS:
         if POOLED_PREFIX + m in schema.names:
@@ -254,8 +255,8 @@ def map_columns(schema: pa.Schema) -> tuple[str, ...]:
 
 
 def is_full_map(t: pa.DataType) -> bool:
-    """True for a map column stored at full resolution (the ``full`` profile: float32)."""
-    return is_tensor_type(t) and t.value_type == pa.float32()
+    """True for a map column stored at full resolution (the ``full`` profile)."""
+    return map_store_of(t) == "full"
 
 
 def needed_columns(schema: pa.Schema, maps: bool = True) -> list[str]:
@@ -615,9 +616,9 @@ class Summary:
             ]
         for m in self.maps:
             fields += [
-                pa.field(f"{m}__map_sum", pa.fixed_shape_tensor(pa.float32(), [s, s])),
+                pa.field(f"{m}__map_sum", map_type([s, s])),
                 pa.field(f"{m}__map_n", pa.int64()),
-                pa.field(f"{m}__share_sum", pa.fixed_shape_tensor(pa.float32(), [s, s])),
+                pa.field(f"{m}__share_sum", map_type([s, s])),
                 pa.field(f"{m}__share_n", pa.int64()),
             ]
         meta = {
@@ -659,9 +660,8 @@ class Summary:
             for part in ("sum", "share_sum"):
                 t = schema.field(f"{m}__map_sum").type
                 flat = pa.array(mp[part].reshape(-1).astype(np.float32), pa.float32())
-                storage = pa.FixedSizeListArray.from_arrays(flat, self.map_size**2)
                 name = f"{m}__map_sum" if part == "sum" else f"{m}__share_sum"
-                cols[name] = pa.ExtensionArray.from_storage(t, storage)
+                cols[name] = pa.FixedSizeListArray.from_arrays(flat, type=t)
             cols[f"{m}__map_n"] = pa.array(mp["n"])
             cols[f"{m}__share_n"] = pa.array(mp["share_n"])
         return pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
@@ -764,7 +764,6 @@ class Summary:
             )  # fmt: skip
             for q, v in zip(PERCENTILES, ps, strict=True):
                 cols[f"{name}_p{q}"] = pa.array(v, pa.float64(), mask=empty)
-        s = self.map_size
         for m, mp in self.maps.items():
             for part, count, col in (
                 ("sum", "n", f"{m}_mean_map"),
@@ -774,10 +773,11 @@ class Summary:
                 with np.errstate(divide="ignore", invalid="ignore"):
                     mean = (mp[part][order] / n[:, None, None]).astype(np.float32)
                 mean[n == 0] = 0.0
-                storage = pa.FixedSizeListArray.from_arrays(
-                    pa.array(mean.reshape(-1), pa.float32()), s * s, mask=pa.array(n == 0)
+                cols[col] = pa.FixedSizeListArray.from_arrays(
+                    pa.array(mean.reshape(-1), pa.float32()),
+                    type=schema.field(col).type,
+                    mask=pa.array(n == 0),
                 )
-                cols[col] = pa.ExtensionArray.from_storage(schema.field(col).type, storage)
         table = pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
         meta = dict(schema.metadata or {})
         meta[b"rows"] = str(self.rows).encode()
@@ -795,7 +795,8 @@ def summary_schema(
     ``labeled``, ``correct`` int64, ``accuracy`` float64, ``{s}_mean``/``_p5``/``_p50``/``_p95``
     float64 per statistic (``name`` string after ``class`` with ``has_names``),
     ``{m}_mean_map`` and ``{m}_share_map``
-    ``fixed_shape_tensor<float32>[map_size, map_size]`` per map method."""
+    maps (``schema.map_type``: ``fixed_size_list<float32>[map_size**2]``, row-major, shape in
+    its metadata) per map method."""
     fields = [
         pa.field("group_by", pa.string(), nullable=False),
         pa.field("class", pa.int64()),
@@ -806,7 +807,7 @@ def summary_schema(
     for name in stat_names:
         fields.append(pa.field(f"{name}_mean", pa.float64()))
         fields += [pa.field(f"{name}_p{q}", pa.float64()) for q in PERCENTILES]
-    t = pa.fixed_shape_tensor(pa.float32(), [map_size, map_size])
+    t = map_type([map_size, map_size])
     for m in map_methods:
         fields += [pa.field(f"{m}_mean_map", t), pa.field(f"{m}_share_map", t)]
     meta = {
@@ -984,7 +985,7 @@ def summarize_file(
         acc.maps_left_out = [m for m in MAP_METHODS if m in schema.names and m not in cols]
         if batch_rows is None:
             per_row = sum(
-                4 * int(np.prod(schema.field(c).type.shape))
+                4 * int(np.prod(map_shape_of(schema.field(c).type)))
                 for c in cols
                 if is_tensor_type(schema.field(c).type)
             )

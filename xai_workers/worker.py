@@ -171,10 +171,10 @@ class AttributionWorker:
         num_threads: torch threads on the CPU; None: every core of the affinity mask.
         id_type, label_type: Arrow types of the passed-through ``id`` and ``label`` columns
             (``label_type`` None: the input has no label column).
-        store: storage profile of the maps, ``compact`` (default: float16 ``map_size`` x
-            ``map_size``, IG summed over channels), ``full`` (float32 as computed) or ``stats``
-            (no maps); ``xai_workers.profiles``. Statistics come from the full maps under
-            every profile.
+        store: storage profile of the maps, ``compact`` (default: ``map_size`` x
+            ``map_size`` rounded to bfloat16, IG summed over channels), ``full`` (float32 as
+            computed) or ``stats`` (no maps); ``xai_workers.profiles``. Statistics come from
+            the full maps under every profile.
         map_size: side of compact maps (default 64; never above the image size).
         class_names: one name per class of the model (index -> name), or None; when given, rows
             gain ``target_name`` and ``pred_name``. Its length must be the model's classes.
