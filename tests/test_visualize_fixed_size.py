@@ -7,6 +7,7 @@ weights saved to disk, as in tests/test_model_sources.py: nothing is downloaded.
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 
@@ -19,7 +20,9 @@ from PIL import Image
 
 from xai_audit import cli
 from xai_audit import visualize as J
-from xai_workers import visualize as V
+
+# the module itself: the package attribute xai_workers.visualize is the function
+V = importlib.import_module("xai_workers.visualize")
 
 
 @pytest.fixture(scope="module", autouse=True)
