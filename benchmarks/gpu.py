@@ -31,8 +31,8 @@ JPEG dataset, in batches of ``--batch``, after one warm-up batch:
   CPU workers' decode rate is below the job's.
 
 ``--smoke`` runs everything on tiny stand-ins (torchvision ResNet-18 and a 2-layer ViT at 32 px,
-8 IG steps, 4 rows; the job once, on the ResNet only, 8 rows) so the suite runs this file
-(tests/test_benchmarks_gpu.py) and it cannot rot. Prints one table, a column per model.
+8 IG steps, 4 rows in one batch; the job once, on the ResNet only, 8 rows) so the suite runs this
+file (tests/test_benchmarks_gpu.py) and it cannot rot. Prints one table, a column per model.
 """
 
 from __future__ import annotations
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--job-rows", type=int, help="n1: the job runs n1 and 4 n1 rows")
     p.add_argument("--no-job", action="store_true", help="skip xai-audit run")
     a = p.parse_args(argv)
-    defaults = dict(ig_steps=8, rows=4, batch=2, job_rows=8) if a.smoke else dict(
+    defaults = dict(ig_steps=8, rows=4, batch=4, job_rows=8) if a.smoke else dict(
         ig_steps=32, rows=64, batch=16, job_rows=256)  # fmt: skip
     for k, v in defaults.items():
         if getattr(a, k) is None:
