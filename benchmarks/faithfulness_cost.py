@@ -310,9 +310,10 @@ def main() -> None:
     curve_rate, plain_rate, ratio, cpu_ratio = (
         statistics.median(v) for v in zip(*limit, strict=True)
     )
-    print(f"forward limit: plain inference {plain_rate:.1f} img/s, curves' forwards "
-          f"{curve_rate:.1f} img/s: ratio {ratio:.3f} (process CPU time: {cpu_ratio:.3f}; "
-          "bound: >= 0.90)")  # fmt: skip
+    print(f"forward limit (medians over rounds, each taken alone): plain inference "
+          f"{plain_rate:.1f} img/s, curves' forwards {curve_rate:.1f} img/s; ratio of each "
+          f"round's times {ratio:.3f}, of its process CPU times {cpu_ratio:.3f} "
+          "(bound: >= 0.90)")  # fmt: skip
     if loop_s:
         loop = statistics.median(loop_s)
         print(f"per-image loop {loop:.3f} s/img: batched is {loop / faith:.2f}x faster")
