@@ -7,11 +7,15 @@ AUC). The same curves for a random pixel order are the floor a map must beat. De
 docs/conventions.md ("Faithfulness").
 
 Forward passes only (under ``torch.inference_mode``, on the prepared model), batched: the perturbed
-images of all (image, target) pairs, orders, metrics and steps are rows cut into chunks under a
-memory budget, as the engine's IG sweep is. Where rows would be the same image they run once: the
-two ends of every curve (k = 0 and k = K) are the same images for every order, the image itself,
-the baseline and the blurred image, so they are run once per image; the random order is one per
-image, so its perturbed images are run once per image for all of its targets (``topk``).
+images of all (image, target) pairs, orders, metrics and steps are rows cut into chunks of equal
+size under a memory budget, as the engine's IG sweep is, and written straight into the
+channels_last batch the model runs on (one image broadcast over its steps; nothing gathered), so
+the curves run at the model's own inference rate (docs/benchmarks.md, "At the forward limit").
+Where rows would be the same image they run once: the two ends of every curve (k = 0 and k = K)
+are the same images for every order, the image itself, the baseline and the blurred image, so
+they are run once per image (a baseline shared by the batch once, and ends the caller already has,
+``known``, not at all); the random order is one per image, so its perturbed images are run once
+per image for all of its targets (``topk``).
 """
 
 from __future__ import annotations
