@@ -29,6 +29,13 @@ actor does) and a batch of images, round by round after one warm-up round:
   channels) by ``np.argsort`` (not stable), ours orders pixels stably by index. Prints both
   times per image, the ratio, and each method's largest curve difference.
 
+- forward limit (always): the chunk sizes the curves forwarded (counted with a forward hook) are
+  run again as plain inference, the same prepared model on a channels_last batch of the same
+  sizes under ``torch.inference_mode`` and nothing else: the curves' rows per second (all of
+  their time, building the perturbed batches, ranking, softmax included) against plain
+  inference's, and the ratio (issue 21's bound: >= 0.90). Wall-clock and process CPU time, each
+  round interleaved, so the ratio holds on a loaded machine better than either rate.
+
 Prints medians per image and the ratio faithfulness / trio. Run it on a quiet machine:
 
     python benchmarks/faithfulness_cost.py [--arch resnet18] [--size 224] [--batch 4] \\
@@ -98,6 +105,27 @@ def loop_one_image(net, x, target, maps, baseline, blurred, steps) -> int:
                     torch.softmax(net(img), dim=1)[0, target]
                     runs += 1
     return runs
+
+
+def forward_sizes(net, fn) -> tuple[list[int], object]:
+    """Run ``fn`` and return the batch sizes ``net`` was called with, and ``fn``'s result."""
+    sizes: list[int] = []
+    handle = net.register_forward_hook(lambda m, inputs, out: sizes.append(len(inputs[0])))
+    try:
+        out = fn()
+    finally:
+        handle.remove()
+    return sizes, out
+
+
+def plain_inference(net, sizes, shape, device) -> None:
+    """Forwards of the prepared model alone, at the batch sizes ``sizes``: a channels_last batch
+    under ``torch.inference_mode``, the limit the curves' forwards are measured against."""
+    xin = torch.randn(max(sizes), *shape, device=device)
+    xin = xin.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for s in sizes:
+            net(xin[:s])
 
 
 def module_at(rev: str):
@@ -187,6 +215,7 @@ def main() -> None:
     )
     old = module_at(a.before) if a.before else None
     trio_s, faith_s, loop_s = [], [], []
+    limit: list[tuple[float, float, float, float]] = []
     extra: dict[str, list[float]] = {}
     sg_kw = dict(methods=(*METHODS, "smoothgrad"), smoothgrad_samples=16, noise_keys=keys)
     zero = torch.zeros_like(x[:1])
@@ -195,13 +224,30 @@ def main() -> None:
             lambda: attribute(net, x, ig_steps=a.ig_steps, baseline=base, methods=METHODS), device
         )
         maps = {m: map_2d(m, out[m]) for m in METHODS}
-        t_faith, aucs = _timed(
-            lambda maps=maps, out=out: deletion_insertion(
-                net, x, out["target"], maps, base, blurred, steps=a.steps, keys=keys
+        c_faith = time.process_time()
+        t_faith, (sizes, aucs) = _timed(
+            lambda maps=maps, out=out: forward_sizes(
+                net,
+                lambda: deletion_insertion(
+                    net, x, out["target"], maps, base, blurred, steps=a.steps, keys=keys
+                ),
             ),
             device,
         )
+        c_faith = time.process_time() - c_faith
+        c_plain = time.process_time()
+        t_plain, _ = _timed(lambda sizes=sizes: plain_inference(net, sizes, x.shape[1:], device),
+                            device)  # fmt: skip
+        c_plain = time.process_time() - c_plain
+        rows = sum(sizes)
         line = f"round {r}: trio {t_trio / a.batch:.3f} s/img, faithfulness {t_faith / a.batch:.3f}"
+        line += (
+            f", forwards {rows} rows in {len(sizes)} chunks of <= {max(sizes)}: curves "
+            f"{rows / t_faith:.1f} img/s, plain inference {rows / t_plain:.1f} img/s, ratio "
+            f"{t_plain / t_faith:.3f} (CPU time {c_plain / c_faith:.3f})"
+        )
+        if r:
+            limit.append((rows / t_faith, rows / t_plain, t_plain / t_faith, c_plain / c_faith))
         times = {}
         if old is not None:
             times["faithfulness before"], old_aucs = _timed(
@@ -261,6 +307,13 @@ def main() -> None:
     trio, faith = statistics.median(trio_s), statistics.median(faith_s)
     print(f"median: trio {trio:.3f} s/img, deletion+insertion {faith:.3f} s/img, "
           f"ratio {faith / trio:.2f} (adds {100 * faith / trio:.0f}% to the trio)")  # fmt: skip
+    curve_rate, plain_rate, ratio, cpu_ratio = (
+        statistics.median(v) for v in zip(*limit, strict=True)
+    )
+    print(f"forward limit (medians over rounds, each taken alone): plain inference "
+          f"{plain_rate:.1f} img/s, curves' forwards {curve_rate:.1f} img/s; ratio of each "
+          f"round's times {ratio:.3f}, of its process CPU times {cpu_ratio:.3f} "
+          "(bound: >= 0.90)")  # fmt: skip
     if loop_s:
         loop = statistics.median(loop_s)
         print(f"per-image loop {loop:.3f} s/img: batched is {loop / faith:.2f}x faster")

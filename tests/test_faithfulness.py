@@ -153,9 +153,11 @@ def test_chunk_size_changes_nothing(setup):
 
 
 def test_forward_rows_are_shared_where_images_coincide(setup):
-    """The ends (image, baseline, blurred image) run once per image, and the random order's
-    perturbed images once per image for all its topk targets: the rows forwarded are
-    3 N + (maps x metrics x N T + metrics x N) x (K - 1), not one per (order, target, step)."""
+    """The ends (image, baseline, blurred image) run once per image (a (1, C, H, W) baseline
+    once for all, the blur baseline passed as ``blurred`` once for both), the random order's
+    perturbed images once per image for all its topk targets, and ends already ``known`` not at
+    all: the rows forwarded are 2 N + 1 + (maps x metrics x N T + metrics x N) x (K - 1), not one
+    per (order, target, step), in chunks of equal size. Sharing changes no value."""
     from xai_workers.engine import prepare_model
 
     model, x, baseline, blurred, maps, keys = setup
@@ -164,13 +166,38 @@ def test_forward_rows_are_shared_where_images_coincide(setup):
     handle = net.register_forward_hook(lambda m, inputs, out: rows.append(len(inputs[0])))
     targets = torch.tensor([[0, 3], [4, 1], [2, 2]])
     topk_maps = {k: v[:, None].expand(3, 2, SIDE, SIDE) for k, v in maps.items()}
+    n, t, metrics = 3, 2, 2
+    inside = (len(maps) * metrics * n * t + metrics * n) * (STEPS - 1)
+
+    def run(base, blur, known=None):
+        rows.clear()
+        got = curves(net, x, targets, topk_maps, base, blur, steps=STEPS, keys=keys,
+                     chunk_rows=7, known=known)  # fmt: skip
+        return got, list(rows)
+
     try:
-        curves(net, x, targets, topk_maps, baseline, blurred, steps=STEPS, keys=keys,
-               chunk_rows=7)  # fmt: skip
+        ref, r = run(baseline, blurred)
+        assert sum(r) == 2 * n + 1 + inside
+        assert max(r) - min(r) <= 1 and max(r) <= 7  # equal chunks: no small rest
+        # a baseline per image: one row each
+        _, r = run(baseline.expand(n, -1, -1, -1).clone(), blurred)
+        assert sum(r) == 3 * n + inside
+        # the blur baseline passed as both: its images run once
+        same, r = run(blurred, blurred)
+        assert sum(r) == 2 * n + inside
+        for (o, m), c in same.items():
+            if m == "insertion":  # the same start image as in ref
+                torch.testing.assert_close(c, ref[(o, m)], rtol=0, atol=1e-12, equal_nan=True)
+        # the probabilities at x already known (the trio's pass): x is not run again
+        with torch.no_grad():
+            p_x = torch.softmax(model(x), dim=1).gather(1, targets)
+        shared, r = run(baseline, blurred, known={"image": p_x})
+        assert sum(r) == n + 1 + inside
     finally:
         handle.remove()
-    n, t, metrics = 3, 2, 2
-    assert sum(rows) == 3 * n + (len(maps) * metrics * n * t + metrics * n) * (STEPS - 1)
+    for key, c in ref.items():
+        # 1e-12: float64; the same probabilities from another batch
+        torch.testing.assert_close(shared[key], c, rtol=0, atol=1e-12, equal_nan=True)
 
 
 def test_row_bytes_are_measured_once_and_not_in_inference_mode(setup):
@@ -244,3 +271,5 @@ def test_bad_settings_are_refused(setup):
         curves(model, x, t, maps, baseline, blurred, steps=0)
     with pytest.raises(ValueError, match="keys for 3 images"):
         curves(model, x, t, maps, baseline, blurred, keys=[1])
+    with pytest.raises(ValueError, match="known: keys"):
+        curves(model, x, t, maps, baseline, blurred, known={"x": t.double()})

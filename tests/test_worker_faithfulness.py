@@ -98,3 +98,23 @@ def test_bad_faithfulness_settings(model):
         AttributionWorker(model, faithfulness=("deletion", "deletion"), **KW)
     with pytest.raises(ValueError, match="steps >= 1"):
         AttributionWorker(model, faithfulness=("deletion",), faithfulness_steps=0, **KW)
+
+
+def test_probabilities_at_x_come_from_the_trio_pass_when_it_has_them(model):
+    """The curves skip x's forward when the trio's fp32 pass at x already holds the targets'
+    probabilities (its top 5); a target outside the top 5, or a bf16 pass, runs x again."""
+    w = AttributionWorker(model, faithfulness=("deletion",), faithfulness_steps=4, **KW)
+    xt = torch.from_numpy(_images(3))
+    res = attribute(w.net, xt, ig_steps=4, gradcam_layer=w.gradcam_layer)
+    with torch.no_grad():
+        p = torch.softmax(w.net(xt).double(), dim=1)
+    known = w._known_at_x(xt, res)
+    # 1e-6: the trio's float32 softmax of the same logits (a wrong class is off by > 1e-3)
+    torch.testing.assert_close(
+        known["image"], p.gather(1, res["target"].reshape(3, -1)), rtol=0, atol=1e-6
+    )
+    last = p.argmin(dim=1, keepdim=True)  # never in the top 5 of the demo's classes
+    assert p.shape[1] > 5
+    assert w._known_at_x(xt, dict(res, target=last[:, 0])) is None
+    bf16 = AttributionWorker(model, faithfulness=("deletion",), precision="bf16", **KW)
+    assert bf16._known_at_x(xt, res) is None

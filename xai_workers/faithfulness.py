@@ -7,11 +7,15 @@ AUC). The same curves for a random pixel order are the floor a map must beat. De
 docs/conventions.md ("Faithfulness").
 
 Forward passes only (under ``torch.inference_mode``, on the prepared model), batched: the perturbed
-images of all (image, target) pairs, orders, metrics and steps are rows cut into chunks under a
-memory budget, as the engine's IG sweep is. Where rows would be the same image they run once: the
-two ends of every curve (k = 0 and k = K) are the same images for every order, the image itself,
-the baseline and the blurred image, so they are run once per image; the random order is one per
-image, so its perturbed images are run once per image for all of its targets (``topk``).
+images of all (image, target) pairs, orders, metrics and steps are rows cut into chunks of equal
+size under a memory budget, as the engine's IG sweep is, and written straight into the
+channels_last batch the model runs on (one image broadcast over its steps; nothing gathered), so
+the curves run at the model's own inference rate (docs/benchmarks.md, "At the forward limit").
+Where rows would be the same image they run once: the two ends of every curve (k = 0 and k = K)
+are the same images for every order, the image itself, the baseline and the blurred image, so
+they are run once per image (a baseline shared by the batch once, and ends the caller already has,
+``known``, not at all); the random order is one per image, so its perturbed images are run once
+per image for all of its targets (``topk``).
 """
 
 from __future__ import annotations
@@ -99,17 +103,30 @@ def _row_bytes(net: nn.Module, x1: Tensor) -> float:
     return known[key]
 
 
-def _softmax(net: nn.Module, inp: Tensor) -> Tensor:
-    """Softmax probabilities at ``inp`` (R, C, H, W): float64 (R, classes)."""
-    logits = net(inp.contiguous(memory_format=torch.channels_last))  # no copy if it already is
+def _log_probs(net: nn.Module, inp: Tensor) -> Tensor:
+    """Log softmax probabilities at ``inp`` (R, C, H, W), a channels_last batch: float64
+    (R, classes), from the model's logits widened to float64."""
+    logits = net(inp)
     if logits.dim() != 2:
         raise ValueError(f"model output must be (N, classes), got {tuple(logits.shape)}")
-    return torch.softmax(logits.double(), dim=1)
+    wide = logits.double()
+    return wide - torch.logsumexp(wide, dim=1, keepdim=True)
 
 
-def _probs(net: nn.Module, inp: Tensor, targets: Tensor) -> Tensor:
-    """Softmax probabilities of ``targets`` (R, T) at ``inp`` (R, C, H, W): float64 (R, T)."""
-    return _softmax(net, inp).gather(1, targets)
+def _fill(seg: tuple, lo: int, hi: int, out: Tensor) -> None:
+    """Write rows ``lo:hi`` of a segment into ``out`` (hi - lo, C, H, W) (a channels_last view).
+
+    A segment is ``("copy", images (L, C, H, W))`` or ``("mask", on (C, H, W), off (C, H, W),
+    ranks (H*W,), counts (L,))``: row r holds ``on`` at the pixels whose rank is below
+    ``counts[r]`` and ``off`` elsewhere (one image broadcast over the rows: nothing gathered).
+    """
+    if seg[0] == "copy":
+        out.copy_(seg[1][lo:hi])
+        return
+    _, on, off, ranks, counts = seg
+    h, w = on.shape[-2:]
+    replaced = (ranks[None, :] < counts[lo:hi, None]).view(hi - lo, 1, h, w)
+    torch.where(replaced, on, off, out=out)
 
 
 def curves(
@@ -125,6 +142,7 @@ def curves(
     keys: Sequence[int] | None = None,
     chunk_rows: int | None = None,
     budget_mb: float | None = None,
+    known: Mapping[str, Tensor] | None = None,
 ) -> dict[tuple[str, str], Tensor]:
     """Deletion/insertion curves of every map, and of the random order when ``keys`` are given.
 
@@ -134,11 +152,18 @@ def curves(
         x: (N, C, H, W) images in input space (float32; float64 with a float64 model is kept).
         targets: (N,) or (N, T) int64 classes explained (T targets per image with topk).
         maps: method -> its 2-D map (N, H, W) (or (N, T, H, W)), values ranked as they are.
-        baseline: (N or 1, C, H, W): what deleted pixels become.
+        baseline: (N or 1, C, H, W): what deleted pixels become. One (1, C, H, W) baseline is
+            one forward for all images.
         blurred: (N, C, H, W): the image insertion starts from (``make_baseline(x, "blur")``).
+            Passing the baseline tensor itself (the blur baseline) runs those images once.
         steps: K >= 1; metrics: any of ``METRICS``; keys: one int per image (``row_key``).
         chunk_rows: perturbed images per forward; None: as many as ``budget_mb`` holds (default
-            the engine's: 256/512 MB on a CPU, 35% of free memory on a GPU).
+            the engine's: 256/512 MB on a CPU, 35% of free memory on a GPU). The rows are cut
+            into chunks of equal size (at most one row apart), so no forward runs a small rest.
+        known: the targets' softmax probabilities (N,) or (N, T), float, already computed in an
+            fp32 forward pass of the same prepared model, at any of ``"image"`` (x),
+            ``"baseline"``, ``"blurred"`` (e.g. the trio's pass at x): those images are not run
+            again.
 
     Returns:
         (order, metric) -> float64 (N, K+1) (or (N, T, K+1)): the target's softmax probability at
@@ -156,6 +181,9 @@ def curves(
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     if x.dim() != 4:
         raise ValueError(f"x must be (N, C, H, W), got {tuple(x.shape)}")
+    known = dict(known or {})
+    if set(known) - {"image", "baseline", "blurred"}:
+        raise ValueError(f"known: keys 'image', 'baseline', 'blurred', got {sorted(known)}")
     n, _, h, w = x.shape
     device = x.device
     targets = torch.as_tensor(targets, dtype=torch.long, device=device)
@@ -163,10 +191,13 @@ def curves(
     tt = targets.reshape(n, -1)
     per = tt.shape[1]
     pairs = n * per
+    same = blurred is baseline  # the blur baseline: one set of images for both
     x = x.detach()
-    base = torch.as_tensor(baseline, dtype=x.dtype, device=device).detach().expand_as(x)
+    base = torch.as_tensor(baseline, dtype=x.dtype, device=device).detach()
+    base = base if base.dim() == 4 else base.expand_as(x)
+    if base.shape[0] != 1:
+        base = base.expand_as(x)
     blur = torch.as_tensor(blurred, dtype=x.dtype, device=device).detach().expand_as(x)
-    sources = torch.stack([x, base, blur])  # (3, N, C, H, W): image, baseline, blurred
     net = prepare_model(model, device=device)
 
     names = list(maps)
@@ -176,79 +207,121 @@ def curves(
         m = maps[name].detach().reshape(pairs, h, w)
         flat = m.reshape(pairs, -1)
         ok = torch.isfinite(flat).all(dim=1) & (flat.amax(dim=1) > flat.amin(dim=1))
-        rank_list.append(pixel_ranks(m))
-        valid_list.append(ok)
+        rank_list.append(pixel_ranks(m).to(device=device, dtype=torch.int32))
+        valid_list.append(ok.to(device))
     if keys is not None:
         if len(keys) != n:
             raise ValueError(f"{len(keys)} keys for {n} images")
         names.append(RANDOM)
-        rand_ranks = random_ranks(keys, h * w, device)  # (N, HW): one order per image
+        rand_ranks = random_ranks(keys, h * w, device).int()  # (N, HW): one order per image
         valid_list.append(torch.ones(pairs, dtype=torch.bool, device=device))
-    ranks = torch.stack(rank_list).to(device) if rank_list else None  # (O maps, P, HW)
-    counts = torch.tensor(step_counts(steps, h * w), device=device)
-    # (metric) -> index of (pixels replaced, pixels kept) sources: deletion puts the baseline in
-    # the image, insertion puts the image in the blurred image
-    src_of = {"deletion": (1, 0), "insertion": (0, 2)}
-    on_src = torch.tensor([src_of[m][0] for m in metrics], device=device)
-    off_src = torch.tensor([src_of[m][1] for m in metrics], device=device)
+    inner = steps - 1  # the inside of every curve: k = 1..K-1
+    counts = torch.tensor(step_counts(steps, h * w)[1:steps], dtype=torch.int32, device=device)
 
-    if chunk_rows is None:
-        budget = (budget_mb or _default_budget_mb(device)) * 2**20
-        chunk_rows = int(max(1, budget // _row_bytes(net, x[:1])))
-    # forwards only: inference mode (no autograd bookkeeping at all)
-    with torch.inference_mode():
-        # the ends of every curve: p at the image, the baseline and the blurred image, per pair
-        ends_rows = 3 * n
-        ends = torch.empty(3, pairs, dtype=torch.float64, device=device)
-        src_flat = sources.reshape(3 * n, *x.shape[1:])
-        every = torch.arange(per, device=device)
-        for start in range(0, ends_rows, chunk_rows):
-            r = torch.arange(start, min(ends_rows, start + chunk_rows), device=device)
-            which, img = r // n, r % n  # every target of an image from the same logits
-            ends[which[:, None], img[:, None] * per + every] = _probs(net, src_flat[r], tt[img])
-        out = torch.full(
-            (len(names), len(metrics), pairs, steps + 1), math.nan, dtype=torch.float64,
-            device=device,
-        )  # fmt: skip
-        for mi, metric in enumerate(metrics):
-            first, last = (0, 1) if metric == "deletion" else (2, 0)
-            out[:, mi, :, 0], out[:, mi, :, steps] = ends[first], ends[last]
-        # the inside of every curve: rows (map order, metric, pair, k = 1..K-1), k fastest, then
-        # the random order's rows (metric, image, k): its perturbed images are the same for every
-        # target of an image (topk), so one forward serves them all
-        inner = steps - 1
-        map_rows = n_maps * len(metrics) * pairs * inner
-        rows = map_rows + (len(metrics) * n * inner if keys is not None else 0)
-        flat_t = tt.reshape(-1)
-        for start in range(0, rows, chunk_rows):
-            r = torch.arange(start, min(rows, start + chunk_rows), device=device)
-            ra, rb = r[r < map_rows], r[r >= map_rows] - map_rows
-            k, rest = ra % inner + 1, ra // inner
-            pair, rest = rest % pairs, rest // pairs
-            mi, oi = rest % len(metrics), rest // len(metrics)
-            kb, rest = rb % inner + 1, rb // inner
-            img_b, mi_b = rest % n, rest // n
-            img = torch.cat([pair // per, img_b])
-            parts = [ranks[oi, pair] < counts[k][:, None]] if len(ra) else []
-            if len(rb):
-                parts.append(rand_ranks[img_b] < counts[kb][:, None])
-            replaced = torch.cat(parts).view(-1, 1, h, w)  # (R, 1, H, W)
-            m_all = torch.cat([mi, mi_b])
-            # straight into a channels_last batch: the layout the prepared model runs in
-            inp = torch.empty(
-                (len(r), *x.shape[1:]), dtype=x.dtype, device=device,
-                memory_format=torch.channels_last,
-            )  # fmt: skip
-            torch.where(
-                replaced, sources[on_src[m_all], img], sources[off_src[m_all], img], out=inp
-            )
-            p = _softmax(net, inp)  # (R, classes)
-            cut = len(ra)
-            if cut:
-                out[oi, mi, pair, k] = p[:cut].gather(1, flat_t[pair][:, None])[:, 0]
-            if len(rb):
-                cols = img_b[:, None] * per + every  # every target of the image
-                out[-1, mi_b[:, None], cols, kb[:, None]] = p[cut:].gather(1, tt[img_b])
+    # The rows, in segments of rows built the same way: first the ends of the curves (the image,
+    # the baseline, the blurred image: the same for every order, run once per image, or once
+    # for a shared baseline), then (map order, metric, pair) with k = 1..K-1, then the random
+    # order's (metric, image) with k = 1..K-1: its perturbed images are the same for every
+    # target of an image (topk), so one forward serves them all.
+    segs: list[tuple] = []
+    ends: dict[str, tuple[int, int]] = {}  # source -> (first row, rows)
+    row = 0
+    for name, images in (("image", x), ("baseline", base), ("blurred", blur)):
+        if name in known or (name == "blurred" and same):
+            continue
+        ends[name] = (row, len(images))
+        segs.append(("copy", images, len(images)))
+        row += len(images)
+    end_rows = row
+    # (pixels replaced, pixels kept) per metric: deletion puts the baseline in the image,
+    # insertion puts the image in the blurred image
+    src = {
+        "deletion": lambda i: (base[min(i, len(base) - 1)], x[i]),
+        "insertion": lambda i: (x[i], blur[i]),
+    }
+    if inner:
+        for oi in range(n_maps):
+            for metric in metrics:
+                for pair in range(pairs):
+                    on, off = src[metric](pair // per)
+                    segs.append(("mask", on, off, rank_list[oi][pair], counts, inner))
+        if keys is not None:
+            for metric in metrics:
+                for i in range(n):
+                    on, off = src[metric](i)
+                    segs.append(("mask", on, off, rand_ranks[i], counts, inner))
+    map_rows = n_maps * len(metrics) * pairs * inner
+    rows = end_rows + map_rows + (len(metrics) * n * inner if keys is not None else 0)
+    # the image whose targets each inside row reads (map rows: their pair's; random: all)
+    img_of = torch.cat(
+        [
+            torch.arange(pairs, device=device).div(per, rounding_mode="floor")
+            .repeat_interleave(inner).repeat(n_maps * len(metrics)),
+            torch.arange(n, device=device).repeat_interleave(inner).repeat(
+                len(metrics) if keys is not None else 0
+            ),
+        ]
+    )  # fmt: skip
+    inside = torch.empty(rows - end_rows, per, dtype=torch.float64, device=device)
+    end_lp = None
+
+    if rows:
+        if chunk_rows is None:
+            budget = (budget_mb or _default_budget_mb(device)) * 2**20
+            chunk_rows = int(max(1, budget // _row_bytes(net, x[:1])))
+        # equal chunks: ceil(rows / chunk_rows) forwards of at most chunk_rows rows each
+        size = -(-rows // -(-rows // chunk_rows))
+        si, used = 0, 0  # the segment being written and its rows already written
+        # forwards only: inference mode (no autograd bookkeeping at all)
+        with torch.inference_mode():
+            for c0 in range(0, rows, size):
+                c1 = min(rows, c0 + size)
+                # straight into a channels_last batch: the layout the prepared model runs in
+                inp = torch.empty(
+                    (c1 - c0, *x.shape[1:]), dtype=x.dtype, device=device,
+                    memory_format=torch.channels_last,
+                )  # fmt: skip
+                a = 0
+                while a < c1 - c0:
+                    seg = segs[si]
+                    take = min(c1 - c0 - a, seg[-1] - used)
+                    _fill(seg[:-1], used, used + take, inp[a : a + take])
+                    a, used = a + take, used + take
+                    if used == seg[-1]:
+                        si, used = si + 1, 0
+                lp = _log_probs(net, inp)  # (R, classes)
+                e = max(0, min(c1, end_rows) - c0)  # the chunk's end rows: kept whole
+                if e:
+                    if end_lp is None:
+                        end_lp = torch.empty(end_rows, lp.shape[1], dtype=lp.dtype, device=device)
+                    end_lp[c0 : c0 + e] = lp[:e]
+                if e < c1 - c0:
+                    lo, hi = c0 + e - end_rows, c1 - end_rows
+                    inside[lo:hi] = lp[e:].gather(1, tt[img_of[lo:hi]]).exp_()
+
+    def at(name: str) -> Tensor:
+        """The targets' probabilities (N, T) at one of the curves' ends."""
+        if name in known:
+            return torch.as_tensor(known[name], device=device).double().reshape(n, per)
+        if name == "blurred" and same:
+            name = "baseline"
+        first, count = ends[name]
+        lp = end_lp[first : first + count].expand(n, -1)
+        return lp.gather(1, tt).exp()
+
+    out = torch.empty(
+        (len(names), len(metrics), pairs, steps + 1), dtype=torch.float64, device=device
+    )
+    for mi, metric in enumerate(metrics):
+        first, last = ("image", "baseline") if metric == "deletion" else ("blurred", "image")
+        out[:, mi, :, 0], out[:, mi, :, steps] = at(first).reshape(-1), at(last).reshape(-1)
+    if inner:
+        pm = inside[:map_rows].view(n_maps, len(metrics), pairs, inner, per)
+        col = (torch.arange(pairs, device=device) % per).view(1, 1, pairs, 1, 1)
+        out[:n_maps, :, :, 1:steps] = pm.gather(4, col.expand(*pm.shape[:4], 1))[..., 0]
+        if keys is not None:
+            pr = inside[map_rows:].view(len(metrics), n, inner, per).transpose(2, 3)
+            out[-1, :, :, 1:steps] = pr.reshape(len(metrics), pairs, inner)
     valid = torch.stack(valid_list)  # (O, P)
     out = torch.where(valid[:, None, :, None], out, torch.full_like(out, math.nan))
     return {

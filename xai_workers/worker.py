@@ -524,7 +524,22 @@ class AttributionWorker:
             metrics=self.faithfulness,
             keys=keys,
             budget_mb=self.batch_budget_mb,
+            known=self._known_at_x(x, result),
         )
+
+    def _known_at_x(self, x, result) -> dict[str, torch.Tensor] | None:
+        """The targets' softmax probabilities at x from the trio's own pass at x (its top-5),
+        when that pass ran in fp32 (the curves' score is fp32) and every target is among the
+        top 5 (the predicted class always is; ``topk:K`` with K <= 5): the curves then skip
+        x's forward. None otherwise."""
+        if self.precision == "bf16" or (self.precision == "auto" and x.device.type == "cuda"):
+            return None
+        classes, probs = result["topk_classes"], result["topk_probs"]
+        t = result["target"].reshape(len(x), -1)
+        hit = classes[:, None, :] == t[:, :, None]  # (N, T, 5)
+        if not bool(hit.any(dim=-1).all()):
+            return None
+        return {"image": (probs.double()[:, None, :] * hit).sum(dim=-1)}
 
     def _explain(self, x, targets, rows, n, errors, keys=None) -> dict[str, np.ndarray]:
         """Attribute ``x`` (rows ``rows`` of a batch of ``n``) in chunks of ``batch_size``.
