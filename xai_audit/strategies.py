@@ -1,4 +1,4 @@
-"""``xai-audit strategies OUTPUT``: SpRAy strategy analysis per class and method over a finished run.
+"""``xai-audit strategies OUTPUT``: SpRAy strategy analysis per class and method of a run.
 
 The computation is ``xai_workers.strategies`` (docs/conventions.md, "Strategies (SpRAy)"); this
 module fans it out over classes as Ray tasks and writes its two tables:
@@ -68,8 +68,10 @@ METHODS = (
 )  # fmt: skip
 
 
-def rows_schema(id_type: pa.DataType = pa.string()) -> pa.Schema:
-    """Schema of ``summary/strategies.parquet``; ``id`` keeps the attribution files' type."""
+def rows_schema(id_type: pa.DataType | None = None) -> pa.Schema:
+    """Schema of ``summary/strategies.parquet``; ``id`` keeps the attribution files' type
+    (string when None)."""
+    id_type = id_type or pa.string()
     return pa.schema(
         [
             pa.field("id", id_type),
@@ -372,7 +374,7 @@ def analyse_bucket(
         labels = np.where(np.isnan(labels.astype(np.float64)), -1, labels).astype(np.int64)
         starts = np.flatnonzero(np.r_[True, target[1:] != target[:-1]])
         ends = np.r_[starts[1:], len(target)]
-        for lo, hi in zip(starts, ends):
+        for lo, hi in zip(starts, ends, strict=True):
             cls = t.slice(lo, hi - lo)
             name = cls.column("target_name")[0].as_py()
             for m in methods:
@@ -519,7 +521,7 @@ def _plan(output: str, s3_endpoint: str | None, methods, grid: int, buckets: int
 def run_strategies(
     output: str,
     *,
-    config: StrategyConfig = StrategyConfig(),
+    config: StrategyConfig | None = None,
     methods: list[str] | None = None,
     resume: bool = False,
     buckets: int | None = None,
@@ -535,6 +537,7 @@ def run_strategies(
     import ray
 
     log = log or (lambda m: None)
+    config = config or StrategyConfig()
     t0 = time.monotonic()
     parts, methods, id_type, n_buckets, rows = _plan(
         output, s3_endpoint, methods, config.grid, buckets
@@ -599,6 +602,7 @@ def run_strategies(
             zip(
                 out["clusters"].column("target").to_pylist(),
                 out["clusters"].column("method").to_pylist(),
+                strict=True,
             )
         )  # fmt: skip
     )

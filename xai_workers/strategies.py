@@ -223,7 +223,8 @@ def kmeans(embedding: np.ndarray, n_clusters: int, seed: int = 0) -> np.ndarray:
 
 def tsne_2d(embedding: np.ndarray, seed: int = 0) -> np.ndarray:
     """A seeded 2-D t-SNE (scikit-learn, PCA initialisation, perplexity ``min(30, (n - 1) / 3)``,
-    ``TSNE_ITER`` iterations: half scikit-learn's default, for cost) of the rows of ``embedding`` (n, d) -> float32 (n, 2)."""
+    ``TSNE_ITER`` iterations: half scikit-learn's default, for cost) of the rows of
+    ``embedding`` (n, d) -> float32 (n, 2)."""
     from sklearn.manifold import TSNE
 
     n = len(embedding)
@@ -315,13 +316,13 @@ def shortcut_flags(
         if np.isfinite(e) and e >= exclusive and sizes[s] >= min_size:
             flagged[s] = True
             reasons[s] = (
-                f"{e:.0%} of its mean map's mass lies in cells ({_where(means[s], means, s, ratio)}) "
-                f"where it is >= {ratio:g}x the class's other strategies'"
+                f"{e:.0%} of its mean map's mass lies in cells ({_where(means[s])}) where"
+                f" it is >= {ratio:g}x the class's other strategies'"
             )
     return ex, flagged, reasons
 
 
-def _where(m: np.ndarray, means: np.ndarray, s: int, ratio: float) -> str:
+def _where(m: np.ndarray) -> str:
     """Where a strategy's densest own cell lies, in words (``top-left``, ``centre``, ...)."""
     g = m.shape[0]
     i, j = np.unravel_index(int(np.argmax(m)), m.shape)
