@@ -50,7 +50,7 @@ CONCENTRATION_TOP = 0.1
 FLAG_RATIO = 3.0
 #: ...and a strategy is a shortcut candidate when at least this share of its mass lies in its own
 #: cells...
-FLAG_EXCLUSIVE = 0.3
+FLAG_EXCLUSIVE = 0.1
 #: ...and it has at least this many rows.
 FLAG_MIN_SIZE = 5
 #: t-SNE iterations of the 2-D picture embedding.
