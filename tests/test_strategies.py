@@ -104,7 +104,6 @@ def test_same_clusters_as_corelay(trained_maps):
     """CoRelAy's SpRAy pipeline (its SparseKNN, SymmetricNormalLaplacian, EigenDecomposition and
     KMeans) on our preprocessed maps, same k, number of eigenvalues, clusters and seed, its KMeans
     given the eigenvectors of the c smallest eigenvalues (our rule; CoRelAy's default takes all)."""
-    pytest.importorskip("corelay")  # the `test` extra installs it
     from corelay.pipeline.spectral import SpectralClustering
     from corelay.processor.affinity import SparseKNN
     from corelay.processor.clustering import KMeans
@@ -245,7 +244,7 @@ def test_driver_writes_tables_idempotently_and_resumes(tmp_path, ray_session):
 
     out = str(tmp_path / "out")
     wm = _local_output(out)
-    rec = run_strategies(out, buckets=3)
+    rec = run_strategies(out, buckets=3, use_ray=True)
     assert rec["status"] == "complete" and rec["flagged"] == 2  # class 1, both methods
     first = _files(out)
     assert not os.path.exists(os.path.join(out, "summary", "_strategies"))  # work removed
@@ -266,7 +265,7 @@ def test_driver_writes_tables_idempotently_and_resumes(tmp_path, ray_session):
     assert all(np.isfinite(x["embed_x"]) for x in r)
 
     # twice: the same bytes
-    run_strategies(out, buckets=3)
+    run_strategies(out, buckets=3, use_ray=True)
     assert _files(out) == first
 
     # interrupted during the analysis (after the first bucket), then --resume
@@ -278,11 +277,11 @@ def test_driver_writes_tables_idempotently_and_resumes(tmp_path, ray_session):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_strategies(out, buckets=3, log=stop)
+        run_strategies(out, buckets=3, use_ray=True, log=stop)
     assert not os.path.exists(os.path.join(out, "summary", "strategies.parquet"))
     assert os.listdir(os.path.join(out, "summary", "_strategies", "results"))
     said = []
-    run_strategies(out, buckets=3, resume=True, log=said.append)
+    run_strategies(out, buckets=3, resume=True, use_ray=True, log=said.append)
     assert any("resuming" in m for m in said)
     plan = next(m for m in said if "bucket(s); bucketing" in m)
     assert "bucketing 0/1" in plan and "analysing 3/3" not in plan
@@ -304,7 +303,7 @@ def test_driver_on_s3_matches_local(tmp_path, s3_server, s3_bucket, ray_session)
 
     _planted_output(write)
     uri = f"s3://{s3_bucket}/out"
-    run_strategies(uri, s3_endpoint=s3_server, config=S.StrategyConfig(embed=False))
+    run_strategies(uri, s3_endpoint=s3_server, config=S.StrategyConfig(embed=False), use_ray=True)
     run_strategies(local, config=S.StrategyConfig(embed=False))
     for name in ("strategies.parquet", "strategy_clusters.parquet"):
         with fs.open_input_file(f"{s3_bucket}/out/summary/{name}") as f:

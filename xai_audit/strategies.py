@@ -59,6 +59,8 @@ PARTS_PER_TASK = 8
 #: Rows per bucket the bucket count aims at, and the most buckets.
 ROWS_PER_BUCKET = 20_000
 MAX_BUCKETS = 4096
+#: Outputs up to this many rows are analysed in-process unless Ray is already up (``use_ray``).
+IN_PROCESS_ROWS = 20_000
 #: Rows per batch when an attribution file is read.
 BATCH_ROWS = 2048
 #: The map methods analysed, when present in the output.
@@ -528,11 +530,14 @@ def run_strategies(
     s3_endpoint: str | None = None,
     address: str | None = None,
     num_cpus: int | None = None,
+    use_ray: bool | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Strategy analysis of a finished output (module docstring); returns a record for the
-    manifest (``status``, URIs, counts, seconds). Starts a local Ray (or connects to
-    ``address``) unless Ray is already initialised, and shuts down only what it started.
+    manifest (``status``, URIs, counts, seconds). ``use_ray`` None: Ray tasks when Ray is already
+    initialised, an ``address`` is given or the output has more than ``IN_PROCESS_ROWS`` rows,
+    else the same functions run in this process (no Ray start-up for a small output). Starts a
+    local Ray (or connects to ``address``) when needed, and shuts down only what it started.
     FileNotFoundError without attribution files; ValueError for methods not stored."""
     import ray
 
@@ -570,6 +575,17 @@ def run_strategies(
         f"{n_buckets} bucket(s); bucketing {len(todo1)}/{len(tasks)} task(s), analysing "
         f"{len(todo2)}/{n_buckets} bucket(s)"
     )
+    if use_ray is None:  # a small output: no Ray to start (seconds), the same functions in-process
+        use_ray = ray.is_initialized() or address not in (None, "local") or rows > IN_PROCESS_ROWS
+    if not use_ray:
+        attr = _join(output, "attributions")
+        for n, i in enumerate(todo1, 1):
+            bucket_parts(i, tasks[i], attr, work, methods, config.grid, n_buckets, s3_endpoint)
+            log(f"strategies: bucketing {n}/{len(todo1)} done")
+        for n, b in enumerate(todo2, 1):
+            analyse_bucket(b, work, methods, asdict(config), id_type, s3_endpoint)
+            log(f"strategies: analysis {n}/{len(todo2)} done")
+        todo1 = todo2 = []
     started = False
     if (todo1 or todo2) and not ray.is_initialized():
         kwargs = {"include_dashboard": False, "logging_level": "WARNING"}
@@ -742,3 +758,25 @@ def _main(ns: argparse.Namespace) -> int:
         print("xai-audit: interrupted; `xai-audit strategies OUTPUT --resume` finishes", flush=True)
         return 130
     return 0
+
+
+def run_for_job(cfg, log) -> dict:
+    """The job's step after the summary (``xai_audit.attribute``; ``--no-strategies`` skips it):
+    :func:`run_strategies` on ``cfg.output`` with the defaults, on the job's Ray address and
+    CPUs. Returns the manifest's ``strategies`` record; a failure is logged and recorded, never
+    raised (the attributions and summary are complete; ``xai-audit strategies OUTPUT`` can run it
+    again)."""
+    try:
+        return run_strategies(
+            cfg.output,
+            s3_endpoint=cfg.s3_endpoint,
+            address=cfg.address,
+            num_cpus=None if cfg.num_cpus is None else max(1, int(cfg.num_cpus)),
+            log=log,
+        )
+    except ValueError as e:  # no stored maps (--store stats)
+        log(f"strategies: skipped ({e})")
+        return {"status": "skipped", "reason": str(e)[:1000]}
+    except Exception as e:  # noqa: BLE001 - never fail a finished job over its analysis
+        log(f"the strategy analysis failed ({type(e).__name__}: {e}); the attributions are fine")
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}"[:1000]}
