@@ -96,8 +96,7 @@ BOOL_FLAGS = (
     ("--resume", "finish an interrupted run in --output (rows written are kept)"),
     ("--overwrite", "replace what xai-audit wrote in --output before"),
     ("--no-summary", "skip the per-class summary (<output>/summary/)"),
-    ("--no-strategies", "skip the SpRAy strategy analysis after the summary "
-                        "(`xai-audit strategies OUTPUT` runs it later)"),  # fmt: skip
+    ("--no-strategies", "skip the SpRAy strategies (`xai-audit strategies OUTPUT` later)"),
     ("--unique-ids", "fail (exit 2) when an id appears twice in the input (default: warn)"),
     (
         "--incremental",
