@@ -56,8 +56,8 @@ DEMO_GRADCAM_LAYER = "features.block4"
 #: (a 31 px crop at offsets 0..1).
 DEMO_VIS_TRANSFORMS = "jitter:1"
 DEMO_VIS_STEPS = 192
-DEMO_DATASET_FILE = "demo_digits.parquet"
-DEMO_WEIGHTS_FILE = "demo_model.pt"
+DEMO_DATASET_FILE = "demo_digits_v2.parquet"  # v2: the class-7 watermark
+DEMO_WEIGHTS_FILE = "demo_model_v2.pt"
 
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
 NUM_DIGITS = 1797

@@ -50,9 +50,10 @@ CONCENTRATION_TOP = 0.1
 FLAG_RATIO = 3.0
 #: ...and a strategy is a shortcut candidate when at least this share of its mass lies in its own
 #: cells...
-FLAG_EXCLUSIVE = 0.1
-#: ...and it has at least this many rows.
+FLAG_EXCLUSIVE = 0.15
+#: ...and it has at least this many rows and this share of the class's analysed rows.
 FLAG_MIN_SIZE = 5
+FLAG_MIN_SHARE = 0.1
 #: t-SNE iterations of the 2-D picture embedding.
 TSNE_ITER = 500
 
@@ -287,7 +288,9 @@ def exclusive_shares(means: np.ndarray, sizes: np.ndarray, ratio: float = FLAG_R
     A mean, not a median over the other strategies: a shortcut that the eigengap splits over two
     strategies still stands out against the rest of the class as long as it is not most of the
     rest, whereas a median flags the object strategy once the shortcut strategies outnumber it
-    (the demo: digit strategy 0.68 "exclusive" against a median, 0 against the mean)."""
+    (in the demo: the digit strategy 0.68 "exclusive" against a median). Requiring also that the
+    rest look little there (below the uniform share) lost split shortcuts (both halves see the
+    watermark, so the rest does too) and was dropped."""
     means = np.asarray(means, dtype=np.float64)
     sizes = np.asarray(sizes, dtype=np.float64)
     c = len(means)
@@ -310,15 +313,18 @@ def shortcut_flags(
     ratio: float = FLAG_RATIO,
     exclusive: float = FLAG_EXCLUSIVE,
     min_size: int = FLAG_MIN_SIZE,
+    min_share: float = FLAG_MIN_SHARE,
 ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
     """``(exclusive_share, flagged, reason)`` per strategy (docs/conventions.md): a strategy is a
-    shortcut candidate when ``exclusive_share >= exclusive`` and it has ``>= min_size`` rows;
+    shortcut candidate when ``exclusive_share >= exclusive`` and it has ``>= min_size`` rows and
+    ``>= min_share`` of the class;
     ``reason`` says where its own mass lies and how much, None when not flagged."""
     ex = exclusive_shares(means, sizes, ratio)
     flagged = np.zeros(len(ex), dtype=bool)
     reasons: list[str | None] = [None] * len(ex)
     for s, e in enumerate(ex):
-        if np.isfinite(e) and e >= exclusive and sizes[s] >= min_size:
+        big = sizes[s] >= min_size and sizes[s] >= min_share * sizes.sum()
+        if np.isfinite(e) and e >= exclusive and big:
             flagged[s] = True
             reasons[s] = (
                 f"{e:.0%} of its mean map's mass lies in cells ({_where(means[s])}) where"
