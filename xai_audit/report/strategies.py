@@ -81,7 +81,7 @@ def strategies_data(
         return None
     if clusters.num_rows == 0:
         return {"method": None, "method_title": None, "classes": [], "findings": [],
-                "shown": 0, "total": 0, "flagged": 0}  # fmt: skip
+                "shown": 0, "total": 0, "flagged": 0, "others_flagged": 0}  # fmt: skip
     methods = set(clusters.column("method").to_pylist())
     method = next((m for m in PREFER if m in methods), sorted(methods)[0])
     cl = clusters.filter(pc.equal(clusters.column("method"), method)).to_pylist()
@@ -94,12 +94,14 @@ def strategies_data(
         key=lambda t: (-any(s["flagged"] for s in by_class[t]), -len(by_class[t]), t),
     )
     shown = order[:max_classes]
-    # every flagged strategy goes to the findings box (all methods), whether shown or not
+    # the flagged strategies of the method shown go to the findings box, whether their class is
+    # shown or not; other methods' flags are counted (IG's flag writing styles: conventions)
+    others_flagged = sum(1 for c in clusters.to_pylist() if c["flagged"] and c["method"] != method)
     findings = [
         {"kind": "strategy", "hot": True, "cls": _cls(c["target"], c["target_name"]),
          "method": S.METHOD_LONG.get(c["method"], c["method"]), "strategy": c["strategy"],
          "size": f"{c['size']:,}", "share": f"{c['share']:.0%}", "reason": c["reason"] or ""}
-        for c in clusters.to_pylist() if c["flagged"]
+        for c in cl if c["flagged"]
     ]  # fmt: skip
 
     # the members to draw: the first MEMBERS rows (in file order) of each shown strategy
@@ -170,6 +172,7 @@ def strategies_data(
         "shown": len(shown),
         "total": len(by_class),
         "flagged": len(findings),
+        "others_flagged": others_flagged,
     }
 
 
