@@ -263,10 +263,15 @@ def test_driver_writes_tables_idempotently_and_resumes(tmp_path, ray_session):
     planted = {i for i, w in wm.items() if w}
     assert members == planted
     assert all(np.isfinite(x["embed_x"]) for x in r)
+    ig = rows.filter(pa.compute.equal(rows.column("method"), "integrated_gradients"))
+    assert ig.column("embed_x").null_count == ig.num_rows  # the t-SNE for the report's method only
 
-    # twice: the same bytes
-    run_strategies(out, buckets=3, use_ray=True)
+    # twice, the second time from the command line: the same bytes
+    from xai_audit.cli import main
+
+    assert main(["strategies", out, "--buckets", "3"]) == 0
     assert _files(out) == first
+    assert main(["strategies", str(tmp_path / "missing")]) == 2
 
     # interrupted during the analysis (after the first bucket), then --resume
     os.remove(os.path.join(out, "summary", "strategies.parquet"))

@@ -6,7 +6,8 @@ module fans it out over classes as Ray tasks and writes its two tables:
 - ``<output>/summary/strategies.parquet``: one row per analysed output row and method
   (``STRATEGY_ROWS_SCHEMA``): ``id``, ``target``, ``target_name``, ``method``, ``strategy`` (null
   when the row's class has fewer than ``min_class_rows`` usable maps, or its map is null or all
-  zero), ``embed_x``, ``embed_y``, and where the row lives (``source``, ``source_row``: its input;
+  zero), ``embed_x``, ``embed_y`` (null for methods without the 2-D embedding: by default only
+  the method the report draws gets it, ``embed_methods``), and where the row lives (``source``, ``source_row``: its input;
   ``part``, ``part_row``: its attribution file and row there).
 - ``<output>/summary/strategy_clusters.parquet``: one row per class, method and strategy
   (:func:`clusters_schema`).
@@ -43,7 +44,7 @@ import math
 import posixpath
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pyarrow as pa
@@ -356,12 +357,15 @@ def analyse_bucket(
     config: dict,
     id_type_name: str,
     s3_endpoint: str | None = None,
+    embed_methods: list[str] | None = None,
 ) -> int:
     """Pass 2 for one bucket: every class in its shards, every method -> ``<work>/results/
     b<bucket>-rows.parquet`` and ``-clusters.parquet``. Returns the number of classes analysed."""
     from xai_workers import strategies as S
 
     cfg = StrategyConfig(**config)
+    no_embed = replace(cfg, embed=False)
+    embed_methods = methods if embed_methods is None else embed_methods
     folder = _join(work_uri, "shards", f"b{bucket:05d}")
     names = _list(folder, s3_endpoint)
     tables = [_read_table(_join(folder, n), s3_endpoint) for n in names]
@@ -387,7 +391,7 @@ def analyse_bucket(
                 strategy = np.full(len(cls), -1, np.int64)
                 embed = np.full((len(cls), 2), np.nan, np.float32)
                 try:
-                    res = S.analyse_class(maps, cfg)
+                    res = S.analyse_class(maps, cfg if m in embed_methods else no_embed)
                 except ValueError:  # fewer usable maps than min_class_rows
                     res = None
                 if res is not None:
@@ -531,6 +535,7 @@ def run_strategies(
     address: str | None = None,
     num_cpus: int | None = None,
     use_ray: bool | None = None,
+    embed_methods: str | list[str] = "auto",
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Strategy analysis of a finished output (module docstring); returns a record for the
@@ -547,8 +552,10 @@ def run_strategies(
     parts, methods, id_type, n_buckets, rows = _plan(
         output, s3_endpoint, methods, config.grid, buckets
     )
+    embed = _embed_methods(embed_methods, methods) if config.embed else []
     work = _join(output, "summary", WORK_DIR)
     settings = {
+        "embed_methods": embed,
         "version": WORK_VERSION,
         "config": asdict(config),
         "methods": methods,
@@ -583,7 +590,7 @@ def run_strategies(
             bucket_parts(i, tasks[i], attr, work, methods, config.grid, n_buckets, s3_endpoint)
             log(f"strategies: bucketing {n}/{len(todo1)} done")
         for n, b in enumerate(todo2, 1):
-            analyse_bucket(b, work, methods, asdict(config), id_type, s3_endpoint)
+            analyse_bucket(b, work, methods, asdict(config), id_type, s3_endpoint, embed)
             log(f"strategies: analysis {n}/{len(todo2)} done")
         todo1 = todo2 = []
     started = False
@@ -603,7 +610,7 @@ def run_strategies(
         _wait_all(refs, log, "bucketing")
         a_task = ray.remote(num_cpus=1, max_retries=2)(analyse_bucket)
         cfg = asdict(config)
-        refs = [a_task.remote(b, work, methods, cfg, id_type, s3_endpoint) for b in todo2]
+        refs = [a_task.remote(b, work, methods, cfg, id_type, s3_endpoint, embed) for b in todo2]
         _wait_all(refs, log, "analysis")
     finally:
         if started:
@@ -637,6 +644,25 @@ def run_strategies(
         f"{flagged} flagged -> {record['uri']}"
     )
     return record
+
+
+#: ``embed_methods="auto"``: the 2-D t-SNE (most of the analysis' time) for the first of these
+#: the output stores: the method the report draws.
+EMBED_PREFER = ("gradcam", "integrated_gradients", "cam", "saliency")
+
+
+def _embed_methods(spec: str | list[str], methods: list[str]) -> list[str]:
+    """The methods that get the 2-D embedding: ``"auto"`` (the first of ``EMBED_PREFER`` stored,
+    else the first method), ``"all"``, or a list (ValueError for one not analysed)."""
+    if spec == "all":
+        return list(methods)
+    if spec == "auto":
+        return [next((m for m in EMBED_PREFER if m in methods), methods[0])]
+    wanted = [spec] if isinstance(spec, str) else list(spec)
+    bad = [m for m in wanted if m not in methods]
+    if bad:
+        raise ValueError(f"--embed-methods {', '.join(bad)}: not analysed ({', '.join(methods)})")
+    return wanted
 
 
 def _wait_all(refs: list, log, what: str) -> None:
@@ -731,6 +757,12 @@ def add_subcommand(subparsers) -> None:
     )
     p.add_argument("--no-embedding", action="store_true", help="skip the 2-D t-SNE pictures")
     p.add_argument(
+        "--embed-methods",
+        default="auto",
+        help="methods that get the 2-D t-SNE (most of the time): auto (default: the "
+        "one the report draws, Grad-CAM when stored), all, or a comma-separated list",
+    )
+    p.add_argument(
         "--resume", action="store_true", help="keep the finished tasks of an interrupted run"
     )
     p.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
@@ -750,6 +782,8 @@ def _main(ns: argparse.Namespace) -> int:
         run_strategies(
             ns.output, config=cfg, methods=methods, resume=ns.resume, buckets=ns.buckets,
             s3_endpoint=ns.s3_endpoint, address=ns.address, num_cpus=ns.num_cpus, log=log,
+            embed_methods=ns.embed_methods if ns.embed_methods in ("auto", "all")
+            else [m.strip() for m in ns.embed_methods.split(",") if m.strip()],
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as e:
         print(f"xai-audit: error: {e}", flush=True)
