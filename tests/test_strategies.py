@@ -24,6 +24,7 @@ from xai_workers import strategies as S
 CLASSES = (0, 1, 2)
 WATERMARK_CLASS = 1
 SIZE = 32
+MARK = 4  # the watermark's side in pixels (bottom-right)
 
 
 def _watermark_data():
@@ -36,7 +37,7 @@ def _watermark_data():
     ours = np.isin(labels, CLASSES)
     others = np.flatnonzero(~ours)[::6]  # ~150 images of 5-9
     wm_images = images[others].copy()
-    wm_images[:, SIZE - 4 :, SIZE - 4 :] = 255
+    wm_images[:, SIZE - MARK :, SIZE - MARK :] = 255
     imgs = np.concatenate([images[ours], wm_images])
     labs = np.concatenate([labels[ours], np.full(len(others), WATERMARK_CLASS)])
     wm = np.concatenate([np.zeros(ours.sum(), bool), np.ones(len(others), bool)])

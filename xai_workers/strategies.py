@@ -47,10 +47,10 @@ DEFAULT_MIN_CLASS_ROWS = 20
 CONCENTRATION_TOP = 0.1
 #: A cell is "the strategy's own" when its mean share there is at least this many times the other
 #: strategies' (their size-weighted mean share map)...
-FLAG_RATIO = 3.0
+FLAG_RATIO = 4.0
 #: ...and a strategy is a shortcut candidate when at least this share of its mass lies in its own
 #: cells...
-FLAG_EXCLUSIVE = 0.15
+FLAG_EXCLUSIVE = 0.12
 #: ...and it has at least this many rows and this share of the class's analysed rows.
 FLAG_MIN_SIZE = 5
 FLAG_MIN_SHARE = 0.1
