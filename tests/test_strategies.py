@@ -318,6 +318,19 @@ def test_driver_on_s3_matches_local(tmp_path, s3_server, s3_bucket, ray_session)
     left = fs.get_file_info(pafs.FileSelector(f"{s3_bucket}/out/summary", recursive=True))
     assert not [i.path for i in left if "_strategies" in i.path]
 
+    # the report's Strategies section, from S3: the flagged class first, in the findings box too
+    from xai_audit.report import build_report
+
+    build_report(uri, s3_endpoint=s3_server, log=lambda m: None)
+    with fs.open_input_stream(f"{s3_bucket}/out/report/index.html") as f:
+        page = f.read().decode()
+    section = page[page.index('<h2 id="strategies">') :]
+    assert section.index("Class 1") < section.index("Class 0")
+    findings = page[page.index('<div class="findings') : page.index('<h2 id="classes">')]
+    assert "Grad-CAM strategy 1" in findings and "shortcut candidate" in findings
+    imgs = [i.path for i in fs.get_file_info(pafs.FileSelector(f"{s3_bucket}/out/report/img"))]
+    assert sum("strategy-gradcam-m" in p for p in imgs) == 4 * 4  # 4 members x 4 strategies
+
 
 def test_driver_errors(tmp_path):
     from xai_audit.strategies import run_strategies
