@@ -7,8 +7,8 @@ module fans it out over classes as Ray tasks and writes its two tables:
   (``STRATEGY_ROWS_SCHEMA``): ``id``, ``target``, ``target_name``, ``method``, ``strategy`` (null
   when the row's class has fewer than ``min_class_rows`` usable maps, or its map is null or all
   zero), ``embed_x``, ``embed_y`` (null for methods without the 2-D embedding: by default only
-  the method the report draws gets it, ``embed_methods``), and where the row lives (``source``, ``source_row``: its input;
-  ``part``, ``part_row``: its attribution file and row there).
+  the method the report draws gets it, ``embed_methods``), and where the row lives (``source``,
+  ``source_row``: its input; ``part``, ``part_row``: its attribution file and row there).
 - ``<output>/summary/strategy_clusters.parquet``: one row per class, method and strategy
   (:func:`clusters_schema`).
 
