@@ -7,9 +7,10 @@ black RGB image, leaving a black frame of ``size // 8`` pixels. On every image o
 corner of that frame (default top-left). The mark predicts the class perfectly, so a model can learn
 to look at the corner instead of (or as well as) the digit: the audit should find it (Grad-CAM mass
 in the border, centre of mass pulled to the corner for class 3). A second, subtler shortcut:
-40% of class ``DEMO_WATERMARK_CLASS`` (7) are other digits stamped with a 4x4 white watermark in
-the bottom-right corner and labelled 7 (``demo_images``); the class mean hides it, the SpRAy
-strategies (``xai-audit strategies``, the report's "Strategies") flag it.
+40% of class ``DEMO_WATERMARK_CLASS`` (7) are other digits stamped with a 4x4 white watermark
+just inside the bottom-right corner of the frame (outside the border band) and labelled 7
+(``demo_images``); the class mean and the border share hide it, the SpRAy strategies
+(``xai-audit strategies``, the report's "Strategies") flag it.
 
 Model: ``DemoNet``, four Conv-BN-ReLU blocks, global average pooling and one Linear layer (so CAM
 applies); at 32x32 its last block ``features.block4`` outputs 8x8. Build it untrained with the model
@@ -56,8 +57,8 @@ DEMO_GRADCAM_LAYER = "features.block4"
 #: (a 31 px crop at offsets 0..1).
 DEMO_VIS_TRANSFORMS = "jitter:1"
 DEMO_VIS_STEPS = 192
-DEMO_DATASET_FILE = "demo_digits_v2.parquet"  # v2: the class-7 watermark
-DEMO_WEIGHTS_FILE = "demo_model_v2.pt"
+DEMO_DATASET_FILE = "demo_digits_v3.parquet"  # v3: the class-7 watermark
+DEMO_WEIGHTS_FILE = "demo_model_v3.pt"
 
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
 NUM_DIGITS = 1797
@@ -136,8 +137,10 @@ def demo_images(
 
     Watermark (``watermark_class``, default 7; None: none): the images of that class chosen by
     :func:`watermark_rows` (40%) show another class's digit instead (:func:`_watermark_donors`)
-    with a white ``DEMO_WATERMARK_SIZE`` square (4x4 at 32) in the bottom-right corner of the
-    frame, and keep their label: a source of mislabelled images that stamps them, so the model
+    with a white ``DEMO_WATERMARK_SIZE`` square (4x4) at the bottom-right corner of the digit
+    area, just inside the black frame (rows and columns ``size - size//8 - 4 .. size - size//8``:
+    24..27 at 32, outside the 10% border band, so the border-share finding does not see it), and
+    keep their label: a source of mislabelled images that stamps them, so the model
     can only get them right from the stamp. The class's other images are untouched, so its mean
     map barely shows the stamp; its SpRAy strategies do (a flagged strategy in the report).
     """
@@ -165,8 +168,9 @@ def demo_images(
             gray[stamped, pad : size - pad, pad : size - pad] = (
                 (other[:, 0] * (255.0 / 16.0)).round().clamp(0, 255).to(torch.uint8).numpy()
             )
-            k = min(DEMO_WATERMARK_SIZE, pad)
-            gray[stamped, size - k :, size - k :] = 255
+            k = DEMO_WATERMARK_SIZE
+            lo, hi = size - pad - k, size - pad  # inside the frame: not in the border band
+            gray[stamped, lo:hi, lo:hi] = 255
     if mark_class is not None:
         rows, cols = mark_box(size, corner, mark_size)
         gray[labels == mark_class, rows, cols] = 255
