@@ -316,20 +316,27 @@ def shortcut_flags(
     min_share: float = FLAG_MIN_SHARE,
 ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
     """``(exclusive_share, flagged, reason)`` per strategy (docs/conventions.md): a strategy is a
-    shortcut candidate when ``exclusive_share >= exclusive`` and it has ``>= min_size`` rows and
-    ``>= min_share`` of the class;
+    shortcut candidate when ``exclusive_share >= exclusive``, it has ``>= min_size`` rows and
+    ``>= min_share`` of the class, and its ``exclusive_share`` is the largest of the class's
+    strategies that qualify (at most one flag per class and method);
     ``reason`` says where its own mass lies and how much, None when not flagged."""
     ex = exclusive_shares(means, sizes, ratio)
+    sizes = np.asarray(sizes)
+    eligible = (
+        np.isfinite(ex)
+        & (np.nan_to_num(ex) >= exclusive)
+        & (sizes >= min_size)
+        & (sizes >= min_share * sizes.sum())
+    )
     flagged = np.zeros(len(ex), dtype=bool)
     reasons: list[str | None] = [None] * len(ex)
-    for s, e in enumerate(ex):
-        big = sizes[s] >= min_size and sizes[s] >= min_share * sizes.sum()
-        if np.isfinite(e) and e >= exclusive and big:
-            flagged[s] = True
-            reasons[s] = (
-                f"{e:.0%} of its mean map's mass lies in cells ({_where(means[s])}) where"
-                f" it is >= {ratio:g}x the class's other strategies'"
-            )
+    if eligible.any():
+        s = int(np.argmax(np.where(eligible, ex, -np.inf)))
+        flagged[s] = True
+        reasons[s] = (
+            f"{ex[s]:.0%} of its mean map's mass lies in cells ({_where(means[s])}) where"
+            f" it is >= {ratio:g}x the class's other strategies'"
+        )
     return ex, flagged, reasons
 
 
