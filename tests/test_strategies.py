@@ -343,3 +343,44 @@ def test_driver_errors(tmp_path):
         run_strategies(out, methods=["saliency"])
     with pytest.raises(ValueError, match="max_strategies"):
         S.StrategyConfig(max_strategies=40)
+
+
+@pytest.mark.parametrize("store, topk", [("full", None), ("compact", 2)])
+def test_driver_reads_full_maps_and_topk(tmp_path, store, topk):
+    """Full-profile IG (C, H, W) is summed over channels (as compact stores it) and area-averaged;
+    with ``topk:K`` the first target's map and class are used. In-process (no Ray)."""
+    from xai_audit.strategies import run_strategies
+    from xai_workers.schema import OutputLayout, build_table, output_schema
+
+    rng = np.random.default_rng(3)
+    n, size = 60, 32
+    layout = OutputLayout(
+        methods=("integrated_gradients",), image_shape=(3, size, size), store=store,
+        map_size=16, topk=topk,
+    )  # fmt: skip
+    ig = rng.gamma(1.0, 0.1, size=(n, 3, size, size)).astype(np.float32)
+    wm = rng.random(n) < 0.4
+    ig[wm, :, :4, :4] += 5.0
+    value = ig if store == "full" else ig.sum(axis=1).reshape(n, 16, 2, 16, 2).mean(axis=(2, 4))
+    target = np.zeros(n, np.int64)
+    if topk:
+        value = np.stack([value, np.zeros_like(value)], axis=1)  # the second target: all zero
+        target = np.stack([target, np.ones(n, np.int64)], axis=1)
+    t = build_table(
+        output_schema(layout), ids=[f"r{i}" for i in range(n)], sources=["x"] * n,
+        source_rows=np.arange(n), errors=[None] * n,
+        values={"target": target, "pred_class": target[:, 0] if topk else target,
+                "integrated_gradients": value},
+    )  # fmt: skip
+    os.makedirs(tmp_path / "attributions")
+    pq.write_table(t, tmp_path / "attributions" / "part-0.parquet")
+    rec = run_strategies(str(tmp_path), use_ray=False)
+    assert rec["class_methods_analysed"] == 1 and rec["flagged"] == 1
+    rows = pq.read_table(tmp_path / "summary" / "strategies.parquet").to_pylist()
+    assert {r["target"] for r in rows} == {0}
+    clusters = pq.read_table(tmp_path / "summary" / "strategy_clusters.parquet")
+    side = size if store == "full" else 16  # min(grid 32, the stored side)
+    assert clusters.schema.field("mean_map").type.shape == [side, side]
+    flagged = clusters.filter(pa.compute.field("flagged")).to_pylist()[0]["strategy"]
+    members = np.array([r["strategy"] == flagged for r in rows])
+    np.testing.assert_array_equal(members, wm)
