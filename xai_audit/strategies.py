@@ -273,9 +273,6 @@ def bucket_parts(
             pf = pq.ParquetFile(fh)
             have = pf.schema_arrow
             topk = "target" in have.names and not pa.types.is_integer(have.field("target").type)
-            cells = min(grid, _map_side(have, methods)) ** 2
-            if schema is None:
-                schema = _shard_schema(have.field("id").type, methods, cells)
             cols = [c for c in ("id", "status", "target", "target_name", "label", "source",
                                 "source_row") if c in have.names] + methods  # fmt: skip
             offset = 0
@@ -302,11 +299,14 @@ def bucket_parts(
                     "part": pa.array([name] * t.num_rows, pa.string()),
                     "part_row": pa.array(rows, pa.int64()),
                 }
-                for m in methods:
+                for m in methods:  # decoded by schema.tensor_to_numpy whatever the storage type
                     g = _grid_maps(m, t.column(m), topk, grid).reshape(t.num_rows, -1)
                     out[m] = pa.FixedSizeListArray.from_arrays(
                         pa.array(g.ravel(), pa.float32()), g.shape[1]
                     )
+                if schema is None:
+                    cells = out[methods[0]].type.list_size
+                    schema = _shard_schema(have.field("id").type, methods, cells)
                 table = pa.table(out, schema=schema)
                 bucket = target % n_buckets
                 for b in np.unique(bucket):
@@ -317,11 +317,6 @@ def bucket_parts(
         _write_table(pa.concat_tables(tables), uri, s3_endpoint)
     _write_json({"rows": n}, _join(work_uri, "done", f"t{task:05d}.json"), s3_endpoint)
     return n
-
-
-def _map_side(schema: pa.Schema, methods: list[str]) -> int:
-    """The smallest side of the stored maps of ``methods`` (their last two axes)."""
-    return min(min(schema.field(m).type.shape[-2:]) for m in methods)
 
 
 def _names(t: pa.Table) -> pa.Array:
