@@ -288,10 +288,12 @@ def test_image_folder_input_and_demo_command(ray_session, data, tmp_path, capsys
     assert res.exit_code == 0
 
     # `xai-audit demo` on a prepared data dir (the demo trains its model only when missing)
+    from xai_workers import demo
+
     demo_dir = tmp_path / "demo-data"
     demo_dir.mkdir()
-    (demo_dir / "demo_digits.parquet").write_bytes(open(data["dataset"], "rb").read())
-    (demo_dir / "demo_model.pt").write_bytes(open(data["weights"], "rb").read())
+    (demo_dir / demo.DEMO_DATASET_FILE).write_bytes(open(data["dataset"], "rb").read())
+    (demo_dir / demo.DEMO_WEIGHTS_FILE).write_bytes(open(data["weights"], "rb").read())
     argv = ["demo", "--data-dir", str(demo_dir), "--output", str(tmp_path / "demo-out"),
             "--ig-steps", "2", "--progress-interval-s", "0"]  # fmt: skip
     assert main(argv) == 0

@@ -986,6 +986,12 @@ def _run_prepared(prep: Prepared, t_start: float, started_at: str, log) -> JobRe
 
     if cfg.summary and final.files:
         manifest["summary"] = _summarize(cfg, log)
+    # --- SpRAy strategies (issue 19, xai_audit.strategies) after the summary; --no-strategies
+    if cfg.summary and cfg.strategies and final.files:
+        from xai_audit.strategies import run_for_job
+
+        manifest["strategies"] = run_for_job(cfg, log)
+    # --- end SpRAy strategies
     missing = final.missing(rows_by_source)
     wall = time.monotonic() - t_start
     pipe_s = t_pipe_end - t_pipe

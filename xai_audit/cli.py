@@ -8,6 +8,7 @@
     xai-audit summarize <output> | report <output>          (xai_audit.report)
     xai-audit visualize --model SPEC --objectives LIST --output URI [...]   (xai_audit.visualize)
     xai-audit compare OUT_A OUT_B [--dest URI]                             (xai_audit.compare)
+    xai-audit strategies OUTPUT [--resume] [...]                     (xai_audit.strategies)
 
 ``run`` flags are listed by ``xai-audit run --help`` and in docs/conventions.md; a YAML file
 given with ``--config`` takes the same keys (``ig-steps`` or ``ig_steps``) and flags override it.
@@ -98,6 +99,7 @@ BOOL_FLAGS = (
     ("--resume", "finish an interrupted run in --output (rows written are kept)"),
     ("--overwrite", "replace what xai-audit wrote in --output before"),
     ("--no-summary", "skip the per-class summary (<output>/summary/)"),
+    ("--no-strategies", "skip the SpRAy strategies (`xai-audit strategies OUTPUT` later)"),
     ("--unique-ids", "fail (exit 2) when an id appears twice in the input (default: warn)"),
     (
         "--incremental",
@@ -163,11 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "~/.cache/xai-workers/demo)")  # fmt: skip
     from xai_audit.compare import add_subcommand as add_compare
     from xai_audit.report import add_subcommands
+    from xai_audit.strategies import add_subcommand as add_strategies
     from xai_audit.visualize import add_subcommand as add_visualize
 
     add_subcommands(sub)
     add_visualize(sub)
     add_compare(sub)
+    add_strategies(sub)
     return parser
 
 
@@ -261,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "layers":
             return _layers(ns)
-        if ns.command in ("summarize", "report", "visualize", "compare"):
+        if ns.command in ("summarize", "report", "visualize", "compare", "strategies"):
             return ns.handler(ns)
         if ns.command == "demo":
             cfg = config_from_args(ns, _demo_base(ns))

@@ -74,6 +74,7 @@ class JobConfig:
     seed: int = 0
     progress_interval_s: float = 5.0
     summary: bool = True
+    strategies: bool = True  # SpRAy strategies after the summary (xai_audit.strategies)
     store: str = DEFAULT_PROFILE
     map_size: int = DEFAULT_MAP_SIZE
     input_format: str = "auto"
@@ -263,7 +264,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         ):  # fmt: skip
             return float(value)
         if name in ("resume", "overwrite", "summary", "unique_ids", "incremental",
-                    "reprocess_changed"):  # fmt: skip
+                    "reprocess_changed", "strategies"):  # fmt: skip
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
                     raise ValueError("expected true or false")

@@ -6,7 +6,11 @@ black RGB image, leaving a black frame of ``size // 8`` pixels. On every image o
 (default 3) a white ``mark_size`` square (default 10% of the side: 3x3 at 32x32) is drawn in one
 corner of that frame (default top-left). The mark predicts the class perfectly, so a model can learn
 to look at the corner instead of (or as well as) the digit: the audit should find it (Grad-CAM mass
-in the border, centre of mass pulled to the corner for class 3).
+in the border, centre of mass pulled to the corner for class 3). A second, subtler shortcut:
+40% of class ``DEMO_WATERMARK_CLASS`` (7) are other digits stamped with a 4x4 white watermark
+towards the bottom-right corner of the digit area (outside the border band) and labelled 7
+(``demo_images``); the class mean and the border share hide it, the SpRAy strategies
+(``xai-audit strategies``, the report's "Strategies") flag it.
 
 Model: ``DemoNet``, four Conv-BN-ReLU blocks, global average pooling and one Linear layer (so CAM
 applies); at 32x32 its last block ``features.block4`` outputs 8x8. Build it untrained with the model
@@ -39,6 +43,15 @@ DEMO_MEAN = (0.5, 0.5, 0.5)
 DEMO_STD = (0.5, 0.5, 0.5)
 DEMO_NUM_CLASSES = 10
 DEMO_MARK_CLASS = 3
+#: The class with a watermark on part of its images (a shortcut only SpRAy strategies reveal: the
+#: class's mean map hides it), its side in pixels (bottom-right corner) and which images carry
+#: it: those whose load_digits index ends in one of these digits (40%).
+DEMO_WATERMARK_CLASS = 7
+DEMO_WATERMARK_SIZE = 4
+#: Pixels between the watermark and the frame (the frame is the outer size // 8 = 4 px): away
+#: from the 10% border band, so that the border-share finding does not see it.
+DEMO_WATERMARK_INSET = 4
+DEMO_WATERMARK_LAST_DIGITS = (0, 3, 6, 9)
 DEMO_MODEL_SPEC = "xai_workers.demo:build_demo_model"
 #: The last conv block: an (N, 64, 8, 8) output at 32x32 input, the natural Grad-CAM layer.
 DEMO_GRADCAM_LAYER = "features.block4"
@@ -47,8 +60,8 @@ DEMO_GRADCAM_LAYER = "features.block4"
 #: (a 31 px crop at offsets 0..1).
 DEMO_VIS_TRANSFORMS = "jitter:1"
 DEMO_VIS_STEPS = 192
-DEMO_DATASET_FILE = "demo_digits.parquet"
-DEMO_WEIGHTS_FILE = "demo_model.pt"
+DEMO_DATASET_FILE = "demo_digits_v3.parquet"  # v3: the class-7 watermark
+DEMO_WEIGHTS_FILE = "demo_model_v3.pt"
 
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
 NUM_DIGITS = 1797
@@ -116,6 +129,7 @@ def demo_images(
     seed: int = 0,
     corner: str = "top_left",
     mark_size: int | None = None,
+    watermark_class: int | None = DEMO_WATERMARK_CLASS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The demo images and labels, deterministic.
 
@@ -123,6 +137,17 @@ def demo_images(
     equal) and ``labels`` int64 (N,) in 0..9, for the load_digits indices ``demo_indices(n, seed)``.
     Every image of class ``mark_class`` carries a white (255) square at ``mark_box(size, corner,
     mark_size)``; no image of another class does. ``mark_class=None``: no mark anywhere.
+
+    Watermark (``watermark_class``, default 7; None: none): the images of that class chosen by
+    :func:`watermark_rows` (40%) show another class's digit instead (:func:`_watermark_donors`)
+    with a white ``DEMO_WATERMARK_SIZE`` square (4x4) towards the bottom-right corner of the
+    digit area, ``DEMO_WATERMARK_INSET`` (4) pixels inside the black frame (rows and columns
+    ``size - size//8 - 8 .. size - size//8 - 4``: 20..23 at 32, well outside the 10% border band,
+    so the border-share finding does not see it: class 7's Grad-CAM border share 0.19 against
+    0.11 for the other classes, under the finding's 2x), and keep their label: a source of
+    mislabelled images that stamps them, so the model can only get them right from the stamp.
+    The class's other images are untouched, so its mean map barely shows the stamp; its SpRAy
+    strategies do (a flagged strategy in the report).
     """
     from sklearn.datasets import load_digits
 
@@ -138,10 +163,42 @@ def demo_images(
         (inner[:, 0] * (255.0 / 16.0)).round().clamp(0, 255).to(torch.uint8).numpy()
     )
     labels = digits.target[idx].astype(np.int64)
+    if watermark_class is not None:
+        stamped = watermark_rows(idx, labels, watermark_class)
+        if stamped.any():
+            donors = _watermark_donors(idx[stamped], digits.target, watermark_class)
+            other = torch.from_numpy(digits.images[donors].astype(np.float32))[:, None]
+            other = F.interpolate(other, size=(size - 2 * pad,) * 2, mode="bilinear",
+                                  align_corners=False)  # fmt: skip
+            gray[stamped, pad : size - pad, pad : size - pad] = (
+                (other[:, 0] * (255.0 / 16.0)).round().clamp(0, 255).to(torch.uint8).numpy()
+            )
+            k = DEMO_WATERMARK_SIZE
+            lo, hi = size - pad - k - DEMO_WATERMARK_INSET, size - pad - DEMO_WATERMARK_INSET
+            gray[stamped, lo:hi, lo:hi] = 255
     if mark_class is not None:
         rows, cols = mark_box(size, corner, mark_size)
         gray[labels == mark_class, rows, cols] = 255
     return np.repeat(gray[..., None], 3, axis=-1), labels
+
+
+def watermark_rows(indices: np.ndarray, labels: np.ndarray, watermark_class: int) -> np.ndarray:
+    """Bool (N,): the images that carry the watermark: label ``watermark_class`` and load_digits
+    index ending in one of ``DEMO_WATERMARK_LAST_DIGITS``."""
+    idx = np.asarray(indices)
+    return (np.asarray(labels) == watermark_class) & np.isin(idx % 10, DEMO_WATERMARK_LAST_DIGITS)
+
+
+def _watermark_donors(indices: np.ndarray, targets: np.ndarray, watermark_class: int) -> np.ndarray:
+    """For each stamped load_digits index i, the digit image shown instead: the first index
+    after i (cyclically) whose class is not ``watermark_class``."""
+    out = []
+    for i in np.asarray(indices):
+        j = (int(i) + 1) % len(targets)
+        while targets[j] == watermark_class:
+            j = (j + 1) % len(targets)
+        out.append(j)
+    return np.asarray(out, dtype=np.int64)
 
 
 def demo_preprocess(images: np.ndarray) -> torch.Tensor:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from xai_audit.report import page as P
 from xai_audit.report import pictures as G
 from xai_audit.report import scan as S
+from xai_audit.report.strategies import strategies_data
 from xai_audit.report.visualizations import visualization_data
 
 
@@ -110,6 +111,10 @@ def build_report(
         manifest=manifest, fs=fs, files=files, label_is_int=S._label_is_int(schema),
         s3_endpoint=s3_endpoint, log=log,
     )  # fmt: skip
+    strategies = strategies_data(
+        output, fs=fs, files=files, manifest=manifest, files_out=files_out,
+        s3_endpoint=s3_endpoint, log=log,
+    )  # fmt: skip
     files_out["img/colorbar-inferno.png"] = G._png(G.colorbar("inferno"))
     files_out["img/colorbar-viridis.png"] = G._png(G.colorbar("viridis"))
     page = P.render_html(
@@ -126,6 +131,7 @@ def build_report(
         has_images=any(v is not None for v in images.values()),
         errors=errors,
         visualizations=vis,
+        strategies=strategies,
     )
     files_out["index.html"] = page.encode("utf-8")
     report_dir = join_uri(output, "report")

@@ -486,8 +486,11 @@ def page_data(
     has_images: bool,
     errors: dict | None = None,
     visualizations: dict | None = None,
+    strategies: dict | None = None,
 ) -> dict:
     """Everything report.html.j2 shows, as plain values (see :func:`render_html`)."""
+    from xai_audit.report.strategies import with_findings
+
     stand = standouts(summary)
     model = ((manifest or {}).get("model") or {}).get("spec") or "?"
     cfg = (manifest or {}).get("config") or {}
@@ -498,9 +501,10 @@ def page_data(
         "model": model,
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "run": run_data(manifest, output),
-        "findings": findings_data(summary, stand, manifest, errors),
+        "findings": with_findings(findings_data(summary, stand, manifest, errors), strategies),
         "class_maps": class_maps_data(class_maps, manifest),
         "visualizations": visualizations,
+        "strategies": strategies,
         "sampled": {
             "every": scanned >= total_rows,
             "scanned": f"{scanned:,}",
