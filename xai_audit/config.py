@@ -14,16 +14,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from xai_audit.errors import ConfigError
+from xai_audit.sources import INPUT_FORMATS, LABELS_FROM
 from xai_workers.engine import BASELINES, DEFAULT_METHODS, METHODS
 from xai_workers.preprocess import INTERPOLATIONS
 from xai_workers.profiles import DEFAULT_MAP_SIZE, DEFAULT_PROFILE, PROFILES
 from xai_workers.quadrature import ADAPTIVE_MIN_MAX_STEPS, QUADRATURES
 
+__all__ = ["ConfigError", "JobConfig", "PRECISIONS", "load_yaml", "merge"]
+
 PRECISIONS = ("fp32", "bf16", "auto")
-
-
-class ConfigError(ValueError):
-    """A configuration mistake, reported before any heavy work with one clear message."""
 
 
 @dataclass(frozen=True)
@@ -201,8 +201,6 @@ class JobConfig:
             raise ConfigError(f"--store must be one of {', '.join(PROFILES)}, got {self.store!r}")
         if self.map_size < 1:
             raise ConfigError(f"--map-size must be >= 1, got {self.map_size}")
-        from xai_audit.sources import INPUT_FORMATS, LABELS_FROM
-
         if self.input_format not in INPUT_FORMATS:
             raise ConfigError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}")
         if self.labels_from not in LABELS_FROM:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from xai_audit import output as out
-from xai_audit.config import ConfigError
+from xai_audit.errors import ConfigError
 
 LOCK_FILE = "_xai_audit_lock.json"
 HEARTBEAT_S = 30.0

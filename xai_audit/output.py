@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from xai_audit.config import ConfigError
+from xai_audit.errors import ConfigError
 
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"

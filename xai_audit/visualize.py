@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 
 from xai_audit import output as out
-from xai_audit.config import ConfigError
+from xai_audit.errors import ConfigError
 
 # xai_audit.attribute imports Ray: it is imported where the job runs, so `xai-audit --help`,
 # `layers` and `report` start without Ray

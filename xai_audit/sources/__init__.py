@@ -32,7 +32,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import pyarrow as pa
 
-from xai_audit.config import ConfigError
+from xai_audit.errors import ConfigError
 from xai_audit.sources import images as _images
 from xai_audit.sources import parquet as _parquet
 from xai_audit.sources import webdataset as _webdataset

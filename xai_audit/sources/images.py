@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import pyarrow as pa
 
-from xai_audit.config import ConfigError
+from xai_audit.errors import ConfigError
 from xai_audit.sources.base import (
     SHARD_ROWS,
     Block,

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from xai_audit.config import ConfigError
+from xai_audit.errors import ConfigError
 from xai_audit.ids import repeated_ids
 from xai_audit.sources.base import (
     Block,
