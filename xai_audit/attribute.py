@@ -83,14 +83,12 @@ def read_and_preprocess(batch: pa.Table, **kwargs) -> Iterator[pa.Table]:
         yield from sources.read_shard(json.loads(shard_json), preprocessing=pre, **kwargs)
 
 
-def write_attributions(
-    table: pa.Table, *, dest: str, output: str, s3_endpoint: str | None, summary: bool = True
-) -> dict:
+def write_attributions(table: pa.Table, *, dest: str, output: str, summary: bool = True) -> dict:
     """Write ``table`` (output rows) as one atomic part, then (``summary``) its partial per-class
     summary from the same in-memory rows (``xai_workers.summary.write_partial``). Returns the
     part's ``{"file", "rows", "ok", "error", "bytes", "partial"}``. A partial that fails is only
     reported: the summary step at the end recomputes it from the part."""
-    info = out.write_part(table, dest, s3_endpoint=s3_endpoint)
+    info = out.write_part(table, dest)
     info["partial"] = False
     if summary:
         try:
@@ -99,7 +97,7 @@ def write_attributions(
             pass
         else:
             try:
-                write_partial(table, output, info["file"], s3_endpoint)
+                write_partial(table, output, info["file"])
                 info["partial"] = True
             except Exception:  # noqa: BLE001 - never lose a written part over its summary
                 pass
@@ -115,8 +113,8 @@ class PartsDatasink(Datasink):
     part reports its counts to ``progress`` (an actor with ``add``), if given.
     """
 
-    def __init__(self, *, dest, output, s3_endpoint, rows_per_file, summary=True, progress=None):
-        self.dest, self.output, self.s3_endpoint = dest, output, s3_endpoint
+    def __init__(self, *, dest, output, rows_per_file, summary=True, progress=None):
+        self.dest, self.output = dest, output
         self.rows_per_file, self.summary, self.progress = rows_per_file, summary, progress
 
     @property
@@ -140,7 +138,7 @@ class PartsDatasink(Datasink):
         for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
             part = table.slice(start, stop - start)
             info = write_attributions(
-                part, dest=self.dest, output=self.output, s3_endpoint=self.s3_endpoint,
+                part, dest=self.dest, output=self.output,
                 summary=self.summary,
             )  # fmt: skip
             if self.progress is not None:
@@ -361,9 +359,11 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
     output needs --resume or --overwrite and the same settings, writable). Raises ConfigError.
     """
     from xai_workers.models import ModelSpecError, load_model
+    from xai_workers.storage import configure
     from xai_workers.worker import output_layout, parse_target
 
     cfg.validate()
+    configure(cfg.s3_endpoint)  # the process's storage, once; Ray's workers: worker_env()
     mode, tval = parse_target(cfg.target)
     if _inside(cfg.output, cfg.input):
         raise ConfigError(f"output {cfg.output} lies inside the input {cfg.input}; choose another")
@@ -376,13 +376,12 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
         label_column=cfg.label_column,
         need_label=mode == "label",
         exclude=cfg.output,
-        s3_endpoint=cfg.s3_endpoint,
     )
     if plan.total_rows == 0:
         log(f"input {cfg.input} has no rows")
     from xai_audit.ids import duplicate_ids
 
-    n_dup, dup_examples = duplicate_ids(plan, cfg.s3_endpoint)
+    n_dup, dup_examples = duplicate_ids(plan)
     if n_dup:
         shown = ", ".join(f"{i!r} ({k}x)" for i, k in dup_examples)
         where = f"column {plan.id_column!r}" if plan.id_column else "WebDataset sample keys"
@@ -404,7 +403,6 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
             crop_pct=cfg.crop_pct,
             interpolation=cfg.interpolation,
             seed=cfg.seed,
-            s3_endpoint=cfg.s3_endpoint,
         )
     except ModelSpecError as e:
         raise ConfigError(f"model: {e}") from None
@@ -475,16 +473,16 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = _default_log) -> Prepar
 
     schema = output_schema(layout)
 
-    out.check_writable(cfg.output, cfg.s3_endpoint)
+    out.check_writable(cfg.output)
     # one writer per output, from here on (before --overwrite removes anything)
-    held = output_lock.acquire(cfg.output, cfg.s3_endpoint, log=log)
+    held = output_lock.acquire(cfg.output, log=log)
     changes = None
     try:
-        state = out.inspect(cfg.output, cfg.s3_endpoint)
+        state = out.inspect(cfg.output)
         if not state.empty:
             if cfg.overwrite:
                 log(f"--overwrite: removing the earlier output in {cfg.output}")
-                out.remove_owned(cfg.output, cfg.s3_endpoint)
+                out.remove_owned(cfg.output)
                 state = out.OutputState(None, [], [])
             elif cfg.resume:
                 _check_resumable(state, settings, plan, cfg)
@@ -516,7 +514,7 @@ def _class_names(cfg: JobConfig, loaded, plan, log) -> dict | None:
     n = loaded.num_classes
     if cfg.class_names:
         try:
-            names = load_class_names(cfg.class_names, cfg.s3_endpoint)
+            names = load_class_names(cfg.class_names)
         except ValueError as e:
             raise ConfigError(f"--class-names: {e}") from None
         if len(names) != n:
@@ -850,20 +848,20 @@ def _run_prepared(prep: Prepared, t_start: float, started_at: str, log) -> JobRe
     if prep.state.manifest is not None:
         previous_runs = list(prep.state.manifest.get("runs", []))
     if prep.state.temps:
-        n = out.remove_temps(cfg.output, prep.state.temps, cfg.s3_endpoint)
+        n = out.remove_temps(cfg.output, prep.state.temps)
         log(f"removed {n} temporary files of an interrupted run")
     replace = (prep.changes or {}).get("changed", []) + (prep.changes or {}).get("removed", [])
     if cfg.reprocess_changed and replace:
-        n = out.remove_sources(attr_uri, replace, s3_endpoint=cfg.s3_endpoint)
+        n = out.remove_sources(attr_uri, replace)
         log(f"--reprocess-changed: removed {n} rows of {len(replace)} changed or removed files")
-        prep.state = out.inspect(cfg.output, cfg.s3_endpoint)
+        prep.state = out.inspect(cfg.output)
     done = None
     before = 0
     if prep.state.parts:
-        scan0 = out.scan(attr_uri, rows_by_source, prep.state.parts, s3_endpoint=cfg.s3_endpoint)
+        scan0 = out.scan(attr_uri, rows_by_source, prep.state.parts)
         if scan0.unreadable:  # parts are atomic: this is damage from outside; redo those rows
             log(f"{len(scan0.unreadable)} unreadable part files set aside (.corrupt-*)")
-            out.set_aside(scan0.unreadable, attr_uri, cfg.s3_endpoint)
+            out.set_aside(scan0.unreadable, attr_uri)
         done = scan0.done
         before = int(sum(d.sum() for d in done.values()))
         log(f"resuming: {before} of {plan.total_rows} rows already written in {scan0.files} files")
@@ -911,7 +909,7 @@ def _run_prepared(prep: Prepared, t_start: float, started_at: str, log) -> JobRe
                 last = prep.changes["previous"].get(what, {})
                 manifest["input"][what].update({r: last[r] for r in kept if r in last})
     manifest["runs"] = previous_runs + [run_info]
-    out.write_json(manifest_uri, manifest, cfg.s3_endpoint)
+    out.write_json(manifest_uri, manifest)
 
     started_ray = False
     progress = Progress(todo, before, log, cfg.progress_interval_s)
@@ -937,17 +935,17 @@ def _run_prepared(prep: Prepared, t_start: float, started_at: str, log) -> JobRe
             manifest["ray"]["actor_starts"] = starts
             manifest["ray"]["actor_restarts"] = max(0, starts - resources.actors)
         t_pipe_end = time.monotonic()
-        final = out.scan(attr_uri, rows_by_source, s3_endpoint=cfg.s3_endpoint)
+        final = out.scan(attr_uri, rows_by_source)
         if final.duplicates:
             log(f"found {final.duplicates} rows written twice; removing the copies")
-            out.remove_duplicates(attr_uri, rows_by_source, s3_endpoint=cfg.s3_endpoint)
-            final = out.scan(attr_uri, rows_by_source, s3_endpoint=cfg.s3_endpoint)
+            out.remove_duplicates(attr_uri, rows_by_source)
+            final = out.scan(attr_uri, rows_by_source)
     except BaseException as e:
         manifest["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         manifest["error"] = f"{type(e).__name__}: {e}"[:2000]
         run_info.update(finished_at=_now(), rows_computed=progress.rows)
         try:
-            out.write_json(manifest_uri, manifest, cfg.s3_endpoint)
+            out.write_json(manifest_uri, manifest)
         except Exception:  # noqa: BLE001 - the original error matters more
             pass
         if isinstance(e, KeyboardInterrupt):
@@ -1021,7 +1019,7 @@ def _run_prepared(prep: Prepared, t_start: float, started_at: str, log) -> JobRe
         )
     elif exceeded:
         exit_code = EXIT_ERROR_RATE
-    out.write_json(manifest_uri, manifest, cfg.s3_endpoint)
+    out.write_json(manifest_uri, manifest)
 
     rate = f"{computed / pipe_s:.1f} rows/s" if pipe_s > 0 and computed else "nothing to do"
     earlier = f", {before} from an earlier run" if before else ""
@@ -1051,7 +1049,7 @@ def _summarize(cfg: JobConfig, log) -> dict:
         return {"status": "not available"}
     t0 = time.monotonic()
     try:
-        table = summarize_output(cfg.output, cfg.s3_endpoint, log=log)
+        table = summarize_output(cfg.output, log=log)
     except Exception as e:  # noqa: BLE001
         log(f"the per-class summary failed ({type(e).__name__}: {e}); the attributions are fine")
         return {"status": "failed", "error": f"{type(e).__name__}: {e}"[:1000]}
@@ -1068,6 +1066,8 @@ def _pipeline(
 ) -> None:
     """Build and run the Ray Data pipeline to the end (blocking); parts report to the actor."""
     import ray
+
+    from xai_workers.storage import worker_env
 
     cfg, plan = prep.cfg, prep.plan
     ctx = ray.data.DataContext.get_current()
@@ -1089,6 +1089,9 @@ def _pipeline(
         ds = ray.data.from_items(items, override_num_blocks=len(items))
     finally:
         ctx.target_max_block_size = saved
+    # the workers' storage configuration is the driver's (and the test-only fault switch)
+    env = {"env_vars": worker_env()}
+    fault = {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else {}
     pre = prep.model_info["preprocessing"]
     ds = ds.map_batches(
         read_and_preprocess,
@@ -1099,16 +1102,15 @@ def _pipeline(
             label_column=plan.label_column,
             id_type=plan.id_type,
             label_type=plan.label_type,
-            s3_endpoint=cfg.s3_endpoint,
             block_rows=cfg.batch_size,
         ),
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=res.read_num_cpus,
+        runtime_env=env,
     )
     # Ray Data schedules actors with DataContext.scheduling_strategy, "SPREAD" by default:
     # one CPU actor per node, not two on one
-    fault = {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else None
     ds = ds.map_batches(
         JobWorker,
         fn_constructor_kwargs=dict(
@@ -1131,7 +1133,6 @@ def _pipeline(
             interpolation=pre["interpolation"],
             mean=cfg.mean,
             std=cfg.std,
-            s3_endpoint=cfg.s3_endpoint,
             num_threads=res.worker_threads,
             id_type=plan.id_type,
             label_type=plan.label_type,
@@ -1150,14 +1151,13 @@ def _pipeline(
         compute=ray.data.ActorPoolStrategy(size=res.actors),
         num_cpus=res.actor_num_cpus,
         num_gpus=res.actor_num_gpus or None,
-        **({"runtime_env": {"env_vars": fault}} if fault else {}),
+        runtime_env={"env_vars": {**env["env_vars"], **fault}},
     )
     sink = PartsDatasink(
         dest=attr_uri,
         output=cfg.output,
-        s3_endpoint=cfg.s3_endpoint,
         rows_per_file=prep.rows_per_file,
         summary=cfg.summary,
         progress=progress_actor,
     )
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": res.write_num_cpus})
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": res.write_num_cpus, "runtime_env": env})

@@ -26,6 +26,7 @@ import traceback
 from collections.abc import Sequence
 
 from xai_audit.config import ConfigError, JobConfig, load_yaml, merge
+from xai_workers.storage import configure as configure_storage
 
 #: (flag, metavar, help) of every ``run`` setting; the YAML keys are the same names.
 RUN_FLAGS = (
@@ -165,7 +166,7 @@ def config_from_args(ns: argparse.Namespace, base: JobConfig | None = None) -> J
     flags = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "data_dir")}
     layers = []
     if getattr(ns, "config", None):
-        layers.append((load_yaml(ns.config, flags.get("s3_endpoint")), ns.config))
+        layers.append((load_yaml(ns.config), ns.config))
     layers.append((flags, "the command line"))
     return merge(base or JobConfig(), layers)
 
@@ -195,7 +196,7 @@ def _run(cfg: JobConfig) -> int:
     if cfg.incremental and result.exit_code == 0:
         from xai_audit import output as out
 
-        if out.exists(out.join(cfg.output, out.REPORT, "index.html"), cfg.s3_endpoint):
+        if out.exists(out.join(cfg.output, out.REPORT, "index.html")):
             endpoint = ["--s3-endpoint", cfg.s3_endpoint] if cfg.s3_endpoint else []
             return main(["report", cfg.output, *endpoint])  # the audit report, brought up to date
     return result.exit_code
@@ -232,7 +233,6 @@ def _layers(ns: argparse.Namespace) -> int:
             ns.weights,
             image_size=ns.image_size,
             seed=ns.seed,
-            s3_endpoint=ns.s3_endpoint,
         )
     except ModelSpecError as e:
         raise ConfigError(f"model: {e}") from None
@@ -247,6 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     parser = build_parser()
     ns = parser.parse_args(argv)
+    # one storage configuration for the process: --s3-endpoint, else $AWS_ENDPOINT_URL
+    # (a run's --config file may name another endpoint: run_job configures it again)
+    configure_storage(getattr(ns, "s3_endpoint", None))
     try:
         if ns.command == "layers":
             return _layers(ns)

@@ -271,14 +271,14 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         ) from None
 
 
-def load_yaml(path: str, s3_endpoint: str | None = None) -> dict[str, Any]:
+def load_yaml(path: str) -> dict[str, Any]:
     """Read a job YAML file (local or s3://) into a dict; ConfigError if it is not a mapping."""
     import yaml
 
     from xai_workers.storage import read_bytes
 
     try:
-        data = yaml.safe_load(read_bytes(path, s3_endpoint).decode("utf-8"))
+        data = yaml.safe_load(read_bytes(path).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:
