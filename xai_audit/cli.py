@@ -182,7 +182,9 @@ def _run(cfg: JobConfig) -> int:
         raise
     except KeyboardInterrupt as e:
         _err("interrupted; run again with --resume to finish")
-        if type(e).__name__ == "_Terminated":  # SIGTERM: Ray is still up under us (run_job)
+        from xai_audit.ray_session import Terminated
+
+        if isinstance(e, Terminated):  # SIGTERM: Ray is still up under us (run_job)
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(143)

@@ -1,0 +1,158 @@
+"""Progress of a running job: the counter actor the write tasks report to, the driver's loop that
+polls it while the pipeline runs, and the progress line (rows, rows/s, ETA)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+
+def progress_actor_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressCounter:
+        """Totals reported by the write tasks: rows, error rows, files, bytes."""
+
+        def __init__(self):
+            self.totals = [0, 0, 0, 0]
+            self.starts = 0
+
+        def started(self) -> None:
+            """An attribution actor started (a restarted one counts again)."""
+            self.starts += 1
+
+        def get_starts(self) -> int:
+            return self.starts
+
+        def add(self, rows: int, errors: int, nbytes: int) -> None:
+            self.totals[0] += rows
+            self.totals[1] += errors
+            self.totals[2] += 1
+            self.totals[3] += nbytes
+
+        def get(self) -> list[int]:
+            return list(self.totals)
+
+    return ProgressCounter
+
+
+def poll(counter, progress: Progress, force: bool = False) -> None:
+    """One progress update from the counter actor; progress is never worth failing the job."""
+    import ray
+
+    try:
+        totals = ray.get(counter.get.remote(), timeout=30)
+    except Exception:  # noqa: BLE001
+        return
+    progress.update(*totals, force=force)
+
+
+def drive_pipeline(
+    pipeline: Callable[[object], None],
+    progress: Progress,
+    interval: float,
+    name: str = "xai-audit-pipeline",
+) -> int:
+    """Run ``pipeline(counter)`` (a blocking Ray Data pipeline whose write tasks report to the
+    progress ``counter`` actor) in a thread, and print progress lines from the counter while it
+    runs. Returns how many times an actor reported its start (restarts count again; -1 when
+    unknown). The pipeline's exception is re-raised here; the counter is always killed."""
+    import threading
+
+    import ray
+
+    counter = progress_actor_class().remote()
+    failure: list[BaseException] = []
+
+    def target():
+        try:
+            pipeline(counter)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the driver's thread
+            failure.append(e)
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    poll = max(0.2, min(2.0, interval or 0.2))
+    try:
+        while thread.is_alive():
+            thread.join(timeout=poll)
+            poll(counter, progress)
+        poll(counter, progress, force=True)
+        try:
+            starts = int(ray.get(counter.get_starts.remote(), timeout=30))
+        except Exception:  # noqa: BLE001 - a count is never worth failing the job
+            starts = -1
+    finally:
+        try:
+            ray.kill(counter)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+    if failure:
+        raise failure[0]
+    return starts
+
+
+class Progress:
+    """Prints rows done, rows/s and ETA at most every ``interval`` seconds."""
+
+    def __init__(self, total: int, before: int, log, interval: float = 5.0):
+        self.total, self.before, self.log, self.interval = total, before, log, interval
+        self.t0 = time.monotonic()
+        self.first: tuple[float, int] | None = None
+        self.last = 0.0
+        self.rows = self.errors = self.files = self.bytes = 0
+        self.printed: tuple[int, int, int] | None = None
+
+    def start(self) -> None:
+        """Start the clock (after Ray is up)."""
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, rows: int, errors: int, files: int, nbytes: int, force: bool = False) -> None:
+        """The totals so far (from the write tasks); prints a line when it is time."""
+        now = time.monotonic()
+        if self.first is None and files:
+            self.first = (now, rows)
+        self.rows, self.errors, self.files, self.bytes = rows, errors, files, nbytes
+        # before the first part (minutes, for big images on CPUs) a heartbeat every 30 s
+        wait = self.interval if files else max(30.0, self.interval)
+        state = (rows, errors, files)
+        if (force and state != self.printed) or now - self.last >= wait:
+            self.last, self.printed = now, state
+            self.log(self.line())
+
+    def rate(self) -> float:
+        """Rows/s: since the first part once there are a few (leaves out actor start-up)."""
+        now = time.monotonic()
+        if self.first is not None and self.files >= 3 and now > self.first[0]:
+            return (self.rows - self.first[1]) / (now - self.first[0])
+        dt = now - self.t0
+        return self.rows / dt if dt > 0 else 0.0
+
+    def line(self) -> str:
+        grand = self.before + self.total
+        done = min(self.before + self.rows, grand)  # a retried write reports twice
+        pct = 100.0 * done / grand if grand else 100.0
+        rate = self.rate()
+        eta = (self.total - self.rows) / rate if rate > 0 else float("nan")
+        return (
+            f"{done}/{grand} rows ({pct:.0f}%) | {rate:.1f} rows/s | ETA {hms(eta)} | "
+            f"{self.errors} errors | {self.files} files"
+        )
+
+
+def size_text(n: float) -> str:
+    """Bytes for a person: 866.4 KB, 1.1 TB (powers of 1000)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"  # pragma: no cover
+
+
+def hms(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
