@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import traceback
 from collections.abc import Sequence
@@ -171,9 +172,16 @@ def config_from_args(ns: argparse.Namespace, base: JobConfig | None = None) -> J
     return merge(base or JobConfig(), layers)
 
 
-def _run(cfg: JobConfig) -> int:
+def resume_command(argv: Sequence[str]) -> str:
+    """The command that continues a run: the same one with ``--resume`` (and no --overwrite)."""
+    args = [a for a in argv if a != "--overwrite"]
+    return "xai-audit " + shlex.join(args + ([] if "--resume" in args else ["--resume"]))
+
+
+def _run(cfg: JobConfig, argv: Sequence[str] = ("run", "...")) -> int:
     from xai_audit.attribute import EXIT_FAILED, run_job
     from xai_audit.quiet import drop_stderr_lines
+    from xai_audit.ray_session import ClusterLost, Terminated
 
     try:
         with drop_stderr_lines():
@@ -181,13 +189,15 @@ def _run(cfg: JobConfig) -> int:
     except ConfigError:
         raise
     except KeyboardInterrupt as e:
-        _err("interrupted; run again with --resume to finish")
-        from xai_audit.ray_session import Terminated
-
-        if isinstance(e, Terminated):  # SIGTERM: Ray is still up under us (run_job)
+        again = resume_command(argv)
+        if isinstance(e, ClusterLost):  # one line; Ray cannot shut down without its cluster
+            _err(f"{e}: the run is interrupted, what was written is kept; continue with: {again}")
+        else:
+            _err(f"interrupted; run again with --resume to finish: {again}")
+        if isinstance(e, (Terminated, ClusterLost)):  # Ray is still up under us (run_job)
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(143)
+            os._exit(143 if isinstance(e, Terminated) else EXIT_FAILED)
         return 130
     except Exception as e:  # noqa: BLE001 - report, point at the manifest, exit 1
         traceback.print_exc()
@@ -248,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # start a new local Ray: Ray reads this before its first import.
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     ns = parser.parse_args(argv)
     # one storage configuration for the process: --s3-endpoint, else $AWS_ENDPOINT_URL
     # (a run's --config file may name another endpoint: run_job configures it again)
@@ -261,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = config_from_args(ns, _demo_base(ns))
             if cfg.resume and cfg.overwrite:
                 cfg = cfg.updated({"overwrite": False})
-            code = _run(cfg)
+            code = _run(cfg, argv)
             if code != 0:
                 return code
             # what the model thinks each class looks like (the report shows it)
@@ -275,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # the demo ends with its audit report, where the planted shortcut shows
             endpoint = ["--s3-endpoint", cfg.s3_endpoint] if cfg.s3_endpoint else []
             return main(["report", cfg.output, *endpoint])
-        return _run(config_from_args(ns))
+        return _run(config_from_args(ns), argv)
     except ConfigError as e:
         _err(str(e))
         return 2

@@ -280,15 +280,16 @@ def run_pipeline(prep, shards: list[dict], todo: int, progress, log) -> tuple[di
             progress.start()
             starts = drive_pipeline(
                 lambda counter: build_and_run(prep, shards, resources, attr_uri, counter),
-                progress, cfg.progress_interval_s,
+                progress, cfg.progress_interval_s, watch=ray_session.cluster_watch(),
             )  # fmt: skip
             info["actor_starts"] = starts
             info["actor_restarts"] = max(0, starts - resources.actors)
             return info, time.monotonic() - t_pipe
-    except ray_session.Terminated:
-        # The process is ending: shutting Ray down under the running pipeline can make Ray's
-        # core worker exit the process (code 1, silently) before the caller reports. The caller
-        # exits instead (xai_audit.cli: code 143); a local Ray shares its fate.
+    except (ray_session.Terminated, ray_session.ClusterLost):
+        # The process is ending: shutting Ray down under the running pipeline (or without its
+        # cluster) can make Ray's core worker exit the process (code 1, silently) or hang before
+        # the caller reports. The caller exits instead (xai_audit.cli: os._exit); a local Ray
+        # shares its fate.
         started_ray = False
         raise
     except KeyboardInterrupt:

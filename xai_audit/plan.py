@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from xai_audit import bookkeeping, sources
+from xai_audit import bookkeeping, ray_session, sources
 from xai_audit import lock as output_lock
 from xai_audit import output as out
 from xai_audit.config import JobConfig
@@ -234,6 +234,7 @@ def prepare(cfg: JobConfig, log: Callable[[str], None] = default_log) -> Prepare
 
     cfg.validate()
     configure(cfg.s3_endpoint)  # the process's storage, once; Ray's workers: worker_env()
+    ray_session.check_address(cfg)  # a cluster named by --address / RAY_ADDRESS answers
     plan, n_dup = plan_input(cfg, log)
     model = load_checked_model(cfg, plan, log)
     cfg = model.cfg

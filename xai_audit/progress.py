@@ -54,6 +54,7 @@ def drive_pipeline(
     progress: Progress,
     interval: float,
     name: str = "xai-audit-pipeline",
+    watch: Callable[[], None] | None = None,
 ) -> int:
     """Run ``pipeline(counter)`` (a blocking Ray Data pipeline whose write tasks report to the
     progress ``counter`` actor) in a thread, and print progress lines from the counter while it
@@ -74,11 +75,13 @@ def drive_pipeline(
 
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
-    poll = max(0.2, min(2.0, interval or 0.2))
+    every = max(0.2, min(2.0, interval or 0.2))
     try:
         while thread.is_alive():
-            thread.join(timeout=poll)
+            thread.join(timeout=every)
             poll(counter, progress)
+            if watch is not None:
+                watch()  # raises when the cluster is gone (xai_audit.ray_session.cluster_watch)
         poll(counter, progress, force=True)
         try:
             starts = int(ray.get(counter.get_starts.remote(), timeout=30))
