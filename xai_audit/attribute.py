@@ -89,7 +89,8 @@ def compute(prep: Prepared, run: bookkeeping.Run, log):
     back, duplicates removed). Returns ``(scan, pipeline seconds)``; on any exception (Ctrl-C,
     SIGTERM, a lost cluster, a failure) the manifest says how the run ended, and it is
     re-raised."""
-    progress = Progress(run.todo, run.before, log, prep.cfg.progress_interval_s)
+    busy = "adaptive IG: a batch can take minutes" if prep.cfg.ig_steps == "auto" else None
+    progress = Progress(run.todo, run.before, log, prep.cfg.progress_interval_s, busy)
     pipe_s = 0.0
     try:
         if run.todo:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 
@@ -134,13 +135,15 @@ def _test_fault(spec: str, batches: int) -> None:
 class JobWorker:
     """The job's actor: the library's ``AttributionWorker`` plus what only a Ray job has: it
     reports its start to the progress actor (restarts are counted in the manifest), and the
-    test-only fault switch ``FAULT_ENV``."""
+    test-only fault switch ``FAULT_ENV``; it reports each batch's rows as in flight, then as
+    computed (the progress line, before a part is written)."""
 
     def __init__(self, *, progress=None, **kwargs):
         from xai_workers.worker import AttributionWorker
 
         self.worker = AttributionWorker(**kwargs)
         self.batches = 0
+        self.progress = progress
         if progress is not None:
             progress.started.remote()
 
@@ -149,7 +152,44 @@ class JobWorker:
         fault = os.environ.get(FAULT_ENV)
         if fault:
             _test_fault(fault, self.batches)
-        return self.worker(batch)
+        if self.progress is not None:  # rows in flight, then computed: the progress line
+            self.progress.batch_started.remote(batch.num_rows)
+        out_ = self.worker(batch)
+        if self.progress is not None:
+            self.progress.batch_done.remote(batch.num_rows)
+        return out_
+
+
+#: Ray Data's logger of its issue detectors (the memory warning below)
+ISSUE_LOGGER = "ray.data._internal.issue_detection.issue_detector_manager"
+
+
+class OncePerOperator(logging.Filter):
+    """Ray Data's issue detector repeats its "Operator 'X' uses N of memory per worker" warning
+    every 30 s and again at the end, each followed by "Found 1 issues": an operator's first
+    warning passes, its repeats (and the count line after them) do not."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+        self.last_dropped = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = " ".join(record.getMessage().split())  # Ray wraps the message's lines
+        m = re.search(r"Operator '([^']+)' use", msg)
+        if m and "memory per worker" in msg:
+            self.last_dropped = m.group(1) in self.seen
+            self.seen.add(m.group(1))
+            return not self.last_dropped
+        if re.match(r"Found \d+ issues", msg):
+            return not self.last_dropped
+        return True
+
+
+def _warn_once_per_operator() -> None:
+    logger = logging.getLogger(ISSUE_LOGGER)
+    if not any(isinstance(f, OncePerOperator) for f in logger.filters):
+        logger.addFilter(OncePerOperator())
 
 
 def build_and_run(
@@ -165,6 +205,7 @@ def build_and_run(
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(os.environ.get("XAI_AUDIT_RAY_PROGRESS"))
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    _warn_once_per_operator()
     if not ctx.enable_progress_bars:  # we print progress lines: Ray's note that its bars are off
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 

@@ -8,34 +8,46 @@ import time
 from collections.abc import Callable
 
 
+class ProgressCounter:
+    """Totals reported by the job's tasks: rows, error rows, files and bytes written (the write
+    tasks), and rows computed and in flight (the attribution actors, per batch: a batch of
+    adaptive IG can take minutes before its first part is written). Runs as a Ray actor
+    (:func:`progress_actor_class`)."""
+
+    def __init__(self):
+        self.totals = [0, 0, 0, 0]
+        self.computed = self.in_flight = 0
+        self.starts = 0
+
+    def started(self) -> None:
+        """An attribution actor started (a restarted one counts again)."""
+        self.starts += 1
+
+    def get_starts(self) -> int:
+        return self.starts
+
+    def add(self, rows: int, errors: int, nbytes: int) -> None:
+        self.totals[0] += rows
+        self.totals[1] += errors
+        self.totals[2] += 1
+        self.totals[3] += nbytes
+
+    def batch_started(self, rows: int) -> None:
+        self.in_flight += rows
+
+    def batch_done(self, rows: int) -> None:
+        self.in_flight = max(0, self.in_flight - rows)
+        self.computed += rows
+
+    def get(self) -> list[int]:
+        """``[rows, errors, files, bytes, computed, in_flight]``: :meth:`Progress.update`'s."""
+        return [*self.totals, self.computed, self.in_flight]
+
+
 def progress_actor_class():
     import ray
 
-    @ray.remote(num_cpus=0)
-    class ProgressCounter:
-        """Totals reported by the write tasks: rows, error rows, files, bytes."""
-
-        def __init__(self):
-            self.totals = [0, 0, 0, 0]
-            self.starts = 0
-
-        def started(self) -> None:
-            """An attribution actor started (a restarted one counts again)."""
-            self.starts += 1
-
-        def get_starts(self) -> int:
-            return self.starts
-
-        def add(self, rows: int, errors: int, nbytes: int) -> None:
-            self.totals[0] += rows
-            self.totals[1] += errors
-            self.totals[2] += 1
-            self.totals[3] += nbytes
-
-        def get(self) -> list[int]:
-            return list(self.totals)
-
-    return ProgressCounter
+    return ray.remote(num_cpus=0)(ProgressCounter)
 
 
 def poll(counter, progress: Progress, force: bool = False) -> None:
@@ -100,27 +112,43 @@ def drive_pipeline(
 class Progress:
     """Prints rows done, rows/s and ETA at most every ``interval`` seconds."""
 
-    def __init__(self, total: int, before: int, log, interval: float = 5.0):
+    def __init__(
+        self, total: int, before: int, log, interval: float = 5.0, busy: str | None = None
+    ):
         self.total, self.before, self.log, self.interval = total, before, log, interval
+        #: what a batch is doing, said while rows are computed but not yet written
+        self.busy = busy
         self.t0 = time.monotonic()
         self.first: tuple[float, int] | None = None
         self.last = 0.0
         self.rows = self.errors = self.files = self.bytes = 0
-        self.printed: tuple[int, int, int] | None = None
+        self.computed = self.in_flight = 0
+        self.printed: tuple | None = None
 
     def start(self) -> None:
         """Start the clock (after Ray is up)."""
         self.t0 = self.last = time.monotonic()
 
-    def update(self, rows: int, errors: int, files: int, nbytes: int, force: bool = False) -> None:
-        """The totals so far (from the write tasks); prints a line when it is time."""
+    def update(
+        self,
+        rows: int,
+        errors: int,
+        files: int,
+        nbytes: int,
+        computed: int = 0,
+        in_flight: int = 0,
+        force: bool = False,
+    ) -> None:
+        """The totals so far (rows, errors, files, bytes from the write tasks; rows computed and
+        in flight from the actors); prints a line when it is time."""
         now = time.monotonic()
         if self.first is None and files:
             self.first = (now, rows)
         self.rows, self.errors, self.files, self.bytes = rows, errors, files, nbytes
+        self.computed, self.in_flight = computed, in_flight
         # before the first part (minutes, for big images on CPUs) a heartbeat every 30 s
         wait = self.interval if files else max(30.0, self.interval)
-        state = (rows, errors, files)
+        state = (rows, errors, files, computed)
         if (force and state != self.printed) or now - self.last >= wait:
             self.last, self.printed = now, state
             self.log(self.line())
@@ -128,21 +156,29 @@ class Progress:
     def rate(self) -> float:
         """Rows/s: since the first part once there are a few (leaves out actor start-up)."""
         now = time.monotonic()
-        if self.first is not None and self.files >= 3 and now > self.first[0]:
-            return (self.rows - self.first[1]) / (now - self.first[0])
+        first = self.first
+        if first is not None and self.files >= 3 and self.rows > first[1] and now > first[0]:
+            return (self.rows - first[1]) / (now - first[0])
         dt = now - self.t0
-        return self.rows / dt if dt > 0 else 0.0
+        return max(self.rows, self.computed) / dt if dt > 0 else 0.0
 
     def line(self) -> str:
         grand = self.before + self.total
         done = min(self.before + self.rows, grand)  # a retried write reports twice
         pct = 100.0 * done / grand if grand else 100.0
         rate = self.rate()
-        eta = (self.total - self.rows) / rate if rate > 0 else float("nan")
-        return (
+        left = self.total - max(self.rows, self.computed)
+        eta = left / rate if rate > 0 else float("nan")
+        line = (
             f"{done}/{grand} rows ({pct:.0f}%) | {rate:.1f} rows/s | ETA {hms(eta)} | "
             f"{self.errors} errors | {self.files} files"
         )
+        if self.computed > self.rows or (self.in_flight and not self.computed):
+            # rows leave the actors before they are written (a part holds many batches)
+            what = f"{self.computed} computed" if self.computed else "first batch"
+            busy = f" ({self.busy})" if self.busy else ""
+            line += f" | {what}, {self.in_flight} rows in flight{busy}"
+        return line
 
 
 def size_text(n: float) -> str:
