@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,3 +78,31 @@ def test_no_import_circle():
         if m not in state:
             visit(m, [m])
     assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)
+
+
+#: the folders whose modules docs/architecture.md must list, one table row each
+MAPPED = ("xai_workers", "xai_audit", "benchmarks")
+ROW = re.compile(r"^\|\s*`([\w/.]+\.py)`\s*\|", re.MULTILINE)
+
+
+def test_architecture_doc_lists_every_module_and_nothing_else():
+    """docs/architecture.md has one table row per module (first cell: its path in backticks).
+    A new module needs only its row there; a row whose module is gone must go too."""
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    listed = ROW.findall(doc)
+    assert len(listed) == len(set(listed)), "rows listed twice: " + ", ".join(
+        sorted({p for p in listed if listed.count(p) > 1})
+    )
+    present = {
+        str(p.relative_to(ROOT))
+        for folder in MAPPED
+        for p in (ROOT / folder).rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
+    missing = sorted(present - set(listed))
+    stale = sorted(set(listed) - present)
+    assert not missing, (
+        "modules missing from docs/architecture.md; add a row for each, e.g. "
+        + "; ".join(f"| `{m}` | what it owns | who calls it |" for m in missing)
+    )
+    assert not stale, f"docs/architecture.md lists modules that do not exist: {stale}"
