@@ -70,14 +70,22 @@ from xai_audit.ray_session import Resources, plan_resources  # noqa: F401
 from xai_audit.ray_session import connect as _ray_init  # noqa: F401 - xai_audit.visualize
 
 
-def run_job(cfg: JobConfig, log: Callable[[str], None] = default_log) -> JobResult:
-    """Run (or resume) the job described by ``cfg``; ConfigError before any heavy work."""
+def run_job(
+    cfg: JobConfig,
+    log: Callable[[str], None] = default_log,
+    on_running: Callable[[], object] | None = None,
+) -> JobResult:
+    """Run (or resume) the job described by ``cfg``; ConfigError before any heavy work.
+    ``on_running``: called once the manifest says ``running`` (``xai-audit run`` starts its
+    watcher there: ``xai_audit.watch``)."""
     t_start = time.monotonic()
     started_at = bookkeeping.now()
     prep = prepare(cfg, log)  # plan input -> load model -> claim output (locked from here)
     prep.lock.start_heartbeat()
     try:
         run = bookkeeping.begin_run(prep, started_at, log)  # resume, manifest "running"
+        if on_running is not None:
+            on_running()
         final, pipe_s = compute(prep, run, log)
         return summarize_and_report(prep, run, final, t_start, pipe_s, log)
     finally:

@@ -10,6 +10,7 @@ ends (``complete`` or ``incomplete``); ``runs`` keeps one entry per run of this 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -280,7 +281,8 @@ def begin_run(prep, started_at: str, log) -> Run:
         "runs": previous_runs,
         "started_at": (prep.state.manifest or {}).get("started_at", started_at),
     }
-    run_info = {"started_at": started_at, "resumed": before > 0, "rows_before": before}
+    run_info = {"started_at": started_at, "resumed": before > 0, "rows_before": before,
+                "pid": os.getpid()}  # fmt: skip
     if prep.changes is not None:
         run_info["incremental"] = {
             k: len(prep.changes[k]) for k in ("new", "grown", "changed", "removed")

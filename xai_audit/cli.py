@@ -184,8 +184,15 @@ def _run(cfg: JobConfig, argv: Sequence[str] = ("run", "...")) -> int:
     from xai_audit.ray_session import ClusterLost, Terminated
 
     try:
+        from xai_audit import watch
+        from xai_audit.ray_session import address_of
+
+        def watched() -> None:  # a driver Ray ends abruptly still leaves a true manifest
+            cluster = address_of(cfg) or "a private local Ray"
+            watch.start(cfg.output, cluster, resume_command(argv))
+
         with drop_stderr_lines():
-            result = run_job(cfg)
+            result = run_job(cfg, on_running=watched)
     except ConfigError:
         raise
     except KeyboardInterrupt as e:
