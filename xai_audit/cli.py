@@ -187,12 +187,17 @@ def _run(cfg: JobConfig, argv: Sequence[str] = ("run", "...")) -> int:
         from xai_audit import watch
         from xai_audit.ray_session import address_of
 
+        terminal = os.dup(2)  # the watcher writes here, not through drop_stderr_lines' relay
+
         def watched() -> None:  # a driver Ray ends abruptly still leaves a true manifest
             cluster = address_of(cfg) or "a private local Ray"
-            watch.start(cfg.output, cluster, resume_command(argv))
+            watch.start(cfg.output, cluster, resume_command(argv), stderr=terminal)
 
-        with drop_stderr_lines():
-            result = run_job(cfg, on_running=watched)
+        try:
+            with drop_stderr_lines():
+                result = run_job(cfg, on_running=watched)
+        finally:
+            os.close(terminal)
     except ConfigError:
         raise
     except KeyboardInterrupt as e:
@@ -209,7 +214,7 @@ def _run(cfg: JobConfig, argv: Sequence[str] = ("run", "...")) -> int:
     except Exception as e:  # noqa: BLE001 - report, point at the manifest, exit 1
         traceback.print_exc()
         _err(f"the job failed: {type(e).__name__}: {e}".splitlines()[0])
-        _err(f"what was written is kept; `xai-audit run ... --resume` continues ({cfg.output})")
+        _err(f"what was written is kept; continue with: {resume_command(argv)}")
         return EXIT_FAILED
     print(result.summary, flush=True)
     if cfg.incremental and result.exit_code == 0:

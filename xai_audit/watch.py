@@ -19,16 +19,19 @@ import subprocess
 import sys
 
 
-def start(output: str, cluster: str, again: str) -> int:
+def start(output: str, cluster: str, again: str, stderr: int | None = None) -> int:
     """Start the watcher of this process's run of ``output``; returns the pipe's write end,
     which this process keeps open until it exits (never close it: its end-of-file is the
-    signal). The watcher gets this process's storage configuration."""
+    signal). The watcher gets this process's storage configuration; ``stderr``: the descriptor
+    its line goes to (the terminal's, not ``xai_audit.quiet``'s relay, which dies with this
+    process)."""
     from xai_workers.storage import worker_env
 
     r, w = os.pipe()  # not inheritable: Ray's processes started from here do not hold it
     subprocess.Popen(
         [sys.executable, "-m", "xai_audit.watch", output, str(os.getpid()), cluster, again],
         stdin=r,
+        stderr=stderr,
         env={**os.environ, **worker_env()},
     )
     os.close(r)
