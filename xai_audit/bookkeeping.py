@@ -218,37 +218,13 @@ class Run:
 
 
 def begin_run(prep, started_at: str, log) -> Run:
-    """Start the run's bookkeeping: remove an interrupted run's temporary files, the rows of
-    changed input files (--reprocess-changed), set unreadable parts aside, find the rows already
-    written (resume), and write the manifest with ``status: running``. ``prep``: the prepared
-    job (``xai_audit.plan.Prepared``; its ``state`` is refreshed)."""
+    """Start the run's bookkeeping: what earlier runs left (:func:`_rows_done`), what is left to
+    do, and the manifest with ``status: running``. ``prep``: the prepared job
+    (``xai_audit.plan.Prepared``; its ``state`` is refreshed)."""
     cfg, plan = prep.cfg, prep.plan
     attr_uri = out.join(cfg.output, out.ATTRIBUTIONS)
-    manifest_uri = out.join(cfg.output, out.MANIFEST)
     rows_by_source = {s.rel: s.rows for s in plan.sources}
-
-    # what is there already (resume)
-    previous_runs = []
-    if prep.state.manifest is not None:
-        previous_runs = list(prep.state.manifest.get("runs", []))
-    if prep.state.temps:
-        n = out.remove_temps(cfg.output, prep.state.temps)
-        log(f"removed {n} temporary files of an interrupted run")
-    replace = (prep.changes or {}).get("changed", []) + (prep.changes or {}).get("removed", [])
-    if cfg.reprocess_changed and replace:
-        n = out.remove_sources(attr_uri, replace)
-        log(f"--reprocess-changed: removed {n} rows of {len(replace)} changed or removed files")
-        prep.state = out.inspect(cfg.output)
-    done = None
-    before = 0
-    if prep.state.parts:
-        scan0 = out.scan(attr_uri, rows_by_source, prep.state.parts)
-        if scan0.unreadable:  # parts are atomic: this is damage from outside; redo those rows
-            log(f"{len(scan0.unreadable)} unreadable part files set aside (.corrupt-*)")
-            out.set_aside(scan0.unreadable, attr_uri)
-        done = scan0.done
-        before = int(sum(d.sum() for d in done.values()))
-        log(f"resuming: {before} of {plan.total_rows} rows already written in {scan0.files} files")
+    done, before = _rows_done(prep, attr_uri, rows_by_source, log)
     shards, todo = sources.make_shards(plan, done)
     per_row = out.row_bytes(prep.schema)
     maps = "no maps" if cfg.store == "stats" else ", ".join(
@@ -259,7 +235,41 @@ def begin_run(prep, started_at: str, log) -> Run:
         f"storage profile {cfg.store} ({maps}): expect about {todo} rows x {size_text(per_row)} = "
         f"{size_text(todo * per_row)} before compression (zstd usually writes less)"
     )
+    manifest, run_info = _running_manifest(prep, attr_uri, before, started_at)
+    manifest_uri = out.join(cfg.output, out.MANIFEST)
+    out.write_json(manifest_uri, manifest)
+    return Run(manifest, run_info, manifest_uri, attr_uri, rows_by_source, before, shards, todo)
 
+
+def _rows_done(prep, attr_uri: str, rows_by_source: dict, log) -> tuple[dict | None, int]:
+    """What earlier runs left, cleaned: an interrupted run's temporary files removed, the rows of
+    changed input files removed (--reprocess-changed), unreadable parts set aside. Returns the
+    rows already written (``out.scan``'s ``done``, None when nothing is) and their number."""
+    cfg = prep.cfg
+    if prep.state.temps:
+        n = out.remove_temps(cfg.output, prep.state.temps)
+        log(f"removed {n} temporary files of an interrupted run")
+    replace = (prep.changes or {}).get("changed", []) + (prep.changes or {}).get("removed", [])
+    if cfg.reprocess_changed and replace:
+        n = out.remove_sources(attr_uri, replace)
+        log(f"--reprocess-changed: removed {n} rows of {len(replace)} changed or removed files")
+        prep.state = out.inspect(cfg.output)
+    if not prep.state.parts:
+        return None, 0
+    scan0 = out.scan(attr_uri, rows_by_source, prep.state.parts)
+    if scan0.unreadable:  # parts are atomic: this is damage from outside; redo those rows
+        log(f"{len(scan0.unreadable)} unreadable part files set aside (.corrupt-*)")
+        out.set_aside(scan0.unreadable, attr_uri)
+    before = int(sum(d.sum() for d in scan0.done.values()))
+    log(f"resuming: {before} of {prep.plan.total_rows} rows already written in {scan0.files} files")
+    return scan0.done, before
+
+
+def _running_manifest(prep, attr_uri: str, before: int, started_at: str) -> tuple[dict, dict]:
+    """The manifest of a run that starts (``status: running``) and this run's entry in its
+    ``runs`` (earlier runs' entries kept)."""
+    cfg, plan = prep.cfg, prep.plan
+    previous_runs = list((prep.state.manifest or {}).get("runs", []))
     manifest = {
         "tool": "xai-audit",
         "schema_version": prep.schema.metadata[b"xai_workers.schema_version"].decode(),
@@ -281,6 +291,7 @@ def begin_run(prep, started_at: str, log) -> Run:
         "runs": previous_runs,
         "started_at": (prep.state.manifest or {}).get("started_at", started_at),
     }
+    # pid: xai_audit.watch corrects this run's manifest if the driver ends abruptly
     run_info = {"started_at": started_at, "resumed": before > 0, "rows_before": before,
                 "pid": os.getpid()}  # fmt: skip
     if prep.changes is not None:
@@ -294,8 +305,7 @@ def begin_run(prep, started_at: str, log) -> Run:
                 last = prep.changes["previous"].get(what, {})
                 manifest["input"][what].update({r: last[r] for r in kept if r in last})
     manifest["runs"] = previous_runs + [run_info]
-    out.write_json(manifest_uri, manifest)
-    return Run(manifest, run_info, manifest_uri, attr_uri, rows_by_source, before, shards, todo)
+    return manifest, run_info
 
 
 def record_failure(run: Run, e: BaseException, rows_computed: int) -> None:

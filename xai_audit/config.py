@@ -3,7 +3,7 @@
 The YAML file (``--config job.yaml``) takes the same keys as the flags, with ``-`` or ``_``
 (``ig-steps: 16`` or ``ig_steps: 16``); flags given on the command line override it. Checks that
 need no I/O happen here (:func:`JobConfig.validate`); the ones that do (input exists, model loads,
-layer exists, output writable) happen in ``xai_audit.attribute.prepare`` before Ray starts.
+layer exists, output writable) happen in ``xai_audit.plan.prepare`` before Ray starts.
 """
 
 from __future__ import annotations
