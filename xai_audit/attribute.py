@@ -45,7 +45,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from xai_audit import bookkeeping, pipeline
+from xai_audit import bookkeeping, pipeline, ray_session
 from xai_audit.bookkeeping import (  # noqa: F401 - the job's public names, importable from here
     EXIT_CONFIG,
     EXIT_ERROR_RATE,
@@ -84,15 +84,14 @@ def run_job(
     prep.lock.start_heartbeat()
     try:
         run = bookkeeping.begin_run(prep, started_at, log)  # resume, manifest "running"
-        if on_running is not None:
-            on_running()
-        final, pipe_s = compute(prep, run, log)
+        with ray_session.sigterm_interrupts():  # from here on SIGTERM is an interruption
+            final, pipe_s = compute(prep, run, log, on_running)
         return summarize_and_report(prep, run, final, t_start, pipe_s, log)
     finally:
         prep.lock.release()
 
 
-def compute(prep: Prepared, run: bookkeeping.Run, log):
+def compute(prep: Prepared, run: bookkeeping.Run, log, on_running=None):
     """The Ray pipeline over what is left to do, then what the output holds (every part read
     back, duplicates removed). Returns ``(scan, pipeline seconds)``; on any exception (Ctrl-C,
     SIGTERM, a lost cluster, a failure) the manifest says how the run ended, and it is
@@ -101,6 +100,8 @@ def compute(prep: Prepared, run: bookkeeping.Run, log):
     progress = Progress(run.todo, run.before, log, prep.cfg.progress_interval_s, busy)
     pipe_s = 0.0
     try:
+        if on_running is not None:
+            on_running()
         if run.todo:
             run.manifest["ray"], pipe_s = pipeline.run_pipeline(
                 prep, run.shards, run.todo, progress, log

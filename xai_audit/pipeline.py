@@ -299,9 +299,9 @@ def build_and_run(
 def run_pipeline(prep, shards: list[dict], todo: int, progress, log) -> tuple[dict, float]:
     """The Ray stage of a run: connect to Ray (``xai_audit.ray_session``), size the stages, run
     the pipeline over ``shards`` to its end with progress lines, shut down a Ray it started.
-    SIGTERM raises ``ray_session.Terminated`` in the caller's thread. Returns the manifest's
-    ``ray`` entry (resources, actor starts) and the pipeline's seconds (Ray's start-up left
-    out)."""
+    SIGTERM raises ``ray_session.Terminated`` in the main thread (``sigterm_interrupts``).
+    Returns the manifest's ``ray`` entry (resources, actor starts) and the pipeline's seconds
+    (Ray's start-up left out)."""
     from xai_audit.progress import drive_pipeline
 
     cfg = prep.cfg
