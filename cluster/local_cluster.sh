@@ -3,12 +3,16 @@
 # raylet with its own CPU count, to run the job the way it runs on a real cluster.
 #
 #   cluster/local_cluster.sh start      # head + $XAI_CLUSTER_WORKERS workers (token auth on)
-#   source /tmp/xai-cluster-$USER/env.sh   # RAY_ADDRESS + auth settings for drivers and clients
+#   source /tmp/xai-cluster-$(id -un)/env.sh  # RAY_ADDRESS + auth settings (start prints this line)
 #   xai-audit demo --output /tmp/demo-out          # a driver on this machine joins the cluster
 #   XAI_CLUSTER_DASHBOARD=1 (needs ray[default]) enables `ray job submit`:
 #   ray job submit --address "$XAI_DASHBOARD" --working-dir . -- xai-audit demo --output /tmp/d
 #   cluster/local_cluster.sh status
 #   cluster/local_cluster.sh stop       # stops only the processes this script started
+#   cluster/local_cluster.sh check      # which Python, ray and env file it would use; starts nothing
+#
+# No activated venv needed: `ray` is the one beside the Python it runs with, $XAI_PYTHON if set,
+# else the repository's .venv/bin/python, else python3 on PATH.
 #
 # Token authentication (Ray >= 2.5x): every process that joins or talks to the cluster (worker
 # nodes, drivers, `ray job submit`, `ray status`) needs RAY_AUTH_MODE=token and the cluster's
@@ -20,17 +24,37 @@
 # start.
 set -euo pipefail
 
-STATE=${XAI_CLUSTER_DIR:-${TMPDIR:-/tmp}/xai-cluster-$(id -un)}
+STATE=${XAI_CLUSTER_DIR:-/tmp/xai-cluster-$(id -un)}
+ENV_FILE=$STATE/env.sh
 PORT=${XAI_CLUSTER_PORT:-6390}
 DASH_PORT=${XAI_CLUSTER_DASHBOARD_PORT:-8290}
 WORKERS=${XAI_CLUSTER_WORKERS:-2}
 CPUS=${XAI_CLUSTER_CPUS_PER_NODE:-1}
 HOST=127.0.0.1
 
+# the Python (and the `ray` beside it): no activated venv needed
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+if [[ -n "${XAI_PYTHON:-}" ]]; then
+  PY=$XAI_PYTHON
+elif [[ -x "$HERE/../.venv/bin/python" ]]; then
+  PY=$HERE/../.venv/bin/python
+else
+  PY=$(command -v python3 || command -v python || true)
+fi
+RAY=$(dirname "${PY:-/nonexistent/python}")/ray
+
+need_ray() {
+  if [[ -z "${PY:-}" || ! -x "$RAY" ]]; then
+    echo "no ray beside ${PY:-python3} (looked for $RAY); set XAI_PYTHON to your venv's python," \
+      "e.g. XAI_PYTHON=.venv/bin/python $0 ${1:-start}" >&2
+    exit 2
+  fi
+}
+
 env_setup() {
   mkdir -p "$STATE"
   if [[ ! -s "$STATE/auth_token" ]]; then
-    (umask 077 && python -c "import secrets; print(secrets.token_hex(32))" > "$STATE/auth_token")
+    (umask 077 && "$PY" -c "import secrets; print(secrets.token_hex(32))" > "$STATE/auth_token")
   fi
   export RAY_AUTH_MODE=token
   export RAY_AUTH_TOKEN_PATH="$STATE/auth_token"
@@ -45,7 +69,7 @@ wait_for_nodes() {
       return 1
     fi
     local alive
-    alive=$(python - "$HOST:$PORT" <<'EOF' 2>/dev/null || echo 0
+    alive=$("$PY" - "$HOST:$PORT" <<'EOF' 2>/dev/null || echo 0
 import sys, ray
 ray.init(address=sys.argv[1], logging_level="ERROR")
 print(sum(1 for n in ray.nodes() if n["Alive"]))
@@ -62,6 +86,7 @@ EOF
 }
 
 start() {
+  need_ray start
   env_setup
   if [[ -f "$STATE/head.pid" ]] && kill -0 "$(cat "$STATE/head.pid")" 2>/dev/null; then
     echo "already running (head pid $(cat "$STATE/head.pid")); stop it first" >&2
@@ -71,23 +96,23 @@ start() {
   if [[ "${XAI_CLUSTER_DASHBOARD:-0}" == 1 ]]; then  # needs `pip install "ray[default]"`
     dash=(--include-dashboard true --dashboard-host "$HOST" --dashboard-port "$DASH_PORT")
   fi
-  setsid ray start --head --node-ip-address "$HOST" --port "$PORT" --num-cpus "$CPUS" "${dash[@]}" \
+  setsid "$RAY" start --head --node-ip-address "$HOST" --port "$PORT" --num-cpus "$CPUS" "${dash[@]}" \
     --block > "$STATE/head.log" 2>&1 &
   echo $! > "$STATE/head.pid"
   wait_for_nodes 1
   for i in $(seq 1 "$WORKERS"); do  # one at a time: a busy machine times out concurrent starts
-    setsid ray start --address "$HOST:$PORT" --node-ip-address "$HOST" --num-cpus "$CPUS" \
+    setsid "$RAY" start --address "$HOST:$PORT" --node-ip-address "$HOST" --num-cpus "$CPUS" \
       --block > "$STATE/worker-$i.log" 2>&1 &
     echo $! > "$STATE/worker-$i.pid"
     wait_for_nodes $((i + 1))
   done
-  cat > "$STATE/env.sh" <<EOF
+  cat > "$ENV_FILE" <<EOF
 export RAY_ADDRESS=$HOST:$PORT
 export RAY_AUTH_MODE=token
 export RAY_AUTH_TOKEN_PATH=$STATE/auth_token
 export XAI_DASHBOARD=http://$HOST:$DASH_PORT
 EOF
-  echo "source $STATE/env.sh  # then: xai-audit run ... (joins $HOST:$PORT)"
+  echo "source $ENV_FILE  # then: xai-audit run ... (joins $HOST:$PORT)"
 }
 
 stop() {
@@ -114,13 +139,22 @@ stop() {
 }
 
 status() {
+  need_ray status
   env_setup
-  ray status --address "$HOST:$PORT"
+  "$RAY" status --address "$HOST:$PORT"
+}
+
+check() {
+  need_ray check
+  echo "python: $PY"
+  echo "ray: $RAY ($("$RAY" --version 2>/dev/null | head -1))"
+  echo "env file: $ENV_FILE"
 }
 
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
   status) status ;;
-  *) sed -n '2,22p' "$0"; exit 2 ;;
+  check) check ;;
+  *) sed -n '2,26p' "$0"; exit 2 ;;
 esac

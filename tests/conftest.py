@@ -5,6 +5,9 @@ sets dummy AWS credentials and region in the environment for the session (so no 
 or profile is ever used) and yields the endpoint URL, e.g. ``http://127.0.0.1:54321``. Pass it as
 ``s3_endpoint=`` / ``--s3-endpoint``; ``AWS_ENDPOINT_URL`` is NOT set, so tests choose.
 
+``storage_unconfigured`` (autouse): every test starts with no process-wide storage configuration
+(``xai_workers.storage.configure``), whatever an earlier test's job configured.
+
 ``s3_bucket`` (function): creates a new, empty bucket on that server and yields its name.
 
 ``ray_session`` (module): a local Ray (2 CPUs, no dashboard) for the module's tests, shut down
@@ -16,6 +19,13 @@ from __future__ import annotations
 import uuid
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def storage_unconfigured(monkeypatch):
+    from xai_workers import storage
+
+    monkeypatch.setattr(storage, "_ENDPOINT", None)
 
 
 @pytest.fixture(scope="session")

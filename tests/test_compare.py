@@ -33,8 +33,7 @@ def _run(root, seed: int) -> str:
         "x": S.tensor_array(x), "error": pa.nulls(N, pa.string()), "source": ["s"] * N,
         "source_row": np.arange(N),
     })  # fmt: skip
-    write_attributions(w(batch), dest=str(root / "attributions"), output=str(root),
-                       s3_endpoint=None)  # fmt: skip
+    write_attributions(w(batch), dest=str(root / "attributions"), output=str(root))
     SM.summarize_output(str(root))
     return str(root)
 

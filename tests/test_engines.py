@@ -54,8 +54,7 @@ def _run(root: Path, store: str, seed: int) -> Path:
         "x": S.tensor_array(x), "error": pa.array(errors, pa.string()), "source": ["s"] * N,
         "source_row": np.arange(N),
     })  # fmt: skip
-    write_attributions(w(batch), dest=str(root / "attributions"), output=str(root),
-                       s3_endpoint=None)  # fmt: skip
+    write_attributions(w(batch), dest=str(root / "attributions"), output=str(root))
     SM.summarize_output(str(root))
     return root
 

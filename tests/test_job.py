@@ -381,6 +381,7 @@ def test_every_input_format_end_to_end(ray_session, data, tmp_path, s3_server, s
     import webdataset as wds
 
     from xai_audit.report import build_report, load_images
+    from xai_workers.storage import configure as configure_storage
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
 
@@ -394,7 +395,8 @@ def test_every_input_format_end_to_end(ray_session, data, tmp_path, s3_server, s
         # the report finds every ok row's image again, as the model saw it
         t = pq.read_table(res.manifest["output"]["attributions"])
         ok = t.filter(pa.compute.equal(t["status"], "ok")).select(["source", "source_row"])
-        pics = load_images(res.manifest, ok.to_pylist(), s3_server)
+        configure_storage(s3_server)  # the report's process: the references are on S3
+        pics = load_images(res.manifest, ok.to_pylist())
         assert len(pics) == ok.num_rows and all(p is not None for p in pics)
 
     # Hugging Face datasets Parquet: image structs, no id column, ClassLabel names

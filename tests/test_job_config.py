@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 import xai_audit.attribute as job
+from xai_audit import ray_session
 from xai_audit.cli import main
 from xai_audit.config import ConfigError, JobConfig
 from xai_workers.demo import write_demo_dataset
@@ -30,7 +31,7 @@ def no_ray(monkeypatch):
     def boom(cfg):
         raise AssertionError("Ray was started for a configuration that should have failed")
 
-    monkeypatch.setattr(job, "_ray_init", boom)
+    monkeypatch.setattr(ray_session, "connect", boom)
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +269,10 @@ def test_overwrite_on_s3_removes_nested_prefixes(s3_server, s3_bucket):
     ]  # fmt: skip
     for k in keys:
         s3.put_object(Bucket=s3_bucket, Key=k, Body=b"x")
-    out.remove_owned(f"s3://{s3_bucket}/run", s3_server)
+    from xai_workers.storage import configure
+
+    configure(s3_server)  # the process's storage, as a job configures it
+    out.remove_owned(f"s3://{s3_bucket}/run")
     left = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket).get("Contents", []))
     assert left == ["run/notes/mine.txt"]
 

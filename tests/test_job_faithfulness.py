@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import xai_audit.attribute as job
+from xai_audit import ray_session
 from xai_audit.cli import build_parser, config_from_args, main
 from xai_audit.config import JobConfig
 from xai_workers.demo import DEMO_MEAN, DEMO_STD, build_demo_model, write_demo_dataset
@@ -57,7 +57,7 @@ def test_flags_parse_and_bad_values_fail_before_ray(data, tmp_path, capsys, monk
     def boom(cfg):
         raise AssertionError("Ray was started for a configuration that should have failed")
 
-    monkeypatch.setattr(job, "_ray_init", boom)
+    monkeypatch.setattr(ray_session, "connect", boom)
     for extra, needle in (
         (("--faithfulness", "deletion,pixelflip"), "--faithfulness takes deletion,insertion"),
         (("--faithfulness", "deletion,deletion"), "each once"),

@@ -52,7 +52,7 @@ def test_sink_writes_at_most_rows_per_file(tmp_path):
     from xai_audit.attribute import PartsDatasink
 
     dest = str(tmp_path / "attributions")
-    sink = PartsDatasink(dest=dest, output=str(tmp_path), s3_endpoint=None, rows_per_file=5,
+    sink = PartsDatasink(dest=dest, output=str(tmp_path), rows_per_file=5,
                          summary=False)  # fmt: skip
     assert sink.min_rows_per_write == 5
     infos = sink.write([_rows("a.parquet", range(13)), _rows("b.parquet", range(9))], ctx=None)

@@ -122,7 +122,9 @@ def test_resume_after_sigkill_neither_recomputes_nor_duplicates(tmp_path):
     )
     assert rows_before < N, "the first run should have been cut short after a few parts"
     manifest = json.loads((output / "manifest.json").read_text())
-    assert manifest["status"] == "running"
+    # "running" when the whole machine dies; "interrupted" when only the driver was killed and
+    # its watcher (xai_audit.watch) outlived it
+    assert manifest["status"] in ("running", "interrupted")
 
     # without --resume the output is refused, with a hint
     r = subprocess.run(_args(dataset, weights, str(output)), capture_output=True, text=True,

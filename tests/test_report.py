@@ -84,7 +84,7 @@ def demo_out(tmp_path_factory) -> str:
     attr = out.join(output, out.ATTRIBUTIONS)
     for start in range(0, N_ROWS, ROWS_PER_PART):
         rows = worker(batch.slice(start, ROWS_PER_PART))
-        write_attributions(rows, dest=attr, output=output, s3_endpoint=None, summary=True)
+        write_attributions(rows, dest=attr, output=output, summary=True)
     counts = {"rows_total": N_ROWS, "rows_written": N_ROWS, "rows_ok": N_ROWS - len(BAD_ROWS),
               "rows_error": len(BAD_ROWS), "rows_missing": 0}  # fmt: skip
     manifest = {

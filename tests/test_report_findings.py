@@ -100,8 +100,7 @@ def _worker_output(tmp_path, n=16, errors=(), **kw) -> str:
         "source_row": np.arange(n),
     })  # fmt: skip
     # as the job writes: the part, and its summary partial from the full maps
-    write_attributions(w(batch), dest=str(tmp_path / "attributions"), output=str(tmp_path),
-                       s3_endpoint=None)  # fmt: skip
+    write_attributions(w(batch), dest=str(tmp_path / "attributions"), output=str(tmp_path))
     return str(tmp_path)
 
 

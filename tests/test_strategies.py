@@ -309,7 +309,10 @@ def test_driver_on_s3_matches_local(tmp_path, s3_server, s3_bucket, ray_session)
 
     _planted_output(write)
     uri = f"s3://{s3_bucket}/out"
-    run_strategies(uri, s3_endpoint=s3_server, config=S.StrategyConfig(embed=False), use_ray=True)
+    from xai_workers.storage import configure
+
+    configure(s3_server)  # the process's storage; the Ray tasks get it through worker_env()
+    run_strategies(uri, config=S.StrategyConfig(embed=False), use_ray=True)
     run_strategies(local, config=S.StrategyConfig(embed=False))
     for name in ("strategies.parquet", "strategy_clusters.parquet"):
         with fs.open_input_file(f"{s3_bucket}/out/summary/{name}") as f:
@@ -321,7 +324,7 @@ def test_driver_on_s3_matches_local(tmp_path, s3_server, s3_bucket, ray_session)
     # the report's Strategies section, from S3: the flagged class first, in the findings box too
     from xai_audit.report import build_report
 
-    build_report(uri, s3_endpoint=s3_server, log=lambda m: None)
+    build_report(uri, log=lambda m: None)
     with fs.open_input_stream(f"{s3_bucket}/out/report/index.html") as f:
         page = f.read().decode()
     section = page[page.index('<h2 id="strategies">') :]

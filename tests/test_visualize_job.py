@@ -184,7 +184,7 @@ def test_report_section_shows_prototypes_first(tmp_path, dataset):
     t = read(out)
     files_out: dict = {}
     kw = dict(visualizations=None, class_maps={}, manifest=None, fs=None, files=[],
-              label_is_int=True, s3_endpoint=None, log=lambda m: None)  # fmt: skip
+              label_is_int=True, log=lambda m: None)  # fmt: skip
     page = visualization_section(str(out), files_out=files_out, **kw)
     assert page.startswith('<h2 id="prototypes">What the model thinks each class looks like')
     # classes 0 and 1 have a prototype (preferred), class 2 only its class visualization

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import traceback
 from collections.abc import Sequence
 
 from xai_audit.config import ConfigError, JobConfig, load_yaml, merge
+from xai_workers.storage import configure as configure_storage
 
 #: (flag, metavar, help) of every ``run`` setting; the YAML keys are the same names.
 RUN_FLAGS = (
@@ -180,37 +182,60 @@ def config_from_args(ns: argparse.Namespace, base: JobConfig | None = None) -> J
     flags = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "data_dir")}
     layers = []
     if getattr(ns, "config", None):
-        layers.append((load_yaml(ns.config, flags.get("s3_endpoint")), ns.config))
+        layers.append((load_yaml(ns.config), ns.config))
     layers.append((flags, "the command line"))
     return merge(base or JobConfig(), layers)
 
 
-def _run(cfg: JobConfig) -> int:
+def resume_command(argv: Sequence[str]) -> str:
+    """The command that continues a run: the same one with ``--resume`` (and no --overwrite)."""
+    args = [a for a in argv if a != "--overwrite"]
+    return "xai-audit " + shlex.join(args + ([] if "--resume" in args else ["--resume"]))
+
+
+def _run(cfg: JobConfig, argv: Sequence[str] = ("run", "...")) -> int:
     from xai_audit.attribute import EXIT_FAILED, run_job
     from xai_audit.quiet import drop_stderr_lines
+    from xai_audit.ray_session import ClusterLost, Terminated
 
     try:
-        with drop_stderr_lines():
-            result = run_job(cfg)
+        from xai_audit import watch
+        from xai_audit.ray_session import address_of
+
+        terminal = os.dup(2)  # the watcher writes here, not through drop_stderr_lines' relay
+
+        def watched() -> None:  # a driver Ray ends abruptly still leaves a true manifest
+            cluster = address_of(cfg) or "a private local Ray"
+            watch.start(cfg.output, cluster, resume_command(argv), stderr=terminal)
+
+        try:
+            with drop_stderr_lines():
+                result = run_job(cfg, on_running=watched)
+        finally:
+            os.close(terminal)
     except ConfigError:
         raise
     except KeyboardInterrupt as e:
-        _err("interrupted; run again with --resume to finish")
-        if type(e).__name__ == "_Terminated":  # SIGTERM: Ray is still up under us (run_job)
+        again = resume_command(argv)
+        if isinstance(e, ClusterLost):  # one line; Ray cannot shut down without its cluster
+            _err(f"{e}: the run is interrupted, what was written is kept; continue with: {again}")
+        else:
+            _err(f"interrupted; run again with --resume to finish: {again}")
+        if isinstance(e, (Terminated, ClusterLost)):  # Ray is still up under us (run_job)
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(143)
+            os._exit(143 if isinstance(e, Terminated) else EXIT_FAILED)
         return 130
     except Exception as e:  # noqa: BLE001 - report, point at the manifest, exit 1
         traceback.print_exc()
         _err(f"the job failed: {type(e).__name__}: {e}".splitlines()[0])
-        _err(f"what was written is kept; `xai-audit run ... --resume` continues ({cfg.output})")
+        _err(f"what was written is kept; continue with: {resume_command(argv)}")
         return EXIT_FAILED
     print(result.summary, flush=True)
     if cfg.incremental and result.exit_code == 0:
         from xai_audit import output as out
 
-        if out.exists(out.join(cfg.output, out.REPORT, "index.html"), cfg.s3_endpoint):
+        if out.exists(out.join(cfg.output, out.REPORT, "index.html")):
             endpoint = ["--s3-endpoint", cfg.s3_endpoint] if cfg.s3_endpoint else []
             return main(["report", cfg.output, *endpoint])  # the audit report, brought up to date
     return result.exit_code
@@ -247,7 +272,6 @@ def _layers(ns: argparse.Namespace) -> int:
             ns.weights,
             image_size=ns.image_size,
             seed=ns.seed,
-            s3_endpoint=ns.s3_endpoint,
         )
     except ModelSpecError as e:
         raise ConfigError(f"model: {e}") from None
@@ -261,7 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # start a new local Ray: Ray reads this before its first import.
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     ns = parser.parse_args(argv)
+    # one storage configuration for the process: --s3-endpoint, else $AWS_ENDPOINT_URL
+    # (a run's --config file may name another endpoint: run_job configures it again)
+    configure_storage(getattr(ns, "s3_endpoint", None))
     try:
         if ns.command == "layers":
             return _layers(ns)
@@ -271,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = config_from_args(ns, _demo_base(ns))
             if cfg.resume and cfg.overwrite:
                 cfg = cfg.updated({"overwrite": False})
-            code = _run(cfg)
+            code = _run(cfg, argv)
             if code != 0:
                 return code
             # what the model thinks each class looks like (the report shows it)
@@ -285,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # the demo ends with its audit report, where the planted shortcut shows
             endpoint = ["--s3-endpoint", cfg.s3_endpoint] if cfg.s3_endpoint else []
             return main(["report", cfg.output, *endpoint])
-        return _run(config_from_args(ns))
+        return _run(config_from_args(ns), argv)
     except ConfigError as e:
         _err(str(e))
         return 2

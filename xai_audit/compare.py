@@ -62,14 +62,14 @@ def _group(summary: pa.Table) -> dict[int, dict]:
     return rows
 
 
-def _predictions(output: str, s3_endpoint: str | None) -> pa.Table:
+def _predictions(output: str) -> pa.Table:
     from xai_workers import summary as SM
     from xai_workers.storage import join_uri, pyarrow_filesystem
 
     attr = join_uri(output, SM.ATTRIBUTIONS_DIR)
-    fs, _ = pyarrow_filesystem(attr, s3_endpoint)
+    fs, _ = pyarrow_filesystem(attr)
     tables = []
-    for f in SM.list_parquet(attr, s3_endpoint):
+    for f in SM.list_parquet(attr):
         with fs.open_input_file(f) as fh:
             tables.append(pq.read_table(fh, columns=["id", "status", "pred_class"]))
     if not tables:
@@ -84,17 +84,15 @@ def _diff(a, b):
     return None if a is None or b is None else float(b) - float(a)
 
 
-def compare(
-    out_a: str, out_b: str, dest: str | None = None, s3_endpoint: str | None = None, log=print
-) -> pa.Table:
+def compare(out_a: str, out_b: str, dest: str | None = None, log=print) -> pa.Table:
     """Write the comparison of two outputs; returns its table (``SCHEMA``)."""
     from xai_audit import output as out
     from xai_workers import summary as SM
 
     t0 = time.monotonic()
-    sa, sb = SM.read_summary(out_a, s3_endpoint), SM.read_summary(out_b, s3_endpoint)
+    sa, sb = SM.read_summary(out_a), SM.read_summary(out_b)
     ga, gb = _group(sa), _group(sb)
-    pa_, pb = _predictions(out_a, s3_endpoint), _predictions(out_b, s3_endpoint)
+    pa_, pb = _predictions(out_a), _predictions(out_b)
     joined = pa_.join(pb, "id", join_type="inner", left_suffix="_a", right_suffix="_b")
     pred_a = joined["pred_class_a"].to_numpy(zero_copy_only=False)
     pred_b = joined["pred_class_b"].to_numpy(zero_copy_only=False)
@@ -134,9 +132,9 @@ def compare(
     dest = dest or out.join(out_b, "compare")
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    out.write_bytes_atomic(out.join(dest, "comparison.parquet"), buf.getvalue(), s3_endpoint)
+    out.write_bytes_atomic(out.join(dest, "comparison.parquet"), buf.getvalue())
     page = _page(out_a, out_b, table, len(joined), int(flipped.sum()))
-    out.write_bytes_atomic(out.join(dest, "index.html"), page.encode(), s3_endpoint)
+    out.write_bytes_atomic(out.join(dest, "index.html"), page.encode())
     n_flips, secs = int(flipped.sum()), time.monotonic() - t0
     log(f"compared {len(joined):,} rows matched by id ({n_flips:,} predictions flipped), "
         f"{table.num_rows} classes in {secs:.1f} s -> {dest}")  # fmt: skip
@@ -210,8 +208,11 @@ def add_subcommand(subparsers) -> None:
 
 
 def _main(ns: argparse.Namespace) -> int:
+    from xai_workers.storage import configure
+
+    configure(ns.s3_endpoint)
     try:
-        compare(ns.out_a, ns.out_b, ns.dest, ns.s3_endpoint,
+        compare(ns.out_a, ns.out_b, ns.dest,
                 log=lambda m: print(f"[xai-audit] {m}", flush=True))  # fmt: skip
     except (FileNotFoundError, OSError) as e:
         print(f"xai-audit: error: {e}", flush=True)

@@ -3,7 +3,7 @@
 The YAML file (``--config job.yaml``) takes the same keys as the flags, with ``-`` or ``_``
 (``ig-steps: 16`` or ``ig_steps: 16``); flags given on the command line override it. Checks that
 need no I/O happen here (:func:`JobConfig.validate`); the ones that do (input exists, model loads,
-layer exists, output writable) happen in ``xai_audit.attribute.prepare`` before Ray starts.
+layer exists, output writable) happen in ``xai_audit.plan.prepare`` before Ray starts.
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from xai_audit.errors import ConfigError
+from xai_audit.sources import INPUT_FORMATS, LABELS_FROM
 from xai_workers.engine import BASELINES, DEFAULT_METHODS, METHODS
 from xai_workers.preprocess import INTERPOLATIONS
 from xai_workers.profiles import DEFAULT_MAP_SIZE, DEFAULT_PROFILE, PROFILES
 from xai_workers.quadrature import ADAPTIVE_MIN_MAX_STEPS, QUADRATURES
 
+__all__ = ["ConfigError", "JobConfig", "PRECISIONS", "load_yaml", "merge"]
+
 PRECISIONS = ("fp32", "bf16", "auto")
-
-
-class ConfigError(ValueError):
-    """A configuration mistake, reported before any heavy work with one clear message."""
 
 
 @dataclass(frozen=True)
@@ -203,8 +203,6 @@ class JobConfig:
             raise ConfigError(f"--store must be one of {', '.join(PROFILES)}, got {self.store!r}")
         if self.map_size < 1:
             raise ConfigError(f"--map-size must be >= 1, got {self.map_size}")
-        from xai_audit.sources import INPUT_FORMATS, LABELS_FROM
-
         if self.input_format not in INPUT_FORMATS:
             raise ConfigError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}")
         if self.labels_from not in LABELS_FROM:
@@ -279,14 +277,14 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         ) from None
 
 
-def load_yaml(path: str, s3_endpoint: str | None = None) -> dict[str, Any]:
+def load_yaml(path: str) -> dict[str, Any]:
     """Read a job YAML file (local or s3://) into a dict; ConfigError if it is not a mapping."""
     import yaml
 
     from xai_workers.storage import read_bytes
 
     try:
-        data = yaml.safe_load(read_bytes(path, s3_endpoint).decode("utf-8"))
+        data = yaml.safe_load(read_bytes(path).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:

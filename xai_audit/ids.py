@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 
 def duplicate_ids(
-    plan, s3_endpoint: str | None = None, examples: int = 5, threads: int = 8
+    plan, examples: int = 5, threads: int = 8
 ) -> tuple[int, list[tuple[object, int]]]:
     """``(rows whose id an earlier row already has, [(id, times it appears)] for up to
     ``examples`` repeated ids, most repeated first)``. ``plan``: a ``xai_audit.sources.InputPlan``.
@@ -31,10 +31,10 @@ def duplicate_ids(
 
     from xai_workers.storage import pyarrow_filesystem
 
-    pafs, _ = pyarrow_filesystem(plan.sources[0].uri, s3_endpoint)
+    pafs, _ = pyarrow_filesystem(plan.sources[0].uri)
 
     def ids(source) -> pa.ChunkedArray:
-        _, path = pyarrow_filesystem(source.uri, s3_endpoint)
+        _, path = pyarrow_filesystem(source.uri)
         with pafs.open_input_file(path) as f:
             return pq.read_table(f, columns=[plan.id_column]).column(0)
 

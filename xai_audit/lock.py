@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from xai_audit import output as out
-from xai_audit.config import ConfigError
+from xai_audit.errors import ConfigError
 
 LOCK_FILE = "_xai_audit_lock.json"
 HEARTBEAT_S = 30.0
@@ -45,9 +45,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _read(uri: str, s3_endpoint: str | None) -> dict | None:
+def _read(uri: str) -> dict | None:
     try:
-        data = out.read_json(uri, s3_endpoint)
+        data = out.read_json(uri)
     except (FileNotFoundError, OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -72,7 +72,6 @@ class Lock:
     """A held lock; :meth:`release` (or the context manager) gives it up and stops the beat."""
 
     uri: str
-    s3_endpoint: str | None
     info: dict
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -80,7 +79,7 @@ class Lock:
     def _write(self) -> None:
         self.info["heartbeat_at"] = _now()
         self.info["heartbeat_unix"] = time.time()
-        out.write_json(self.uri, self.info, self.s3_endpoint)
+        out.write_json(self.uri, self.info)
 
     def start_heartbeat(self, every_s: float = HEARTBEAT_S) -> None:
         def beat() -> None:
@@ -97,11 +96,11 @@ class Lock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        held = _read(self.uri, self.s3_endpoint)
+        held = _read(self.uri)
         if held is not None and held.get("token") != self.info["token"]:
             return  # taken over meanwhile (we were thought gone): not ours to remove
         try:
-            fs, path = out._fs(self.uri, self.s3_endpoint)
+            fs, path = out._fs(self.uri)
             fs.delete_file(path)
         except (FileNotFoundError, OSError):
             pass
@@ -115,7 +114,6 @@ class Lock:
 
 def acquire(
     output: str,
-    s3_endpoint: str | None = None,
     *,
     stale_s: float = STALE_S,
     log=lambda msg: None,
@@ -123,7 +121,7 @@ def acquire(
 ) -> Lock:
     """Take the lock of ``output`` or raise :class:`ConfigError` naming the run that holds it."""
     uri = out.join(output, LOCK_FILE)
-    held = _read(uri, s3_endpoint)
+    held = _read(uri)
     if held is not None:
         why = _why_stale(held, time.time(), stale_s)
         if why is None:
@@ -139,7 +137,6 @@ def acquire(
             log(f"taking over the lock of {output}: {why}")
     lock = Lock(
         uri,
-        s3_endpoint,
         {
             "tool": "xai-audit",
             "host": socket.gethostname(),
@@ -150,7 +147,7 @@ def acquire(
     )
     lock._write()
     time.sleep(settle_s)
-    now_held = _read(uri, s3_endpoint)
+    now_held = _read(uri)
     if now_held is None or now_held.get("token") != lock.info["token"]:
         who = now_held or {}
         raise ConfigError(

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from xai_audit.config import ConfigError
+from xai_audit.errors import ConfigError
 
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
@@ -59,10 +59,10 @@ def join(uri: str, *parts: str) -> str:
     return join_uri(uri, *parts)
 
 
-def _fs(uri: str, s3_endpoint: str | None):
+def _fs(uri: str):
     from xai_workers.storage import pyarrow_filesystem
 
-    return pyarrow_filesystem(uri, s3_endpoint)
+    return pyarrow_filesystem(uri)
 
 
 def _is_local(pafs) -> bool:
@@ -71,21 +71,21 @@ def _is_local(pafs) -> bool:
     return isinstance(pafs, pafs_mod.LocalFileSystem)
 
 
-def list_files(uri: str, s3_endpoint: str | None = None, recursive: bool = False) -> list[str]:
+def list_files(uri: str, recursive: bool = False) -> list[str]:
     """Paths (filesystem paths, not URIs) of the files directly under folder/prefix ``uri``
     (``recursive``: at any depth)."""
     import pyarrow.fs as pafs_mod
 
-    fs, path = _fs(uri, s3_endpoint)
+    fs, path = _fs(uri)
     selector = pafs_mod.FileSelector(path, allow_not_found=True, recursive=recursive)
     infos = fs.get_file_info(selector)
     return sorted(i.path for i in infos if i.type == pafs_mod.FileType.File)
 
 
-def exists(uri: str, s3_endpoint: str | None = None) -> bool:
+def exists(uri: str) -> bool:
     import pyarrow.fs as pafs_mod
 
-    fs, path = _fs(uri, s3_endpoint)
+    fs, path = _fs(uri)
     return fs.get_file_info(path).type != pafs_mod.FileType.NotFound
 
 
@@ -94,9 +94,9 @@ def exists(uri: str, s3_endpoint: str | None = None) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def write_bytes_atomic(uri: str, data: bytes, s3_endpoint: str | None = None) -> None:
+def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri`` so that readers see the old or the new content, never a part."""
-    fs, path = _fs(uri, s3_endpoint)
+    fs, path = _fs(uri)
     parent = posixpath.dirname(path)
     if _is_local(fs):
         fs.create_dir(parent, recursive=True)
@@ -109,14 +109,14 @@ def write_bytes_atomic(uri: str, data: bytes, s3_endpoint: str | None = None) ->
             f.write(data)
 
 
-def write_json(uri: str, obj, s3_endpoint: str | None = None) -> None:
-    write_bytes_atomic(uri, (json.dumps(obj, indent=2, default=str) + "\n").encode(), s3_endpoint)
+def write_json(uri: str, obj) -> None:
+    write_bytes_atomic(uri, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
-def read_json(uri: str, s3_endpoint: str | None = None):
+def read_json(uri: str):
     from xai_workers.storage import read_bytes
 
-    return json.loads(read_bytes(uri, s3_endpoint).decode("utf-8"))
+    return json.loads(read_bytes(uri).decode("utf-8"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,10 +137,10 @@ class OutputState:
         return self.manifest is None and not self.parts
 
 
-def inspect(output: str, s3_endpoint: str | None = None) -> OutputState:
+def inspect(output: str) -> OutputState:
     """Look at ``<output>`` (cheap: one listing, the manifest)."""
     attr = join(output, ATTRIBUTIONS)
-    files = list_files(attr, s3_endpoint)
+    files = list_files(attr)
     parts = [
         p for p in files
         if posixpath.basename(p).startswith(PART_PREFIX) and p.endswith(PART_SUFFIX)
@@ -148,19 +148,19 @@ def inspect(output: str, s3_endpoint: str | None = None) -> OutputState:
     temps = [p for p in files if posixpath.basename(p).startswith(TMP_MARK)]
     manifest = None
     m_uri = join(output, MANIFEST)
-    if exists(m_uri, s3_endpoint):
+    if exists(m_uri):
         try:
-            manifest = read_json(m_uri, s3_endpoint)
+            manifest = read_json(m_uri)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{m_uri} exists but cannot be read: {e}") from None
     return OutputState(manifest, parts, temps)
 
 
-def check_writable(output: str, s3_endpoint: str | None = None) -> None:
+def check_writable(output: str) -> None:
     """Create ``<output>`` (local) and write + delete a probe file; ConfigError if that fails."""
     probe = join(output, f".xai-audit-probe-{uuid.uuid4().hex}")
     try:
-        fs, path = _fs(probe, s3_endpoint)
+        fs, path = _fs(probe)
         if _is_local(fs):
             fs.create_dir(posixpath.dirname(path), recursive=True)
         with fs.open_output_stream(path) as f:
@@ -170,31 +170,31 @@ def check_writable(output: str, s3_endpoint: str | None = None) -> None:
         raise ConfigError(f"output {output} is not writable: {type(e).__name__}: {e}") from None
 
 
-def remove_owned(output: str, s3_endpoint: str | None = None) -> None:
+def remove_owned(output: str) -> None:
     """Delete what xai-audit wrote under ``<output>`` (``--overwrite``); nothing else."""
     import pyarrow.fs as pafs_mod
 
     for name in OWNED:
-        fs, path = _fs(join(output, name), s3_endpoint)
+        fs, path = _fs(join(output, name))
         info = fs.get_file_info(path)
         if info.type == pafs_mod.FileType.Directory:
             fs.delete_dir(path)
         elif info.type == pafs_mod.FileType.File:
             fs.delete_file(path)
         elif not _is_local(fs):  # S3 "folders" are prefixes: delete all that is under it
-            for p in list_files(join(output, name), s3_endpoint, recursive=True):
+            for p in list_files(join(output, name), recursive=True):
                 fs.delete_file(p)
 
 
-def set_aside(paths: Iterable[str], dest: str, s3_endpoint: str | None = None) -> None:
+def set_aside(paths: Iterable[str], dest: str) -> None:
     """Rename part files to hidden ``.corrupt-<name>`` (readers and scans skip them)."""
-    fs, _ = _fs(dest, s3_endpoint)
+    fs, _ = _fs(dest)
     for p in paths:
         fs.move(p, posixpath.join(posixpath.dirname(p), ".corrupt-" + posixpath.basename(p)))
 
 
-def remove_temps(output: str, temps: Iterable[str], s3_endpoint: str | None = None) -> int:
-    fs, _ = _fs(join(output, ATTRIBUTIONS), s3_endpoint)
+def remove_temps(output: str, temps: Iterable[str]) -> int:
+    fs, _ = _fs(join(output, ATTRIBUTIONS))
     n = 0
     for p in temps:
         try:
@@ -265,7 +265,6 @@ def write_part(
     table: pa.Table,
     dest: str,
     *,
-    s3_endpoint: str | None = None,
     compression: str = "zstd",
 ) -> dict:
     """Write ``table`` (rows in the output schema) as one part under folder ``dest``, atomically.
@@ -285,7 +284,7 @@ def write_part(
     table = table.select([n for n in table.column_names if not n.startswith("_")])
     table = table.sort_by([("source", "ascending"), ("source_row", "ascending")])
     name = part_name(table.column("source").combine_chunks(), table.column("source_row"))
-    fs, folder = _fs(dest, s3_endpoint)
+    fs, folder = _fs(dest)
     final = posixpath.join(folder, name)
     per_row = max(1, row_bytes(table.schema))
     row_group = max(1, TARGET_ROW_GROUP_BYTES // per_row)
@@ -368,7 +367,6 @@ def scan(
     sources: Mapping[str, int],
     parts: list[str] | None = None,
     *,
-    s3_endpoint: str | None = None,
     threads: int = 16,
 ) -> ScanResult:
     """Read the key and status columns of every part under ``dest`` (in parallel).
@@ -376,10 +374,10 @@ def scan(
     ``sources`` maps an input file's rel path to its row count. Parts are visited in name order;
     a key seen before counts as a duplicate of the part it appears in.
     """
-    fs, folder = _fs(dest, s3_endpoint)
+    fs, folder = _fs(dest)
     if parts is None:
         parts = [
-            p for p in list_files(dest, s3_endpoint)
+            p for p in list_files(dest)
             if posixpath.basename(p).startswith(PART_PREFIX) and p.endswith(PART_SUFFIX)
         ]  # fmt: skip
     res = ScanResult(done={r: np.zeros(n, dtype=bool) for r, n in sources.items()})
@@ -418,16 +416,16 @@ def scan(
     return res
 
 
-def remove_sources(dest: str, rels: Iterable[str], *, s3_endpoint: str | None = None) -> int:
+def remove_sources(dest: str, rels: Iterable[str]) -> int:
     """Rewrite the parts that hold rows of the input files ``rels`` without those rows (a part
     left empty is deleted). Returns the number of rows removed (``--reprocess-changed``)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     rels = pa.array(sorted(set(rels)), pa.string())
-    fs, _ = _fs(dest, s3_endpoint)
+    fs, _ = _fs(dest)
     removed = 0
-    for path in list_files(dest, s3_endpoint):
+    for path in list_files(dest):
         name = posixpath.basename(path)
         if not (name.startswith(PART_PREFIX) and name.endswith(PART_SUFFIX)):
             continue
@@ -441,22 +439,20 @@ def remove_sources(dest: str, rels: Iterable[str], *, s3_endpoint: str | None = 
             table = pq.read_table(f)
         keep = pc.invert(drop)
         if n < table.num_rows:  # the new part first: a crash in between loses nothing
-            write_part(table.filter(keep), dest, s3_endpoint=s3_endpoint)
+            write_part(table.filter(keep), dest)
         fs.delete_file(path)
         removed += n
     return removed
 
 
-def remove_duplicates(
-    dest: str, sources: Mapping[str, int], *, s3_endpoint: str | None = None
-) -> int:
+def remove_duplicates(dest: str, sources: Mapping[str, int]) -> int:
     """Rewrite the parts that hold rows an earlier part (name order) already holds, without
     those rows. Returns the number of rows removed. Rare: see the module docstring."""
     import pyarrow.parquet as pq
 
-    fs, _ = _fs(dest, s3_endpoint)
+    fs, _ = _fs(dest)
     parts = sorted(
-        p for p in list_files(dest, s3_endpoint)
+        p for p in list_files(dest)
         if posixpath.basename(p).startswith(PART_PREFIX) and p.endswith(PART_SUFFIX)
     )  # fmt: skip
     seen = {r: np.zeros(n, dtype=bool) for r, n in sources.items()}
@@ -480,6 +476,6 @@ def remove_duplicates(
             table = pq.read_table(f)
         removed += int((~keep).sum())
         if keep.any():  # the new part first: a crash in between leaves a duplicate, not a loss
-            write_part(table.filter(pa.array(keep)), dest, s3_endpoint=s3_endpoint)
+            write_part(table.filter(pa.array(keep)), dest)
         fs.delete_file(path)
     return removed

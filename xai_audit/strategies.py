@@ -147,34 +147,34 @@ def _join(uri: str, *parts: str) -> str:
     return join_uri(uri, *parts)
 
 
-def _fs(uri: str, s3_endpoint: str | None):
+def _fs(uri: str):
     """``(pyarrow filesystem, path)`` of ``uri``."""
     from xai_workers.storage import pyarrow_filesystem
 
-    return pyarrow_filesystem(uri, s3_endpoint)
+    return pyarrow_filesystem(uri)
 
 
-def _write_table(table: pa.Table, uri: str, s3_endpoint: str | None) -> None:
+def _write_table(table: pa.Table, uri: str) -> None:
     """Atomic Parquet write (``xai_workers.summary._write_parquet``: temporary name + rename
     locally, one upload on S3)."""
     from xai_workers.summary import _write_parquet
 
-    _write_parquet(table, uri, s3_endpoint)
+    _write_parquet(table, uri)
 
 
-def _read_table(uri: str, s3_endpoint: str | None) -> pa.Table:
+def _read_table(uri: str) -> pa.Table:
     import pyarrow.parquet as pq
 
-    fs, path = _fs(uri, s3_endpoint)
+    fs, path = _fs(uri)
     with fs.open_input_file(path) as f:
         return pq.read_table(f)
 
 
-def _list(uri: str, s3_endpoint: str | None) -> list[str]:
+def _list(uri: str) -> list[str]:
     """Names (not paths) of the files directly under ``uri``, sorted; [] when it is missing."""
     import pyarrow.fs as pafs
 
-    fs, path = _fs(uri, s3_endpoint)
+    fs, path = _fs(uri)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), allow_not_found=True))
     except FileNotFoundError:
@@ -186,23 +186,23 @@ def _list(uri: str, s3_endpoint: str | None) -> list[str]:
     )
 
 
-def _exists(uri: str, s3_endpoint: str | None) -> bool:
+def _exists(uri: str) -> bool:
     import pyarrow.fs as pafs
 
-    fs, path = _fs(uri, s3_endpoint)
+    fs, path = _fs(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def _remove_tree(uri: str, s3_endpoint: str | None) -> None:
+def _remove_tree(uri: str) -> None:
     import pyarrow.fs as pafs
 
-    fs, path = _fs(uri, s3_endpoint)
+    fs, path = _fs(uri)
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         fs.delete_dir(path)
 
 
-def _read_json(uri: str, s3_endpoint: str | None):
-    fs, path = _fs(uri, s3_endpoint)
+def _read_json(uri: str):
+    fs, path = _fs(uri)
     try:
         with fs.open_input_stream(path) as f:
             return json.loads(f.read().decode())
@@ -210,8 +210,8 @@ def _read_json(uri: str, s3_endpoint: str | None):
         return None
 
 
-def _write_json(obj, uri: str, s3_endpoint: str | None) -> None:
-    fs, path = _fs(uri, s3_endpoint)
+def _write_json(obj, uri: str) -> None:
+    fs, path = _fs(uri)
     fs.create_dir(posixpath.dirname(path), recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(json.dumps(obj, sort_keys=True, indent=1).encode())
@@ -256,7 +256,6 @@ def bucket_parts(
     methods: list[str],
     grid: int,
     n_buckets: int,
-    s3_endpoint: str | None = None,
 ) -> int:
     """Pass 1 for one task: the rows of attribution files ``parts`` (names under ``attr_uri``)
     into ``<work>/shards/b<bucket>/t<task>.parquet``, then ``<work>/done/t<task>.json``. Returns
@@ -268,7 +267,7 @@ def bucket_parts(
     schema = None
     n = 0
     for name in parts:
-        fs, path = _fs(_join(attr_uri, name), s3_endpoint)
+        fs, path = _fs(_join(attr_uri, name))
         with fs.open_input_file(path) as fh:
             pf = pq.ParquetFile(fh)
             have = pf.schema_arrow
@@ -314,8 +313,8 @@ def bucket_parts(
                 n += table.num_rows
     for b, tables in sorted(by_bucket.items()):
         uri = _join(work_uri, "shards", f"b{b:05d}", f"t{task:05d}.parquet")
-        _write_table(pa.concat_tables(tables), uri, s3_endpoint)
-    _write_json({"rows": n}, _join(work_uri, "done", f"t{task:05d}.json"), s3_endpoint)
+        _write_table(pa.concat_tables(tables), uri)
+    _write_json({"rows": n}, _join(work_uri, "done", f"t{task:05d}.json"))
     return n
 
 
@@ -351,7 +350,6 @@ def analyse_bucket(
     methods: list[str],
     config: dict,
     id_type_name: str,
-    s3_endpoint: str | None = None,
     embed_methods: list[str] | None = None,
 ) -> int:
     """Pass 2 for one bucket: every class in its shards, every method -> ``<work>/results/
@@ -362,8 +360,8 @@ def analyse_bucket(
     no_embed = replace(cfg, embed=False)
     embed_methods = methods if embed_methods is None else embed_methods
     folder = _join(work_uri, "shards", f"b{bucket:05d}")
-    names = _list(folder, s3_endpoint)
-    tables = [_read_table(_join(folder, n), s3_endpoint) for n in names]
+    names = _list(folder)
+    tables = [_read_table(_join(folder, n)) for n in names]
     id_type = _id_type(id_type_name)
     row_tables, cluster_rows = [], []
     analysed = 0
@@ -417,8 +415,8 @@ def analyse_bucket(
     rows = pa.concat_tables(row_tables) if row_tables else rows_schema(id_type).empty_table()
     clusters = _clusters_table(cluster_rows, cfg.grid)
     base = _join(work_uri, "results", f"b{bucket:05d}")
-    _write_table(clusters, base + "-clusters.parquet", s3_endpoint)
-    _write_table(rows, base + "-rows.parquet", s3_endpoint)  # last: its presence = bucket done
+    _write_table(clusters, base + "-clusters.parquet")
+    _write_table(rows, base + "-rows.parquet")  # last: its presence = bucket done
     return analysed
 
 
@@ -482,7 +480,7 @@ def clusters_uri(output: str) -> str:
     return _join(output, "summary", CLUSTERS_FILE)
 
 
-def _plan(output: str, s3_endpoint: str | None, methods, grid: int, buckets: int | None):
+def _plan(output: str, methods, grid: int, buckets: int | None):
     """Attribution files, methods, id type and bucket count of ``output``."""
     import pyarrow.parquet as pq
 
@@ -490,11 +488,11 @@ def _plan(output: str, s3_endpoint: str | None, methods, grid: int, buckets: int
     from xai_workers.summary import list_parquet
 
     attr = _join(output, "attributions")
-    paths = list_parquet(attr, s3_endpoint)
+    paths = list_parquet(attr)
     if not paths:
         raise FileNotFoundError(f"no attribution files in {attr}")
     parts = [posixpath.basename(p) for p in paths]
-    fs, _ = _fs(attr, s3_endpoint)
+    fs, _ = _fs(attr)
     rows = 0
     schema = None
     for p in paths:
@@ -526,7 +524,6 @@ def run_strategies(
     methods: list[str] | None = None,
     resume: bool = False,
     buckets: int | None = None,
-    s3_endpoint: str | None = None,
     address: str | None = None,
     num_cpus: int | None = None,
     use_ray: bool | None = None,
@@ -544,9 +541,7 @@ def run_strategies(
     log = log or (lambda m: None)
     config = config or StrategyConfig()
     t0 = time.monotonic()
-    parts, methods, id_type, n_buckets, rows = _plan(
-        output, s3_endpoint, methods, config.grid, buckets
-    )
+    parts, methods, id_type, n_buckets, rows = _plan(output, methods, config.grid, buckets)
     embed = _embed_methods(embed_methods, methods) if config.embed else []
     work = _join(output, "summary", WORK_DIR)
     settings = {
@@ -558,19 +553,19 @@ def run_strategies(
         "parts": parts,
         "parts_per_task": PARTS_PER_TASK,
     }
-    earlier = _read_json(_join(work, "settings.json"), s3_endpoint)
+    earlier = _read_json(_join(work, "settings.json"))
     if resume and earlier == settings:
         log("strategies: resuming: keeping the finished tasks' files")
     else:
         if resume and earlier is not None:
             log("strategies: settings or attribution files changed since the interrupted run; "
                 "starting over")  # fmt: skip
-        _remove_tree(work, s3_endpoint)
-        _write_json(settings, _join(work, "settings.json"), s3_endpoint)
+        _remove_tree(work)
+        _write_json(settings, _join(work, "settings.json"))
     tasks = [parts[i : i + PARTS_PER_TASK] for i in range(0, len(parts), PARTS_PER_TASK)]
-    done = set(_list(_join(work, "done"), s3_endpoint))
+    done = set(_list(_join(work, "done")))
     todo1 = [i for i in range(len(tasks)) if f"t{i:05d}.json" not in done]
-    finished = set(_list(_join(work, "results"), s3_endpoint))
+    finished = set(_list(_join(work, "results")))
     todo2 = [b for b in range(n_buckets) if f"b{b:05d}-rows.parquet" not in finished]
     log(
         f"strategies: {rows} rows in {len(parts)} files, methods {', '.join(methods)}; "
@@ -582,10 +577,10 @@ def run_strategies(
     if not use_ray:
         attr = _join(output, "attributions")
         for n, i in enumerate(todo1, 1):
-            bucket_parts(i, tasks[i], attr, work, methods, config.grid, n_buckets, s3_endpoint)
+            bucket_parts(i, tasks[i], attr, work, methods, config.grid, n_buckets)
             log(f"strategies: bucketing {n}/{len(todo1)} done")
         for n, b in enumerate(todo2, 1):
-            analyse_bucket(b, work, methods, asdict(config), id_type, s3_endpoint, embed)
+            analyse_bucket(b, work, methods, asdict(config), id_type, embed)
             log(f"strategies: analysis {n}/{len(todo2)} done")
         todo1 = todo2 = []
     started = False
@@ -597,21 +592,24 @@ def run_strategies(
         started = True
     try:
         attr = _join(output, "attributions")
-        b_task = ray.remote(num_cpus=1, max_retries=2)(bucket_parts)
+        from xai_workers.storage import worker_env
+
+        # the tasks' storage: this process's endpoint (xai_workers.storage.configure)
+        opts = {"num_cpus": 1, "max_retries": 2, "runtime_env": {"env_vars": worker_env()}}
+        b_task = ray.remote(**opts)(bucket_parts)
         refs = [
-            b_task.remote(i, tasks[i], attr, work, methods, config.grid, n_buckets, s3_endpoint)
-            for i in todo1
+            b_task.remote(i, tasks[i], attr, work, methods, config.grid, n_buckets) for i in todo1
         ]
         _wait_all(refs, log, "bucketing")
-        a_task = ray.remote(num_cpus=1, max_retries=2)(analyse_bucket)
+        a_task = ray.remote(**opts)(analyse_bucket)
         cfg = asdict(config)
-        refs = [a_task.remote(b, work, methods, cfg, id_type, s3_endpoint, embed) for b in todo2]
+        refs = [a_task.remote(b, work, methods, cfg, id_type, embed) for b in todo2]
         _wait_all(refs, log, "analysis")
     finally:
         if started:
             ray.shutdown()
-    out = _merge(output, work, n_buckets, config.grid, id_type, s3_endpoint)
-    _remove_tree(work, s3_endpoint)
+    out = _merge(output, work, n_buckets, config.grid, id_type)
+    _remove_tree(work)
     flagged = int(
         np.asarray(out["clusters"].column("flagged").to_numpy(zero_copy_only=False)).sum()
     )
@@ -671,15 +669,10 @@ def _wait_all(refs: list, log, what: str) -> None:
         log(f"strategies: {what} {n}/{total} done")
 
 
-def _merge(output, work, n_buckets, grid, id_type, s3_endpoint) -> dict:
+def _merge(output, work, n_buckets, grid, id_type) -> dict:
     base = _join(work, "results")
-    rows = [
-        _read_table(_join(base, f"b{b:05d}-rows.parquet"), s3_endpoint) for b in range(n_buckets)
-    ]
-    clus = [
-        _read_table(_join(base, f"b{b:05d}-clusters.parquet"), s3_endpoint)
-        for b in range(n_buckets)
-    ]
+    rows = [_read_table(_join(base, f"b{b:05d}-rows.parquet")) for b in range(n_buckets)]
+    clus = [_read_table(_join(base, f"b{b:05d}-clusters.parquet")) for b in range(n_buckets)]
     r = pa.concat_tables(rows).sort_by(
         [
             ("method", "ascending"),
@@ -694,8 +687,8 @@ def _merge(output, work, n_buckets, grid, id_type, s3_endpoint) -> dict:
     )
     r = r.replace_schema_metadata({b"strategies_version": WORK_VERSION.encode()})
     c = c.replace_schema_metadata({b"strategies_version": WORK_VERSION.encode()})
-    _write_table(c, clusters_uri(output), s3_endpoint)
-    _write_table(r, strategies_uri(output), s3_endpoint)
+    _write_table(c, clusters_uri(output))
+    _write_table(r, strategies_uri(output))
     return {"rows": r, "clusters": c}
 
 
@@ -776,7 +769,7 @@ def _main(ns: argparse.Namespace) -> int:
         methods = [m.strip() for m in ns.methods.split(",") if m.strip()] if ns.methods else None
         run_strategies(
             ns.output, config=cfg, methods=methods, resume=ns.resume, buckets=ns.buckets,
-            s3_endpoint=ns.s3_endpoint, address=ns.address, num_cpus=ns.num_cpus, log=log,
+            address=ns.address, num_cpus=ns.num_cpus, log=log,
             embed_methods=ns.embed_methods if ns.embed_methods in ("auto", "all")
             else [m.strip() for m in ns.embed_methods.split(",") if m.strip()],
         )  # fmt: skip
@@ -798,7 +791,6 @@ def run_for_job(cfg, log) -> dict:
     try:
         return run_strategies(
             cfg.output,
-            s3_endpoint=cfg.s3_endpoint,
             address=cfg.address,
             num_cpus=None if cfg.num_cpus is None else max(1, int(cfg.num_cpus)),
             log=log,

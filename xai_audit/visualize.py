@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 
 from xai_audit import output as out
-from xai_audit.config import ConfigError
+from xai_audit.errors import ConfigError
 
 # xai_audit.attribute imports Ray: it is imported where the job runs, so `xai-audit --help`,
 # `layers` and `report` start without Ray
@@ -208,7 +208,7 @@ class VisualizationWorker:
     """
 
     def __init__(
-        self, *, model, weights, image_size, mean, std, s3_endpoint, settings: dict,
+        self, *, model, weights, image_size, mean, std, settings: dict,
         priors: dict | None = None, num_threads: int | None = None, device=None,
     ):  # fmt: skip
         import torch
@@ -219,8 +219,7 @@ class VisualizationWorker:
         self.device = torch.device(device) if device is not None else default_device()
         if self.device.type == "cpu":
             torch.set_num_threads(int(num_threads or available_cores()))
-        loaded = load_model(model, weights, image_size=image_size, mean=mean, std=std,
-                            s3_endpoint=s3_endpoint)  # fmt: skip
+        loaded = load_model(model, weights, image_size=image_size, mean=mean, std=std)  # fmt: skip
         # channels_last changes no value and is faster for convolutions on CPU and GPU
         self.module = loaded.module.to(self.device).to(memory_format=torch.channels_last)
         self.mean, self.std = loaded.preprocessing.mean, loaded.preprocessing.std
@@ -282,7 +281,7 @@ class VisualizationWorker:
         return pa.table(cols, schema=visualization_schema())
 
 
-def write_pngs(table: pa.Table, png_dir: str, s3_endpoint: str | None) -> None:
+def write_pngs(table: pa.Table, png_dir: str) -> None:
     """Write the PNG of every ok row of ``table`` to ``png_dir`` (atomic per file)."""
     for row, obj, img in zip(
         table.column("source_row").to_pylist(),
@@ -291,7 +290,7 @@ def write_pngs(table: pa.Table, png_dir: str, s3_endpoint: str | None) -> None:
         strict=True,
     ):
         if img is not None:
-            out.write_bytes_atomic(out.join(png_dir, png_name(row, obj)), img, s3_endpoint)
+            out.write_bytes_atomic(out.join(png_dir, png_name(row, obj)), img)
 
 
 def _sink_class():
@@ -315,7 +314,7 @@ def _sink_class():
             for b in blocks:
                 t = BlockAccessor.for_block(b).to_arrow()
                 if t.num_rows:
-                    write_pngs(t, self.png_dir, self.s3_endpoint)
+                    write_pngs(t, self.png_dir)
             return super().write(blocks, ctx)
 
     return VisualizationSink
@@ -356,7 +355,7 @@ def prepare(cfg: VisualizeConfig, log: Callable[[str], None] = _log) -> Prepared
     cfg.validate()
     try:
         loaded = load_model(cfg.model, cfg.weights, image_size=cfg.image_size, mean=cfg.mean,
-                            std=cfg.std, s3_endpoint=cfg.s3_endpoint)  # fmt: skip
+                            std=cfg.std)  # fmt: skip
     except ModelSpecError as e:
         raise ConfigError(f"model: {e}") from None
     pre = loaded.preprocessing
@@ -414,7 +413,7 @@ def prepare(cfg: VisualizeConfig, log: Callable[[str], None] = _log) -> Prepared
     model_info = {"spec": loaded.spec, "weights": cfg.weights, "checksum_sha256": loaded.checksum,
                   "num_classes": loaded.num_classes}  # fmt: skip
 
-    manifest, parts = inspect(cfg.output, cfg.s3_endpoint)
+    manifest, parts = inspect(cfg.output)
     replace = (manifest is not None or parts) and cfg.overwrite
     if (manifest is not None or parts) and not replace:
         if cfg.resume:
@@ -431,7 +430,7 @@ def prepare(cfg: VisualizeConfig, log: Callable[[str], None] = _log) -> Prepared
                 f"{vis_uri(cfg.output)} already holds visualizations; pass --resume to finish "
                 "that run or --overwrite to replace it"
             )
-    out.check_writable(vis_uri(cfg.output), cfg.s3_endpoint)
+    out.check_writable(vis_uri(cfg.output))
     priors = prior_info = None
     if need:
         names = getattr(loaded, "class_names", None)
@@ -439,7 +438,7 @@ def prepare(cfg: VisualizeConfig, log: Callable[[str], None] = _log) -> Prepared
         priors, prior_info = class_mean_priors(cfg, need, log, model_names=names)
     if replace:  # last: a mistake found above leaves the earlier visualizations as they were
         log(f"--overwrite: removing the earlier visualizations in {vis_uri(cfg.output)}")
-        remove(cfg.output, cfg.s3_endpoint)
+        remove(cfg.output)
         manifest, parts = None, []
     return PreparedVis(cfg, objs, settings, model_info, priors, prior_info, manifest, parts)
 
@@ -460,8 +459,7 @@ def class_mean_priors(
     from xai_workers.preprocess import Preprocessing
 
     plan = sources.discover(cfg.input, id_column=cfg.id_column, image_column=cfg.image_column,
-                            label_column=cfg.label_column, need_label=True,
-                            s3_endpoint=cfg.s3_endpoint)  # fmt: skip
+                            label_column=cfg.label_column, need_label=True)  # fmt: skip
     if model_names:
         plan = labels_by_name(plan, {"source": "model", "names": model_names},
                               unknown=cfg.unknown_labels, log=log)  # fmt: skip
@@ -478,7 +476,6 @@ def class_mean_priors(
         for block in sources.read_shard(
             shard, preprocessing=pre, id_column=plan.id_column, image_column=plan.image_column,
             label_column=plan.label_column, id_type=plan.id_type, label_type=plan.label_type,
-            s3_endpoint=cfg.s3_endpoint,
         ):  # fmt: skip
             labels = block.column("label").to_pylist()
             xs = block.column("x")
@@ -500,33 +497,33 @@ def class_mean_priors(
     return priors, {"rows": rows, "unreadable": errors, "images_per_class": counts}
 
 
-def inspect(output: str, s3_endpoint: str | None) -> tuple[dict | None, list[str]]:
+def inspect(output: str) -> tuple[dict | None, list[str]]:
     """(manifest or None, part paths) of ``<output>/visualizations``."""
-    parts = [p for p in out.list_files(vis_uri(output, PARTS), s3_endpoint)
+    parts = [p for p in out.list_files(vis_uri(output, PARTS))
              if os.path.basename(p).startswith(out.PART_PREFIX)
              and p.endswith(out.PART_SUFFIX)]  # fmt: skip
     m_uri = vis_uri(output, out.MANIFEST)
     manifest = None
-    if out.exists(m_uri, s3_endpoint):
+    if out.exists(m_uri):
         try:
-            manifest = out.read_json(m_uri, s3_endpoint)
+            manifest = out.read_json(m_uri)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{m_uri} exists but cannot be read: {e}") from None
     return manifest, parts
 
 
-def remove(output: str, s3_endpoint: str | None) -> None:
+def remove(output: str) -> None:
     """Delete ``<output>/visualizations`` (``--overwrite``); nothing else."""
     import pyarrow.fs as pafs
 
-    fs, path = out._fs(vis_uri(output), s3_endpoint)
+    fs, path = out._fs(vis_uri(output))
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         fs.delete_dir(path)
     elif not out._is_local(fs):
         for sub in (PARTS, PNG):
-            for p in out.list_files(vis_uri(output, sub), s3_endpoint):
+            for p in out.list_files(vis_uri(output, sub)):
                 fs.delete_file(p)
-        for p in out.list_files(vis_uri(output), s3_endpoint):
+        for p in out.list_files(vis_uri(output)):
             fs.delete_file(p)
 
 
@@ -569,7 +566,9 @@ def run_visualize(
     another in this process with ``num_threads`` torch threads (None: every core), for small
     jobs such as the demo's; the output is the same."""
     from xai_audit.attribute import Progress, _hms, _now, _ray_init, _versions, plan_resources
+    from xai_workers.storage import configure
 
+    configure(cfg.s3_endpoint)  # the process's storage, once (Ray workers: worker_env)
     t_start = time.monotonic()
     started_at = _now()
     prep = prepare(cfg, log)
@@ -580,9 +579,9 @@ def run_visualize(
     done = None
     before = 0
     if prep.parts:
-        scan0 = out.scan(parts_uri, {SOURCE: n}, prep.parts, s3_endpoint=cfg.s3_endpoint)
+        scan0 = out.scan(parts_uri, {SOURCE: n}, prep.parts)
         if scan0.unreadable:
-            out.set_aside(scan0.unreadable, parts_uri, cfg.s3_endpoint)
+            out.set_aside(scan0.unreadable, parts_uri)
         done = scan0.done[SOURCE]
         before = int(done.sum())
         log(f"resuming: {before} of {n} objectives already written")
@@ -599,10 +598,10 @@ def run_visualize(
         "runs": previous + [run_info],
         "started_at": (prep.manifest or {}).get("started_at", started_at),
     }  # fmt: skip
-    out.write_json(manifest_uri, manifest, cfg.s3_endpoint)
+    out.write_json(manifest_uri, manifest)
     worker_kwargs = dict(
         model=cfg.model, weights=cfg.weights, image_size=cfg.image_size, mean=cfg.mean,
-        std=cfg.std, s3_endpoint=cfg.s3_endpoint, settings=cfg.library_kwargs(),
+        std=cfg.std, settings=cfg.library_kwargs(),
         priors=prep.priors,
     )  # fmt: skip
     progress = Progress(todo, before, log, cfg.progress_interval_s)
@@ -617,8 +616,8 @@ def run_visualize(
                 totals = [0, 0, 0, 0]
                 for it in items:
                     table = worker(pa.Table.from_pylist([it]))
-                    write_pngs(table, png_dir, cfg.s3_endpoint)
-                    info = out.write_part(table, parts_uri, s3_endpoint=cfg.s3_endpoint)
+                    write_pngs(table, png_dir)
+                    info = out.write_part(table, parts_uri)
                     totals = [totals[0] + info["rows"], totals[1] + info["error"],
                               totals[2] + 1, totals[3] + info["bytes"]]  # fmt: skip
                     progress.update(*totals)
@@ -634,15 +633,15 @@ def run_visualize(
             progress.start()
             _run_pipeline(items, res, worker_kwargs, parts_uri, png_dir, cfg, progress)
         t_pipe_end = time.monotonic()
-        final = out.scan(parts_uri, {SOURCE: n}, s3_endpoint=cfg.s3_endpoint)
+        final = out.scan(parts_uri, {SOURCE: n})
         if final.duplicates:
-            out.remove_duplicates(parts_uri, {SOURCE: n}, s3_endpoint=cfg.s3_endpoint)
-            final = out.scan(parts_uri, {SOURCE: n}, s3_endpoint=cfg.s3_endpoint)
+            out.remove_duplicates(parts_uri, {SOURCE: n})
+            final = out.scan(parts_uri, {SOURCE: n})
     except BaseException as e:
         manifest["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         manifest["error"] = f"{type(e).__name__}: {e}"[:2000]
         try:
-            out.write_json(manifest_uri, manifest, cfg.s3_endpoint)
+            out.write_json(manifest_uri, manifest)
         except Exception:  # noqa: BLE001 - the original error matters more
             pass
         raise
@@ -672,7 +671,7 @@ def run_visualize(
         manifest["error"] = f"{missing} objectives missing, {final.duplicates} duplicated"
     elif all_failed:  # every row written is an error row: nothing to show, a failed run
         manifest["error"] = f"all {final.rows} objectives failed: {_first_error(parts_uri, cfg)}"
-    out.write_json(manifest_uri, manifest, cfg.s3_endpoint)
+    out.write_json(manifest_uri, manifest)
     summary = (
         f"{status}: {final.rows}/{n} objectives ({final.ok} ok, {final.error} errors) in "
         f"{_hms(wall)}, {f'{rate:.3f} objectives/s' if rate else 'nothing to do'} -> "
@@ -689,8 +688,8 @@ def _first_error(parts_uri: str, cfg: VisualizeConfig) -> str:
     import pyarrow.parquet as pq
 
     try:
-        fs, _ = out._fs(parts_uri, cfg.s3_endpoint)
-        for path in sorted(out.list_files(parts_uri, cfg.s3_endpoint)):
+        fs, _ = out._fs(parts_uri)
+        for path in sorted(out.list_files(parts_uri)):
             with fs.open_input_file(path) as f:
                 errors = [e for e in pq.read_table(f, columns=["error"])["error"].to_pylist() if e]
             if errors:
@@ -715,6 +714,8 @@ def _pipeline(items, res, worker_kwargs, parts_uri, png_dir, cfg, counter=None) 
 
     import ray
 
+    from xai_workers.storage import worker_env
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(os.environ.get("XAI_AUDIT_RAY_PROGRESS"))
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -727,11 +728,14 @@ def _pipeline(items, res, worker_kwargs, parts_uri, png_dir, cfg, counter=None) 
         compute=ray.data.ActorPoolStrategy(size=res.actors),
         num_cpus=res.actor_num_cpus,
         num_gpus=res.actor_num_gpus or None,
+        runtime_env={"env_vars": worker_env()},
     )
-    sink = _sink_class()(png_dir=png_dir, dest=parts_uri, output=cfg.output,
-                             s3_endpoint=cfg.s3_endpoint, rows_per_file=1,
+    sink = _sink_class()(png_dir=png_dir, dest=parts_uri, output=cfg.output, rows_per_file=1,
                              progress=counter)  # fmt: skip
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": res.write_num_cpus})
+    ds.write_datasink(
+        sink,
+        ray_remote_args={"num_cpus": res.write_num_cpus, "runtime_env": {"env_vars": worker_env()}},
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -854,7 +858,7 @@ def demo_prototypes(run_cfg, log: Callable[[str], None] = _log) -> VisResult:
     from xai_workers.storage import read_bytes
 
     # the classes the demo dataset holds (all ten for the built-in one)
-    labels = pq.read_table(pa.BufferReader(read_bytes(run_cfg.input, run_cfg.s3_endpoint)),
+    labels = pq.read_table(pa.BufferReader(read_bytes(run_cfg.input)),
                            columns=[run_cfg.label_column or "label"]).column(0)  # fmt: skip
     classes = sorted({int(c) for c in labels.to_pylist() if c is not None})
     cfg = VisualizeConfig(
@@ -863,7 +867,7 @@ def demo_prototypes(run_cfg, log: Callable[[str], None] = _log) -> VisResult:
         output=run_cfg.output, steps=demo.DEMO_VIS_STEPS, size=demo.DEMO_IMAGE_SIZE,
         transforms=demo.DEMO_VIS_TRANSFORMS, prior="class-mean", input=run_cfg.input,
         image_size=run_cfg.image_size, mean=run_cfg.mean, std=run_cfg.std,
-        resume=run_cfg.resume, overwrite=not run_cfg.resume, s3_endpoint=run_cfg.s3_endpoint,
+        resume=run_cfg.resume, overwrite=not run_cfg.resume,
         label_column=run_cfg.label_column,
     )  # fmt: skip
     return run_visualize(cfg, log=log, in_process=True, num_threads=1)

@@ -2,8 +2,14 @@
 
 S3 goes through s3fs: credentials come from the standard AWS chain (environment, shared config and
 credentials files, instance/container roles); the endpoint is, in order, the ``s3_endpoint``
-argument, the ``AWS_ENDPOINT_URL`` environment variable, else AWS itself. Anything else fsspec
-knows (``gs://``, ``memory://``, ...) works too, with default options.
+argument, the process's endpoint set once by :func:`configure`, the ``AWS_ENDPOINT_URL``
+environment variable, else AWS itself. Anything else fsspec knows (``gs://``, ``memory://``, ...)
+works too, with default options.
+
+One storage configuration per process: a driver calls :func:`configure` once with its
+``--s3-endpoint`` (or None: ``$AWS_ENDPOINT_URL``, else AWS) and then calls every function here
+without an endpoint; the processes it starts (Ray workers) get the same configuration from
+:func:`worker_env`, set in their environment (a Ray ``runtime_env``).
 """
 
 from __future__ import annotations
@@ -21,9 +27,30 @@ def _protocol(uri: str) -> str:
     return uri.split("://", 1)[0].lower() if "://" in uri else "file"
 
 
+#: The process's S3 endpoint, set by :func:`configure` (None: not configured, or AWS itself)
+_ENDPOINT: str | None = None
+
+
+def configure(s3_endpoint: str | None = None) -> str | None:
+    """Set this process's storage configuration once: the S3 endpoint is ``s3_endpoint``
+    (``--s3-endpoint``), else ``$AWS_ENDPOINT_URL``, else None (AWS). Every later call in this
+    module without an ``s3_endpoint`` argument uses it. Returns the endpoint."""
+    global _ENDPOINT
+    _ENDPOINT = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+    return _ENDPOINT
+
+
+def worker_env() -> dict[str, str]:
+    """The environment variables that give another process (a Ray worker) this process's
+    storage configuration: ``{"AWS_ENDPOINT_URL": endpoint}`` when there is one, else ``{}``."""
+    endpoint = resolve_s3_endpoint()
+    return {"AWS_ENDPOINT_URL": endpoint} if endpoint else {}
+
+
 def resolve_s3_endpoint(s3_endpoint: str | None = None) -> str | None:
-    """The S3 endpoint URL to use: ``s3_endpoint``, else ``$AWS_ENDPOINT_URL``, else None (AWS)."""
-    return s3_endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+    """The S3 endpoint URL to use: ``s3_endpoint``, else the configured one (:func:`configure`),
+    else ``$AWS_ENDPOINT_URL``, else None (AWS)."""
+    return s3_endpoint or _ENDPOINT or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
 def filesystem(

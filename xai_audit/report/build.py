@@ -41,7 +41,6 @@ def build_report(
     top: int = S.DEFAULT_TOP,
     max_classes: int = S.DEFAULT_MAX_CLASSES,
     seed: int = 0,
-    s3_endpoint: str | None = None,
     threads: int = 8,
     log: Callable[[str], None] = _log,
     visualizations: str | None = None,
@@ -58,17 +57,17 @@ def build_report(
 
     t0 = time.monotonic()
     attr = join_uri(output, SM.ATTRIBUTIONS_DIR)
-    files = SM.list_parquet(attr, s3_endpoint)
+    files = SM.list_parquet(attr)
     if not files:
         raise FileNotFoundError(f"no attribution files in {attr}")
-    fs, _ = pyarrow_filesystem(attr, s3_endpoint)
-    manifest = S._read_manifest(output, s3_endpoint)
+    fs, _ = pyarrow_filesystem(attr)
+    manifest = S._read_manifest(output)
 
     try:
-        summary = SM.read_summary(output, s3_endpoint)
+        summary = SM.read_summary(output)
     except (FileNotFoundError, OSError):
         log("no summary yet: computing it (xai-audit summarize)")
-        summary = SM.summarize_output(output, s3_endpoint, log=log)
+        summary = SM.summarize_output(output, log=log)
 
     with fs.open_input_file(files[0]) as f:
         schema = pq.ParquetFile(f).schema_arrow
@@ -86,7 +85,7 @@ def build_report(
     wanted = {(int(f), int(r)) for t in tops.values() for f, r in zip(t.file, t.row, strict=True)}
     rows = S.fetch_rows(fs, files, wanted, threads)
     keys = sorted(rows)
-    images = dict(zip(keys, S.load_images(manifest, [rows[k] for k in keys], s3_endpoint),
+    images = dict(zip(keys, S.load_images(manifest, [rows[k] for k in keys]),
                       strict=True))  # fmt: skip
     methods = [m for m in S.METHODS if m in names]
     store = (manifest or {}).get("output", {}).get("store", "full")
@@ -108,12 +107,10 @@ def build_report(
     errors = S.error_rows(fs, files, threads=threads) if all_row.get("errors") else None
     vis = visualization_data(
         output, visualizations=visualizations, class_maps=class_maps, files_out=files_out,
-        manifest=manifest, fs=fs, files=files, label_is_int=S._label_is_int(schema),
-        s3_endpoint=s3_endpoint, log=log,
+        manifest=manifest, fs=fs, files=files, label_is_int=S._label_is_int(schema), log=log,
     )  # fmt: skip
     strategies = strategies_data(
-        output, fs=fs, files=files, manifest=manifest, files_out=files_out,
-        s3_endpoint=s3_endpoint, log=log,
+        output, fs=fs, files=files, manifest=manifest, files_out=files_out, log=log,
     )  # fmt: skip
     files_out["img/colorbar-inferno.png"] = G._png(G.colorbar("inferno"))
     files_out["img/colorbar-viridis.png"] = G._png(G.colorbar("viridis"))
@@ -135,7 +132,7 @@ def build_report(
     )
     files_out["index.html"] = page.encode("utf-8")
     report_dir = join_uri(output, "report")
-    _write_files(report_dir, files_out, s3_endpoint)
+    _write_files(report_dir, files_out)
     log(f"report with {len(files_out)} files in {time.monotonic() - t0:.1f} s -> {report_dir}")
     return ReportResult(
         index=join_uri(report_dir, "index.html"),
@@ -148,12 +145,12 @@ def build_report(
     )
 
 
-def _write_files(folder: str, files: dict[str, bytes], s3_endpoint: str | None) -> None:
+def _write_files(folder: str, files: dict[str, bytes]) -> None:
     """Write ``files`` (relative name -> bytes) under ``folder``; index.html last."""
     from xai_workers.storage import join_uri, open_file
 
     def put(name: str) -> None:
-        with open_file(join_uri(folder, name), "wb", s3_endpoint=s3_endpoint) as f:
+        with open_file(join_uri(folder, name), "wb") as f:
             f.write(files[name])
 
     names = [n for n in files if n != "index.html"]

@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 
 from xai_audit.report.build import _log, build_report
 from xai_audit.report.scan import DEFAULT_MAX_CLASSES, DEFAULT_SAMPLE, DEFAULT_TOP
+from xai_workers.storage import configure
 
 
 def _err(msg: str) -> None:
@@ -71,11 +72,11 @@ def summarize_main(args: argparse.Namespace) -> int:
     """``xai-audit summarize``: 0 when the summary is written, 2 when there is no output."""
     from xai_workers import summary as SM
 
+    configure(getattr(args, "s3_endpoint", None))
     t0 = time.monotonic()
     try:
         table = SM.summarize_output(
             args.output,
-            getattr(args, "s3_endpoint", None),
             use_partials=not getattr(args, "recompute", False),
             log=_log,
         )
@@ -93,6 +94,7 @@ def summarize_main(args: argparse.Namespace) -> int:
 
 def report_main(args: argparse.Namespace) -> int:
     """``xai-audit report``: 0 when the report is written, 2 when there is no output."""
+    configure(getattr(args, "s3_endpoint", None))
     try:
         res = build_report(
             args.output,
@@ -100,7 +102,6 @@ def report_main(args: argparse.Namespace) -> int:
             top=getattr(args, "top", DEFAULT_TOP),
             max_classes=getattr(args, "max_classes", DEFAULT_MAX_CLASSES),
             seed=getattr(args, "seed", 0),
-            s3_endpoint=getattr(args, "s3_endpoint", None),
             visualizations=getattr(args, "visualizations", None),
         )
     except FileNotFoundError as e:

@@ -324,9 +324,7 @@ def fetch_rows(fs, files: list[str], wanted: set[tuple[int, int]], threads: int 
     return got
 
 
-def load_images(
-    manifest: dict | None, rows: list[dict], s3_endpoint: str | None = None
-) -> list[np.ndarray | None]:
+def load_images(manifest: dict | None, rows: list[dict]) -> list[np.ndarray | None]:
     """The model-input view of each row's image: float32 (H, W, 3) in [0, 1] (decoded,
     resized/cropped as the run did, no normalization), or None when the input cannot be read.
 
@@ -357,7 +355,7 @@ def load_images(
         **extra,
     )
     try:
-        fs, root_path = filesystem(root, s3_endpoint)
+        fs, root_path = filesystem(root)
         root_is_file = fs.isfile(root_path)
     except Exception:  # noqa: BLE001 - the input is gone or unreachable: no pictures
         return out
@@ -387,18 +385,17 @@ def load_images(
             if kind == "webdataset":
                 from xai_audit.sources.webdataset import sample_images
 
-                got = sample_images(uri_of(rel), {int(rows[i]["source_row"]) for i in idxs},
-                                    s3_endpoint)  # fmt: skip
+                got = sample_images(uri_of(rel), {int(rows[i]["source_row"]) for i in idxs})
                 for i in idxs:
                     data = got.get(int(rows[i]["source_row"]))
                     out[i] = decode(data) if data is not None else None
                 continue
             if kind == "images":
-                data = read_bytes(uri_of(rel), s3_endpoint)
+                data = read_bytes(uri_of(rel))
                 for i in idxs:
                     out[i] = decode(data)
                 continue
-            pafs, path = pyarrow_filesystem(uri_of(rel), s3_endpoint)
+            pafs, path = pyarrow_filesystem(uri_of(rel))
             with pafs.open_input_file(path) as f:
                 pf = pq.ParquetFile(f)
                 md = pf.metadata
@@ -412,19 +409,18 @@ def load_images(
                         continue
                     t = pf.read_row_group(g, columns=[image_col])
                     value = t.column(0)[r - int(starts[g])].as_py()
-                    data, _ = image_bytes(value, image_kind, uri_of(rel).rsplit("/", 1)[0],
-                                          s3_endpoint)  # fmt: skip
+                    data, _ = image_bytes(value, image_kind, uri_of(rel).rsplit("/", 1)[0])
                     out[i] = decode(data) if data is not None else None
         except Exception:  # noqa: BLE001 - a missing input file costs its pictures only
             continue
     return out
 
 
-def _read_manifest(output: str, s3_endpoint: str | None) -> dict | None:
+def _read_manifest(output: str) -> dict | None:
     from xai_workers.storage import join_uri, read_bytes
 
     try:
-        return json.loads(read_bytes(join_uri(output, "manifest.json"), s3_endpoint).decode())
+        return json.loads(read_bytes(join_uri(output, "manifest.json")).decode())
     except (FileNotFoundError, ValueError, OSError):
         return None
 

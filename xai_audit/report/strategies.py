@@ -59,7 +59,6 @@ def strategies_data(
     files: list[str],
     manifest: dict | None,
     files_out: dict[str, bytes],
-    s3_endpoint: str | None = None,
     max_classes: int = MAX_CLASSES,
     log: Callable[[str], None] = lambda m: None,
 ) -> dict | None:
@@ -75,8 +74,8 @@ def strategies_data(
     from xai_audit.strategies import _read_table, clusters_uri, strategies_uri
 
     try:
-        clusters = _read_table(clusters_uri(output), s3_endpoint)
-        rows = _read_table(strategies_uri(output), s3_endpoint)
+        clusters = _read_table(clusters_uri(output))
+        rows = _read_table(strategies_uri(output))
     except (FileNotFoundError, OSError):
         return None
     if clusters.num_rows == 0:
@@ -120,7 +119,7 @@ def strategies_data(
                     wanted[key] = (t, s)
     got = S.fetch_rows(fs, files, set(wanted)) if wanted else {}
     keys = sorted(got)
-    images = dict(zip(keys, S.load_images(manifest, [got[k] for k in keys], s3_endpoint),
+    images = dict(zip(keys, S.load_images(manifest, [got[k] for k in keys]),
                       strict=True))  # fmt: skip
     store = ((manifest or {}).get("output") or {}).get("store", "compact")
     members: dict[tuple[int, int], list[str]] = {}

@@ -27,7 +27,7 @@ MAX_FILES = 64
 TITLES = {"gradcam": "Grad-CAM", "integrated_gradients": "IG"}
 
 
-def read_class_images(root: str, s3_endpoint: str | None) -> dict[int, dict]:
+def read_class_images(root: str) -> dict[int, dict]:
     """class -> {"kind", "objective", "image" (PNG bytes), "activation"} of the ok
     ``prototype:C`` (preferred) or ``class:C`` rows under ``<root>/visualizations/parts``;
     empty when there are none."""
@@ -39,10 +39,10 @@ def read_class_images(root: str, s3_endpoint: str | None) -> dict[int, dict]:
     from xai_audit.output import list_files
     from xai_workers.storage import pyarrow_filesystem
 
-    parts = [p for p in list_files(J.vis_uri(root, J.PARTS), s3_endpoint) if p.endswith(".parquet")]
+    parts = [p for p in list_files(J.vis_uri(root, J.PARTS)) if p.endswith(".parquet")]
     if not parts:
         return {}
-    fs, _ = pyarrow_filesystem(J.vis_uri(root, J.PARTS), s3_endpoint)
+    fs, _ = pyarrow_filesystem(J.vis_uri(root, J.PARTS))
     cols = ["objective", "kind", "index", "status", "image", "activation"]
     t = ds.dataset(parts, filesystem=fs, format="parquet").to_table(columns=cols)
     kinds = pa.array(["prototype", "class"])
@@ -85,7 +85,6 @@ def visualization_data(
     fs,
     files: list[str],
     label_is_int: bool,
-    s3_endpoint: str | None,
     log: Callable[[str], None],
     tile: int = 96,
 ) -> dict | None:
@@ -96,7 +95,7 @@ def visualization_data(
 
     root = visualizations or output
     try:
-        vis = read_class_images(root, s3_endpoint)
+        vis = read_class_images(root)
     except Exception as e:  # noqa: BLE001 - the report goes on without the section
         log(f"visualizations in {root} cannot be read ({type(e).__name__}: {e}); left out")
         return None
@@ -105,7 +104,7 @@ def visualization_data(
     classes = sorted(vis)
     reals = real_rows(fs, files, set(classes), label_is_int)
     flat = [(c, r) for c in classes for r in reals[c]]
-    pictures = load_images(manifest, [r for _, r in flat], s3_endpoint)
+    pictures = load_images(manifest, [r for _, r in flat])
     by_class: dict[int, list] = {c: [] for c in classes}
     for (c, _), p in zip(flat, pictures, strict=True):
         if p is not None:

@@ -32,7 +32,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import pyarrow as pa
 
-from xai_audit.config import ConfigError
+from xai_audit.errors import ConfigError
 from xai_audit.sources import images as _images
 from xai_audit.sources import parquet as _parquet
 from xai_audit.sources import webdataset as _webdataset
@@ -66,7 +66,6 @@ def discover(
     label_column: str | None = None,
     need_label: bool = False,
     exclude: str | None = None,
-    s3_endpoint: str | None = None,
     threads: int = 16,
     input_format: str = "auto",
     labels_from: str = "auto",
@@ -88,7 +87,7 @@ def discover(
     if labels_from not in LABELS_FROM:
         raise ConfigError(f"--labels-from must be one of {', '.join(LABELS_FROM)}")
     try:
-        fs, root = filesystem(uri, s3_endpoint)
+        fs, root = filesystem(uri)
         root = root.rstrip("/") or root
         is_file = fs.isfile(root)
         is_dir = not is_file and fs.isdir(root)
@@ -102,7 +101,7 @@ def discover(
         raise ConfigError(f"cannot list input {uri}: {type(e).__name__}: {e}") from None
     paths = sorted(infos)
     if exclude:
-        _, ex = filesystem(exclude, s3_endpoint)
+        _, ex = filesystem(exclude)
         ex = ex.rstrip("/")
         paths = [p for p in paths if p != ex and not p.startswith(ex + "/")]
     # hidden and underscore Parquet files (_SUCCESS, _metadata, .part-x.crc) are not data
@@ -134,8 +133,7 @@ def discover(
         raise ConfigError(f"--id-column {id_column!r}: {kind} inputs have no columns")
     if kind == "parquet":
         plan = _parquet.discover(
-            uri, fs, base, found[kind], id_column, image_column, label_column, need_label,
-            s3_endpoint, threads,
+            uri, fs, base, found[kind], id_column, image_column, label_column, need_label, threads,
         )  # fmt: skip
     elif kind == "images":
         plan = _images.discover(
@@ -145,7 +143,7 @@ def discover(
     else:
         plan = _webdataset.discover(
             uri, base, found[kind], label_column=label_column, need_label=need_label,
-            s3_endpoint=s3_endpoint, threads=threads,
+            threads=threads,
         )  # fmt: skip
     stamps = {join(uri, base, p)[1]: stamp(infos[p]) for p in found[kind]}
     return dataclasses.replace(
@@ -190,7 +188,6 @@ def read_shard(
     label_column: str | None,
     id_type: pa.DataType,
     label_type: pa.DataType | None,
-    s3_endpoint: str | None = None,
     block_rows: int | None = None,
 ) -> Iterator[pa.Table]:
     """Yield blocks of preprocessed rows of ``shard`` (worker batch format, module docstring).
@@ -203,8 +200,7 @@ def read_shard(
     """
     blocks = _BY_KIND[shard["kind"]].read_shard(
         shard, preprocessing=preprocessing, id_column=id_column, image_column=image_column,
-        label_column=label_column, id_type=id_type, label_type=label_type,
-        s3_endpoint=s3_endpoint, block_rows=block_rows,
+        label_column=label_column, id_type=id_type, label_type=label_type, block_rows=block_rows,
     )  # fmt: skip
     if not shard.get("label_map"):
         return blocks

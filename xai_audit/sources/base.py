@@ -201,12 +201,12 @@ def decode(data, preprocessing) -> tuple[np.ndarray | None, str | None]:
         return None, f"cannot preprocess image: {type(e).__name__}: {e}"[:500]
 
 
-def read_uri(uri: str, s3_endpoint: str | None) -> tuple[bytes | None, str | None]:
+def read_uri(uri: str) -> tuple[bytes | None, str | None]:
     """The bytes at ``uri`` or (None, a message naming it): a missing object is a row error."""
     from xai_workers.storage import read_bytes
 
     try:
-        return read_bytes(uri, s3_endpoint), None
+        return read_bytes(uri), None
     except Exception as e:  # noqa: BLE001 - a missing/unreadable file is a row error
         return None, f"cannot read {uri}: {type(e).__name__}: {e}"[:500]
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import pyarrow as pa
 
-from xai_audit.config import ConfigError
+from xai_audit.errors import ConfigError
 from xai_audit.sources.base import (
     SHARD_ROWS,
     Block,
@@ -77,7 +77,7 @@ def make_shards(plan: InputPlan, done: Mapping[str, np.ndarray], shard_rows: int
 
 
 def read_shard(
-    shard: Mapping, *, preprocessing, label_column, id_type, label_type, s3_endpoint=None,
+    shard: Mapping, *, preprocessing, label_column, id_type, label_type,
     block_rows=None, **_,
 ) -> Iterator[pa.Table]:  # fmt: skip
     """Blocks of preprocessed rows of an image-files shard (``sources.read_shard``)."""
@@ -86,7 +86,7 @@ def read_shard(
     for item in shard["items"]:
         _, uri, rel = item[:3]
         label = item[3] if len(item) > 3 else None
-        data, err = read_uri(uri, s3_endpoint)
+        data, err = read_uri(uri)
         x = None
         if err is None:
             x, err = decode(data, preprocessing)

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from xai_audit.config import ConfigError
+from xai_audit.errors import ConfigError
 from xai_audit.sources.base import (
     REFERENCE_THREADS,
     SHARD_ROWS,
@@ -70,13 +70,13 @@ def hf_class_names(schema: pa.Schema, label: str | None) -> tuple[str, ...] | No
 
 
 def discover(
-    uri, fs, root, paths, id_column, image_column, label_column, need_label, s3_endpoint, threads
+    uri, fs, root, paths, id_column, image_column, label_column, need_label, threads
 ) -> InputPlan:
     import pyarrow.parquet as pq
 
     from xai_workers.storage import pyarrow_filesystem
 
-    pafs, _ = pyarrow_filesystem(uri, s3_endpoint)
+    pafs, _ = pyarrow_filesystem(uri)
 
     def footer(path: str):
         try:
@@ -171,7 +171,7 @@ def make_shards(plan: InputPlan, done: Mapping[str, np.ndarray], shard_rows: int
     return shards, todo
 
 
-def image_bytes(value, kind: str, base: str, s3_endpoint=None) -> tuple[bytes | None, str | None]:
+def image_bytes(value, kind: str, base: str) -> tuple[bytes | None, str | None]:
     """One row's image column value -> (encoded bytes, None) or (None, why not), for an image
     column of ``kind`` in a Parquet file in folder ``base`` (module docstring)."""
     if value is None:
@@ -183,22 +183,20 @@ def image_bytes(value, kind: str, base: str, s3_endpoint=None) -> tuple[bytes | 
     ref = value if kind == "string" else value.get("path")
     if not ref:
         return None, "image has neither bytes nor a path"
-    return read_uri(resolve(ref, base), s3_endpoint)
+    return read_uri(resolve(ref, base))
 
 
-def _fetch_all(
-    values: list, kind: str, base: str, s3_endpoint, pool
-) -> list[tuple[bytes | None, str | None]]:
+def _fetch_all(values: list, kind: str, base: str, pool) -> list[tuple[bytes | None, str | None]]:
     """``image_bytes`` of each value, in row order; references are read by ``pool`` (bounded
     concurrency)."""
     if kind == "binary" or pool is None:
-        return [image_bytes(v, kind, base, s3_endpoint) for v in values]
-    return list(pool.map(lambda v: image_bytes(v, kind, base, s3_endpoint), values))
+        return [image_bytes(v, kind, base) for v in values]
+    return list(pool.map(lambda v: image_bytes(v, kind, base), values))
 
 
 def read_shard(
     shard: Mapping, *, preprocessing, id_column, image_column, label_column, id_type, label_type,
-    s3_endpoint=None, block_rows=None,
+    block_rows=None,
 ) -> Iterator[pa.Table]:  # fmt: skip
     """Blocks of preprocessed rows of a Parquet shard (``sources.read_shard``)."""
     import pyarrow.parquet as pq
@@ -209,7 +207,7 @@ def read_shard(
     block = Block(preprocessing.image_size, id_type, label_type if label_column else None, max_rows)
     kind = shard.get("image_kind", "binary")
     base = posixpath.dirname(shard["uri"])
-    pafs, path = pyarrow_filesystem(shard["uri"], s3_endpoint)
+    pafs, path = pyarrow_filesystem(shard["uri"])
     skip = in_ranges(shard["skip"])
     columns = [c for c in (id_column, image_column, label_column) if c]
     row = shard["start"]
@@ -230,7 +228,7 @@ def read_shard(
                 )
                 labels = rb.column(label_column).to_pylist() if label_column else [None] * n
                 images = rb.column(image_column)
-                got = _fetch_all([images[j].as_py() for j in keep], kind, base, s3_endpoint, pool)
+                got = _fetch_all([images[j].as_py() for j in keep], kind, base, pool)
                 for j, (data, err) in zip(keep, got, strict=True):
                     x = None
                     if err is None:

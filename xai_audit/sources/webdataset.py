@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from xai_audit.config import ConfigError
+from xai_audit.errors import ConfigError
 from xai_audit.ids import repeated_ids
 from xai_audit.sources.base import (
     Block,
@@ -72,7 +72,7 @@ def iter_samples(f, read: bool = True) -> Iterator[tuple[str, dict[str, bytes | 
             yield key, parts
 
 
-def discover(uri, root, paths, *, label_column, need_label, s3_endpoint, threads) -> InputPlan:
+def discover(uri, root, paths, *, label_column, need_label, threads) -> InputPlan:
     from xai_workers.storage import open_file
 
     if label_column:
@@ -81,7 +81,7 @@ def discover(uri, root, paths, *, label_column, need_label, s3_endpoint, threads
     def count(path: str) -> tuple[int, bool, pa.Array]:
         u, _ = join(uri, root, path)
         try:
-            with open_file(u, "rb", s3_endpoint=s3_endpoint) as f:
+            with open_file(u, "rb") as f:
                 keys, labelled = [], False
                 for key, parts in iter_samples(f, read=False):
                     keys.append(key)
@@ -139,13 +139,13 @@ def _label(key: str, parts: dict) -> tuple[int | None, str | None]:
     return None, None
 
 
-def sample_images(uri: str, rows: set[int], s3_endpoint=None) -> dict[int, bytes]:
+def sample_images(uri: str, rows: set[int]) -> dict[int, bytes]:
     """The image bytes of samples ``rows`` (indices) of one tar, streamed up to the last one."""
     from xai_workers.storage import open_file
 
     out: dict[int, bytes] = {}
     last = max(rows, default=-1)
-    with open_file(uri, "rb", s3_endpoint=s3_endpoint) as f:
+    with open_file(uri, "rb") as f:
         for r, (_, parts) in enumerate(iter_samples(f)):
             if r > last:
                 break
@@ -156,7 +156,7 @@ def sample_images(uri: str, rows: set[int], s3_endpoint=None) -> dict[int, bytes
 
 
 def read_shard(
-    shard: Mapping, *, preprocessing, label_column, id_type, label_type, s3_endpoint=None,
+    shard: Mapping, *, preprocessing, label_column, id_type, label_type,
     block_rows=None, **_,
 ) -> Iterator[pa.Table]:  # fmt: skip
     """Blocks of preprocessed samples of one tar (``sources.read_shard``)."""
@@ -166,7 +166,7 @@ def read_shard(
     block = Block(preprocessing.image_size, id_type, label_type if label_column else None, max_rows)
     skip = in_ranges(shard["skip"])
     row = 0
-    with open_file(shard["uri"], "rb", s3_endpoint=s3_endpoint) as f:
+    with open_file(shard["uri"], "rb") as f:
         for key, parts in iter_samples(f):
             r, row = row, row + 1
             if skip(r):
