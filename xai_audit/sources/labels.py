@@ -24,7 +24,7 @@ import re
 import numpy as np
 import pyarrow as pa
 
-from xai_audit.config import ConfigError
+from xai_audit.errors import ConfigError
 
 #: ``--unknown-labels``: what a label name that the model does not have does.
 UNKNOWN_LABELS = ("error", "error-rows")
