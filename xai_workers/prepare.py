@@ -229,7 +229,7 @@ def input_layer(model: nn.Module) -> str | None:
     input (affine with its bias), so its input gradient is its transposed convolution of the
     gradient at its output, whatever the input: the IG sweep sums the weighted gradients at that
     layer's output and maps the sum back once per image instead of at every path point
-    (``_ig_sweep``). Models that torch.fx cannot trace give None.
+    (``sweep``). Models that torch.fx cannot trace give None.
     """
     traced = _traced(model)
     if traced is None:
