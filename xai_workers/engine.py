@@ -177,12 +177,11 @@ def attribute(
             Grad-CAM family, "gradcam_pp", "xgradcam", "layercam", "eigencam" (``cams``: weighting
             functions of the same layer's activations and gradients at x, upsampled as Grad-CAM).
         ig_steps, ig_method: the IG quadrature (``quadrature.path_points``). ``ig_steps="auto"``
-            chooses the steps per image (and target): nested trapezoid levels of 2^k + 1 points
-            with Romberg extrapolation, refined until the estimated relative L2 error of the IG
-            map is <= ``ig_tol`` or the next level would add more than ``ig_max_steps`` points
-            to the pass at x (which a = 1 reuses; so at most ``ig_max_steps`` + 1 points;
-            docs/conventions.md, "Adaptive Integrated Gradients"); ``ig_method`` is not used
-            then.
+            chooses the steps per image (and target): nested Clenshaw-Curtis levels of 2^k + 1
+            points (a pair converging like 1/n moves to nested trapezoid levels), refined until
+            the estimated relative L2 error of the IG map is <= ``ig_tol`` or the finest level
+            2^k <= ``ig_max_steps`` is reached (``adaptive_ig``; docs/conventions.md, "Adaptive
+            Integrated Gradients"); ``ig_method`` is not used then.
         baseline: x' broadcastable to x ((1, C, H, W) or (N, C, H, W)); None means zeros in
             input space. ``make_baseline`` builds the named ones.
         gradcam_layer: dotted name of a layer whose output reads as a grid with h, w > 1
@@ -211,8 +210,8 @@ def attribute(
         With ``ig_steps="auto"`` also ``ig_steps`` (N[, K]) int32 (gradient evaluations used,
         a = 1 included), ``ig_error_est`` (N[, K]) float32, ``ig_converged`` (N[, K]) bool,
         and the path trace ``ig_path_alpha``, ``ig_path_score`` (N[, K], P) float32, P =
-        the most points ``ig_max_steps`` allows: the first ``ig_steps`` entries are the alphas
-        in ascending order and F at them, the rest NaN.
+        the most points ``ig_max_steps`` allows (``adaptive_ig.trace_length``): the first
+        ``ig_steps`` entries are the alphas in ascending order and F at them, the rest NaN.
     """
     _check(x, methods, score, saliency_mode, precision)
     methods = tuple(methods)
