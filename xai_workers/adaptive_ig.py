@@ -69,7 +69,7 @@ def rate_factor(d: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor) -> torch.Te
     level get credit. Geometric convergence (Clenshaw-Curtis on an analytic integrand: rho
     squares from one level to the next) would earn more, but three levels cannot tell it from a
     pre-asymptotic dip: on a net whose gradient has a kink (error ~ 1/n^2) the ratios 0.35, 0.19
-    read as acceleration, and that credit understated the error 1.8x (docs/engine.md).
+    read as acceleration, and that credit understated the error 2.5x (docs/engine.md).
     """
     tiny = torch.finfo(d.dtype).tiny
     rho = torch.maximum(d / d1.clamp_min(tiny), d1 / d2.clamp_min(tiny)).clamp_max(SLOW_RATE)
