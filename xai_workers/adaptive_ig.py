@@ -58,12 +58,11 @@ SWITCH_LEVEL = 2
 SWITCH_RATE = 0.5
 
 
-def rate_factor(d: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+def rate_factor(d: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
     """The factor (<= 1) applied to the last Clenshaw-Curtis level difference
-    d_k = ||Q_k - Q_{k-1}|| to estimate the error of Q_k, from d_k, d_{k-1}, d_{k-2} (each (P,)).
+    d_k = ||Q_k - Q_{k-1}|| to estimate the error of Q_k, from d_k and d_{k-1} (each (P,)).
 
-    rho = max(d_k / d_{k-1}, d_{k-1} / d_{k-2}) is how fast the levels are seen to converge
-    (both ratios: one can dip by chance before the rule resolves the integrand). A rule whose
+    rho = min(1/2, d_k / d_{k-1}) is how fast the levels are seen to converge. A rule whose
     error falls by rho per level has error d_k rho / (1 - rho) (Richardson); the factor is
     ``RATE_SAFETY`` times that, at most 1, so only levels seen converging faster than 1/3 per
     level get credit. Geometric convergence (Clenshaw-Curtis on an analytic integrand: rho
@@ -71,8 +70,7 @@ def rate_factor(d: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor) -> torch.Te
     pre-asymptotic dip: on a net whose gradient has a kink (error ~ 1/n^2) the ratios 0.35, 0.19
     read as acceleration, and that credit understated the error 2.5x (docs/engine.md).
     """
-    tiny = torch.finfo(d.dtype).tiny
-    rho = torch.maximum(d / d1.clamp_min(tiny), d1 / d2.clamp_min(tiny)).clamp_max(SLOW_RATE)
+    rho = (d / d1.clamp_min(torch.finfo(d.dtype).tiny)).clamp_max(SLOW_RATE)
     return (RATE_SAFETY * rho / (1 - rho)).clamp_max(1.0)
 
 
@@ -226,7 +224,7 @@ def _finish(st: _State, p: torch.Tensor, k: int) -> None:
     prev = _level_map(st, p, k - 1) if k else None
     d, rel, compl = _relative(st, p, _level_map(st, p, k), prev)
     if k >= 3:
-        rel = rel * rate_factor(d, st.d[0, p], st.d[1, p])
+        rel = rel * rate_factor(d, st.d[0, p])
     slow = d >= SWITCH_RATE * st.d[0, p]
     st.d[1, p], st.d[0, p] = st.d[0, p], d
     e = torch.maximum(rel, compl)
