@@ -160,7 +160,7 @@ def bench_model(arch: str, rounds: int, size: int = SIZE, budget_mb: float | Non
     with FlopCounterMode(display=False) as fc2:
         frozen(xi)[0, 0].backward()
     point_flops = fc2.get_total_flops()
-    # The sweep runs the input layer once per image, not at its STEPS points (engine._ig_sweep):
+    # The sweep runs the input layer once per image, not at its STEPS points (sweep.ig_sweep):
     # per image one forward of L(diff) and one input gradient (+ a forward on a zero probe), and
     # once per call the layer at the baseline and at zero.
     first = input_layer(frozen)

@@ -34,17 +34,17 @@ from xai_workers.demo import DemoNet, demo_images, demo_preprocess, is_held_out
 
 
 def train_net(act: str, epochs: int, seed: int = 0) -> nn.Module:
-    """A DemoNet with ``act`` ("relu" or "silu") trained on the non-held-out demo digits."""
+    """A DemoNet with ``act`` ("relu", "silu" or "gelu") trained on the non-held-out digits."""
     images, labels = demo_images()
     keep = ~is_held_out(np.arange(len(labels)))
     x, y = demo_preprocess(images[keep]), torch.as_tensor(labels[keep])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = DemoNet()
-        if act == "silu":
+        if act in ("silu", "gelu"):
             for name, m in list(net.named_modules()):
                 if isinstance(m, nn.ReLU):
-                    net.set_submodule(name, nn.SiLU())
+                    net.set_submodule(name, nn.SiLU() if act == "silu" else nn.GELU())
         opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
         steps = epochs * ((len(x) + 63) // 64)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)

@@ -52,7 +52,7 @@ def path_points(n: int, method: str = "gausslegendre") -> tuple[np.ndarray, np.n
 
 
 # --------------------------------------------------------------------------------------------
-# ig_steps="auto": nested trapezoid levels and their Romberg columns
+# ig_steps="auto": nested Clenshaw-Curtis levels
 # --------------------------------------------------------------------------------------------
 
 #: The first level at which ``ig_steps="auto"`` may stop: 2^2 + 1 = 5 points.
@@ -76,23 +76,41 @@ def adaptive_max_level(max_steps: int) -> int:
     return int(max_steps).bit_length() - 1
 
 
-def level_points(k: int) -> np.ndarray:
-    """The points level k adds to the levels before it, float64 ascending: level 0 is
-    [0, 1]; level k >= 1 is (2j + 1) / 2^k, j = 0 .. 2^(k-1) - 1. Levels 0..k together are the
-    2^k + 1 equally spaced points of [0, 1]."""
-    if k == 0:
-        return np.array([0.0, 1.0])
-    return (2 * np.arange(2 ** (k - 1), dtype=np.float64) + 1) / 2**k
+def cc_points(k: int) -> np.ndarray:
+    """The 2^k + 1 Clenshaw-Curtis points of level k on [0, 1], float64 ascending:
+    a_i = (1 - cos(pi i / 2^k)) / 2, i = 0 .. 2^k (the Chebyshev extrema). Level k's points are
+    every other point of level k + 1, so levels nest."""
+    return 0.5 * (1.0 - np.cos(np.pi * np.arange(2**k + 1) / 2**k))
 
 
-def romberg_row(k: int, t_k, prev=None) -> tuple:
-    """Level k's Romberg row (T_k, S_k, B_k) from the trapezoid value T_k and the row of level
-    k - 1 (``prev``, None at k = 0): S_k = (4 T_k - T_{k-1}) / 3 (Simpson), B_k = (16 S_k -
-    S_{k-1}) / 15 (Boole); S_0 = B_0 = T_0 and B_1 = S_1. Works on anything with + - and
-    scalar * (numpy arrays, tensors)."""
+def cc_weights(k: int) -> np.ndarray:
+    """The Clenshaw-Curtis weights (2^k + 1,) float64 of ``cc_points(k)``, summing to 1: the
+    integral on [0, 1] of the polynomial interpolating the points (exact for degree <= 2^k,
+    and 2^k + 1 when 2^k is even). Level 0 is the trapezoid (1/2, 1/2). They are positive, and
+    the weight of a point changes from level to level (unlike the trapezoid's)."""
+    m = 2**k
+    theta = np.pi * np.arange(m + 1) / m
+    j = np.arange(1, m // 2 + 1)
+    b = np.where(2 * j == m, 1.0, 2.0)
+    s = (b / (4 * j * j - 1) * np.cos(2 * np.outer(theta, j))).sum(axis=1)
+    c = np.where((np.arange(m + 1) == 0) | (np.arange(m + 1) == m), 1.0, 2.0)
+    return c / m * (1.0 - s) / 2
+
+
+def cc_level_index(k: int, finest: int) -> np.ndarray:
+    """The points level k adds, as indices i of ``cc_points(finest)`` (k <= finest), ascending:
+    level 0 adds i = 0 and 2^finest (a = 0 and a = 1); level k >= 1 the odd multiples of
+    2^(finest - k). Levels 0..k together are every 2^(finest - k)-th point."""
     if k == 0:
-        return t_k, t_k, t_k
-    t_prev, s_prev, _ = prev
-    s_k = (4 * t_k - t_prev) / 3
-    b_k = s_k if k == 1 else (16 * s_k - s_prev) / 15
-    return t_k, s_k, b_k
+        return np.array([0, 2**finest])
+    return (2 * np.arange(2 ** (k - 1)) + 1) * 2 ** (finest - k)
+
+
+def cc_weight_table(finest: int) -> np.ndarray:
+    """W (finest + 1, 2^finest + 1) float64: W[k, i] is the weight of point i of
+    ``cc_points(finest)`` in the level-k rule, 0 where level k does not hold it. The level-k
+    Clenshaw-Curtis value of gradients g_i is sum_i W[k, i] g_i."""
+    table = np.zeros((finest + 1, 2**finest + 1))
+    for k in range(finest + 1):
+        table[k, :: 2 ** (finest - k)] = cc_weights(k)
+    return table
