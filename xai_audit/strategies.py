@@ -707,7 +707,7 @@ def add_subcommand(subparsers) -> None:
         "and stored map method, clusters of similar maps (strategies), with shortcut candidates "
         "flagged. Writes <output>/summary/strategies.parquet and strategy_clusters.parquet.",
     )
-    p.add_argument("output", metavar="OUTPUT")
+    p.add_argument("output", metavar="OUTPUT", help="a finished run's output folder or S3 prefix")
     p.add_argument(
         "--min-class-rows",
         type=int,
@@ -733,7 +733,8 @@ def add_subcommand(subparsers) -> None:
         default=d.eigenvalues,
         help=f"Laplacian eigenvalues computed (default {d.eigenvalues})",
     )
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help=f"seed: eigensolver, k-means, t-SNE (default {d.seed})")  # fmt: skip
     p.add_argument(
         "--methods", default=None, help="comma-separated map methods (default: every stored one)"
     )
@@ -754,8 +755,10 @@ def add_subcommand(subparsers) -> None:
         "--resume", action="store_true", help="keep the finished tasks of an interrupted run"
     )
     p.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
-    p.add_argument("--num-cpus", type=int, default=None)
-    p.add_argument("--s3-endpoint", metavar="URL", default=None)
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="CPUs of the local Ray (default: all)")  # fmt: skip
+    p.add_argument("--s3-endpoint", metavar="URL", default=None,
+                   help="S3-compatible endpoint (default $AWS_ENDPOINT_URL, else AWS)")  # fmt: skip
     p.set_defaults(handler=_main)
 
 
