@@ -49,6 +49,7 @@ from dataclasses import asdict, replace
 import numpy as np
 import pyarrow as pa
 
+from xai_workers.stats import METHODS as STAT_METHODS
 from xai_workers.strategies import StrategyConfig
 
 STRATEGIES_FILE = "strategies.parquet"
@@ -64,11 +65,9 @@ MAX_BUCKETS = 4096
 IN_PROCESS_ROWS = 20_000
 #: Rows per batch when an attribution file is read.
 BATCH_ROWS = 2048
-#: The map methods analysed, when present in the output.
-METHODS = (
-    "saliency", "integrated_gradients", "gradcam", "cam", "gradcam_pp", "xgradcam", "layercam",
-    "eigencam", "smoothgrad", "smoothgrad_sq", "vargrad",
-)  # fmt: skip
+#: The map methods analysed, when present in the output: every method with a 2-D map
+#: (``xai_workers.stats.METHODS``, in its order).
+METHODS = STAT_METHODS
 
 
 def rows_schema(id_type: pa.DataType | None = None) -> pa.Schema:

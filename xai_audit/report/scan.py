@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from xai_audit.report.pictures import _png, class_map_tile
+from xai_workers.stats import METHODS as STAT_METHODS
 
 #: Rows scanned for the galleries by default (whole part files; 0 = all).
 DEFAULT_SAMPLE = 1_000_000
@@ -54,10 +55,7 @@ NEVER_PREDICTED_MIN_ROWS = 3
 #: ...and so is accuracy more than this below the majority rate (the share of the commonest
 #: label: what always answering that class scores).
 ACCURACY_BELOW_MAJORITY = 0.1
-METHODS = (
-    "saliency", "integrated_gradients", "gradcam", "cam", "gradcam_pp", "xgradcam", "layercam",
-    "eigencam", "smoothgrad", "smoothgrad_sq", "vargrad",
-)  # fmt: skip
+METHODS = STAT_METHODS  # every method with a 2-D map (xai_workers.stats), in its order
 METHOD_TITLES = {
     "saliency": "Saliency", "integrated_gradients": "IG", "gradcam": "Grad-CAM", "cam": "CAM",
     "gradcam_pp": "Grad-CAM++", "xgradcam": "XGrad-CAM", "layercam": "LayerCAM",
