@@ -85,8 +85,8 @@ RUN_FLAGS = (
     ("--rows-per-file", "N", "at most N rows per output file (default: ~128 MiB per file)"),
     ("--max-error-rate", "F", "exit 3 when more than this share of rows are errors"),
     ("--s3-endpoint", "URL", "S3-compatible endpoint (default $AWS_ENDPOINT_URL, else AWS)"),
-    ("--address", "ADDR", "Ray cluster address (default: $RAY_ADDRESS, a running local "
-                          "cluster, else a new local Ray); 'local' forces a new one"),
+    ("--address", "ADDR", "Ray cluster address (default: $RAY_ADDRESS, else a private local "
+                          "Ray, never one already running); 'local' forces a private one"),
     ("--num-cpus", "N", "CPUs of a new local Ray (default: all)"),
     ("--seed", "N", "seed of the uniform baseline and of --weights random (default 0)"),
     ("--faithfulness", "LIST", "deletion,insertion: AUC columns per method and for a random "
