@@ -27,7 +27,14 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from xai_audit.config import ConfigError, JobConfig, load_yaml, merge
+from xai_audit.config import (
+    S3_ENDPOINT_HELP,
+    ConfigError,
+    JobConfig,
+    add_s3_endpoint,
+    load_yaml,
+    merge,
+)
 from xai_workers.storage import configure as configure_storage
 
 #: (flag, metavar, help) of every ``run`` setting; the YAML keys are the same names.
@@ -84,7 +91,7 @@ RUN_FLAGS = (
     ("--actors", "N", "attribution actors (default: one per GPU, else one per node)"),
     ("--rows-per-file", "N", "at most N rows per output file (default: ~128 MiB per file)"),
     ("--max-error-rate", "F", "exit 3 when more than this share of rows are errors"),
-    ("--s3-endpoint", "URL", "S3-compatible endpoint (default $AWS_ENDPOINT_URL, else AWS)"),
+    ("--s3-endpoint", "URL", S3_ENDPOINT_HELP),
     ("--address", "ADDR", "Ray cluster address (default: $RAY_ADDRESS, else a private local "
                           "Ray, never one already running); 'local' forces a private one"),
     ("--num-cpus", "N", "CPUs of a new local Ray (default: all)"),
@@ -150,9 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "the model's own, else 224)")  # fmt: skip
     p_layers.add_argument("--seed", type=int, default=0, metavar="N",
                           help="seed of --weights random (default 0)")  # fmt: skip
-    p_layers.add_argument("--s3-endpoint", metavar="URL",
-                          help="S3-compatible endpoint (default $AWS_ENDPOINT_URL, "
-                          "else AWS)")  # fmt: skip
+    add_s3_endpoint(p_layers)
     p_demo = sub.add_parser(
         "demo",
         help="run the whole job on the built-in digits demo (trains its model in seconds)",

@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from xai_audit.config import add_s3_endpoint
+
 #: Columns of comparison.parquet, in order.
 SCHEMA = pa.schema(
     [
@@ -198,12 +200,7 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--dest", metavar="URI", default=None,
                    help="where to write comparison.parquet and index.html "
                    "(default OUT_B/compare)")  # fmt: skip
-    p.add_argument(
-        "--s3-endpoint",
-        metavar="URL",
-        default=None,
-        help="S3-compatible endpoint (default $AWS_ENDPOINT_URL, else AWS)",
-    )
+    add_s3_endpoint(p)
     p.set_defaults(handler=_main)
 
 

@@ -26,6 +26,16 @@ __all__ = ["ConfigError", "JobConfig", "PRECISIONS", "load_yaml", "merge"]
 PRECISIONS = ("fp32", "bf16", "auto")
 
 
+#: ``--s3-endpoint``'s help, the same for every subcommand.
+S3_ENDPOINT_HELP = "S3-compatible endpoint (default $AWS_ENDPOINT_URL, else AWS)"
+
+
+def add_s3_endpoint(parser) -> None:
+    """Add ``--s3-endpoint URL`` to an argparse parser (``xai_workers.storage.configure`` takes
+    it once per process)."""
+    parser.add_argument("--s3-endpoint", metavar="URL", default=None, help=S3_ENDPOINT_HELP)
+
+
 @dataclass(frozen=True)
 class JobConfig:
     """Settings of one attribution job (docs/conventions.md, "Command line").

@@ -49,6 +49,7 @@ from dataclasses import asdict, replace
 import numpy as np
 import pyarrow as pa
 
+from xai_audit.config import add_s3_endpoint
 from xai_workers.stats import METHODS as STAT_METHODS
 from xai_workers.strategies import StrategyConfig
 
@@ -756,8 +757,7 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None,
                    help="CPUs of the local Ray (default: all)")  # fmt: skip
-    p.add_argument("--s3-endpoint", metavar="URL", default=None,
-                   help="S3-compatible endpoint (default $AWS_ENDPOINT_URL, else AWS)")  # fmt: skip
+    add_s3_endpoint(p)
     p.set_defaults(handler=_main)
 
 

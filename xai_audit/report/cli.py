@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import pyarrow.compute as pc
 
+from xai_audit.config import add_s3_endpoint
 from xai_audit.report.build import _log, build_report
 from xai_audit.report.scan import DEFAULT_MAX_CLASSES, DEFAULT_SAMPLE, DEFAULT_TOP
 from xai_workers.storage import configure
@@ -31,12 +32,7 @@ def add_subcommands(subparsers) -> None:
         "reads the attribution files only where a partial is missing.",
     )
     p.add_argument("output", metavar="OUTPUT", help="the run's --output (folder or s3:// prefix)")
-    p.add_argument(
-        "--s3-endpoint",
-        metavar="URL",
-        default=None,
-        help="S3-compatible endpoint (default $AWS_ENDPOINT_URL, else AWS)",
-    )
+    add_s3_endpoint(p)
     p.add_argument("--recompute", action="store_true", help="ignore the partials, read every part")
     p.set_defaults(handler=summarize_main)
 
@@ -59,12 +55,7 @@ def add_subcommands(subparsers) -> None:
     r.add_argument("--visualizations", metavar="URI", default=None,
                    help="an `xai-audit visualize --output` whose prototypes to show (default: "
                    "OUTPUT itself, when it holds visualizations/)")  # fmt: skip
-    r.add_argument(
-        "--s3-endpoint",
-        metavar="URL",
-        default=None,
-        help="S3-compatible endpoint (default $AWS_ENDPOINT_URL, else AWS)",
-    )
+    add_s3_endpoint(r)
     r.set_defaults(handler=report_main)
 
 
